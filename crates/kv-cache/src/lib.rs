@@ -1,0 +1,68 @@
+//! # lowbit-kv-cache
+//!
+//! The KV cache behind lowbit's forward pass. [`KvCache`] is the trait the model calls: it
+//! stores keys/values per layer and computes attention over what it stores, so a quantized
+//! cache can dequantize blocks inside its own attention loop instead of materialising f32.
+//! [`F32Cache`] is the plain reference implementation.
+#![warn(missing_docs)]
+
+mod error;
+mod f32_cache;
+
+pub use error::{Error, Result};
+pub use f32_cache::F32Cache;
+
+/// Shape of the cache of one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    /// Decoder layers.
+    pub n_layers: usize,
+    /// Key/value heads (GQA: fewer than query heads).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// A per-layer key/value store that can also attend over its contents.
+///
+/// Keys arrive already rotated (RoPE applied). Layout of every `k`, `v` and `q` slice:
+/// token-major, then head, then `head_dim` (`[n_tokens][n_heads][head_dim]`).
+pub trait KvCache: Send {
+    /// Shape this cache was built for.
+    fn shape(&self) -> KvShape;
+
+    /// Tokens currently stored for `layer`.
+    fn len(&self, layer: usize) -> usize;
+
+    /// True when no layer holds tokens.
+    fn is_empty(&self) -> bool {
+        (0..self.shape().n_layers).all(|l| self.len(l) == 0)
+    }
+
+    /// Append `n_tokens` keys and values to `layer`.
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n_tokens: usize) -> Result<()>;
+
+    /// Causal attention of `n_q` query tokens (`q`: `[n_q][n_heads][head_dim]`) against the
+    /// stored tokens of `layer`. Query `i` sits at absolute position `len - n_q + i` and sees
+    /// stored tokens `0..=len - n_q + i`. Scores are scaled by `scale` before the softmax.
+    /// `n_heads` must be a multiple of `n_kv_heads` (query head `h` uses KV head
+    /// `h / (n_heads / n_kv_heads)`). Writes `[n_q][n_heads][head_dim]` into `out`.
+    fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n_q: usize,
+        n_heads: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<()>;
+
+    /// Bytes held for stored tokens, all metadata (scales, zero points) counted.
+    fn bytes(&self) -> usize;
+
+    /// Forget every token (keeps allocations).
+    fn clear(&mut self);
+
+    /// Short name of the policy (e.g. `f32`, `fp8`, `kivi2`).
+    fn policy_name(&self) -> String;
+}

@@ -1,0 +1,16 @@
+//! `cargo xtask demo`.
+
+use anyhow::{bail, Result};
+
+/// Arguments of `cargo xtask demo`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Emit machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run the command.
+pub fn run(_args: Args) -> Result<()> {
+    bail!("demo: not implemented yet")
+}

@@ -1,0 +1,16 @@
+//! `cargo xtask fetch`.
+
+use anyhow::{bail, Result};
+
+/// Arguments of `cargo xtask fetch`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Emit machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run the command.
+pub fn run(_args: Args) -> Result<()> {
+    bail!("fetch: not implemented yet")
+}
