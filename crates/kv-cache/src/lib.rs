@@ -10,7 +10,7 @@ mod error;
 mod f32_cache;
 
 pub use error::{Error, Result};
-pub use f32_cache::F32Cache;
+pub use f32_cache::{check_attend_args, F32Cache};
 
 /// Shape of the cache of one model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,4 +65,23 @@ pub trait KvCache: Send {
 
     /// Short name of the policy (e.g. `f32`, `fp8`, `kivi2`).
     fn policy_name(&self) -> String;
+}
+
+/// Build a cache from a policy string such as `f32`, `fp8`, `kivi2` or
+/// `k=fp8,v=int4g32,sink=4` (see `docs/kv-cache.md`).
+///
+/// ```
+/// use lowbit_kv_cache::{build, KvShape};
+/// let c = build("f32", KvShape { n_layers: 2, n_kv_heads: 3, head_dim: 64 }).unwrap();
+/// assert_eq!(c.policy_name(), "f32");
+/// assert!(build("nonsense", KvShape { n_layers: 1, n_kv_heads: 1, head_dim: 8 }).is_err());
+/// ```
+pub fn build(policy: &str, shape: KvShape) -> Result<Box<dyn KvCache>> {
+    match policy.trim() {
+        "f32" => Ok(Box::new(F32Cache::new(shape))),
+        other => Err(Error::Policy {
+            policy: other.to_string(),
+            reason: "unknown policy; supported: f32".into(),
+        }),
+    }
 }
