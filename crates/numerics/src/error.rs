@@ -33,6 +33,30 @@ pub enum Error {
         /// Flat index of the offending element.
         index: usize,
     },
+    /// A ggml tensor type id that this crate does not know (GGUF files name types by id).
+    #[error("unknown ggml type id {id}")]
+    UnknownGgmlType {
+        /// The id read from the file.
+        id: u32,
+    },
+    /// A known ggml type whose codec this crate does not implement (e.g. Q2_K dequantize).
+    #[error("ggml type {name}: {op} is not supported")]
+    UnsupportedGgmlType {
+        /// ggml's name of the type.
+        name: &'static str,
+        /// `quantize` or `dequantize`.
+        op: &'static str,
+    },
+    /// A NaN or infinite input to a block quantizer that cannot represent it.
+    #[error("non-finite input {value} at index {index} cannot be quantized to {format}")]
+    NonFinite {
+        /// Format being encoded.
+        format: &'static str,
+        /// Flat index of the offending element.
+        index: usize,
+        /// The offending value.
+        value: f32,
+    },
     /// Any other invalid argument (bits out of range, group size zero, ...).
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod gguf;
 pub mod minifloat;
 pub mod tensor;
 
