@@ -9,9 +9,14 @@
 
 pub mod error;
 pub mod gguf;
+pub mod halfs;
+pub mod int;
 pub mod minifloat;
+pub mod rounding;
 pub mod tensor;
 
 pub use error::{Error, Result};
-pub use minifloat::FloatFormat;
+pub use int::IntFormat;
+pub use minifloat::{decode_slice, encode_slice, FloatFormat, Overflow};
+pub use rounding::{sr_bits, Rounding};
 pub use tensor::{ElemFormat, Granularity, NestedScales, QuantizedTensor, ScaleDtype, Scheme};
