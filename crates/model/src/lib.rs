@@ -5,3 +5,8 @@
 //! evaluation metrics (perplexity, KL to a reference, top-1 agreement, tail statistics), and the
 //! layer-by-layer quantization pipeline that drives `lowbit-calibration`.
 #![warn(missing_docs)]
+
+pub mod error;
+pub mod gguf;
+
+pub use error::{Error, Result};
