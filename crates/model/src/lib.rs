@@ -6,7 +6,17 @@
 //! layer-by-layer quantization pipeline that drives `lowbit-calibration`.
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod error;
+pub mod linear;
+pub mod llama;
+pub mod load;
+pub mod rope;
+pub mod weights;
 pub mod gguf;
+pub mod ct;
 
+pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
+pub use linear::Linear;
+pub use llama::{Logits, Model};

@@ -1,0 +1,322 @@
+//! [`Linear`]: one linear layer `y = x · Wᵀ (+ b)` whose weight is dense f32 or a numerics
+//! [`QuantizedTensor`].
+//!
+//! Layouts: `W` is `[out][in]` row-major (the PyTorch convention), activations are token-major
+//! `[n_tokens][in]` -> `[n_tokens][out]`.
+//!
+//! A quantized weight is decoded to f32 once, when the layer is built, and then runs on the dense
+//! path (GEMM for prefill, [`gemv`] for single-token decode); the codes stay attached so that
+//! exporters and reports see the quantized tensor. A fused quantized kernel slots in here
+//! without changing the model code.
+
+use crate::{Error, Result};
+use lowbit_numerics::QuantizedTensor;
+use rayon::prelude::*;
+
+/// A quantizer applied to a linear layer's input before the product (W8A8, rotations):
+/// called with the `[n_tokens][in]` input rows and `n_tokens`; it rewrites the rows in place.
+pub type ActQuant = Box<dyn Fn(&mut [f32], usize) + Send + Sync>;
+
+/// The weight of a linear layer.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Dense f32 `[out][in]`.
+    Dense(Vec<f32>),
+    /// Quantized codes plus their f32 decoding (`dense`, `[out][in]`) used for the products.
+    Quantized {
+        /// The quantized tensor.
+        q: Box<QuantizedTensor>,
+        /// `q` dequantized.
+        dense: Vec<f32>,
+    },
+}
+
+/// A linear layer.
+pub struct Linear {
+    /// Output features (rows of `W`).
+    pub out: usize,
+    /// Input features (columns of `W`).
+    pub inp: usize,
+    weight: Weight,
+    /// Optional bias, `out` values.
+    pub bias: Option<Vec<f32>>,
+    /// Optional input quantizer (see [`ActQuant`]).
+    pub act_quant: Option<ActQuant>,
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linear")
+            .field("out", &self.out)
+            .field("inp", &self.inp)
+            .field("quantized", &self.is_quantized())
+            .field("bias", &self.bias.is_some())
+            .field("act_quant", &self.act_quant.is_some())
+            .finish()
+    }
+}
+
+fn check_finite(what: &str, v: &[f32]) -> Result<()> {
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Error::NonFinite(format!("{what}: element {i} is {}", v[i])));
+    }
+    Ok(())
+}
+
+impl Linear {
+    /// A dense layer from `w` (`[out][in]`). Fails on a length mismatch or non-finite weights.
+    pub fn dense(w: Vec<f32>, out: usize, inp: usize) -> Result<Self> {
+        if w.len() != out * inp {
+            return Err(Error::Shape(format!(
+                "dense weight has {} values, expected {out} x {inp}",
+                w.len()
+            )));
+        }
+        check_finite("dense weight", &w)?;
+        Ok(Linear {
+            out,
+            inp,
+            weight: Weight::Dense(w),
+            bias: None,
+            act_quant: None,
+        })
+    }
+
+    /// A layer over a quantized weight, decoded once with `dequantize` (which returns
+    /// `rows * cols` values, `[out][in]`). Use this constructor while the caller owns the codec;
+    /// the tensor's own `rows`/`cols` give the shape.
+    pub fn quantized_with(
+        q: QuantizedTensor,
+        dequantize: impl FnOnce(&QuantizedTensor) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        q.validate()?;
+        let dense = dequantize(&q)?;
+        let (out, inp) = (q.rows, q.cols);
+        if dense.len() != out * inp {
+            return Err(Error::Shape(format!(
+                "dequantized weight has {} values, expected {out} x {inp}",
+                dense.len()
+            )));
+        }
+        check_finite("dequantized weight", &dense)?;
+        Ok(Linear {
+            out,
+            inp,
+            weight: Weight::Quantized {
+                q: Box::new(q),
+                dense,
+            },
+            bias: None,
+            act_quant: None,
+        })
+    }
+
+    /// Attach a bias of `out` values.
+    pub fn with_bias(mut self, b: Vec<f32>) -> Result<Self> {
+        if b.len() != self.out {
+            return Err(Error::Shape(format!(
+                "bias has {} values, expected {}",
+                b.len(),
+                self.out
+            )));
+        }
+        check_finite("bias", &b)?;
+        self.bias = Some(b);
+        Ok(self)
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    /// True when the weight is a quantized tensor.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quantized { .. })
+    }
+
+    /// The f32 values the products use (`[out][in]`): the dense weight, or the decoded codes.
+    pub fn weight_f32(&self) -> &[f32] {
+        match &self.weight {
+            Weight::Dense(w) => w,
+            Weight::Quantized { dense, .. } => dense,
+        }
+    }
+
+    /// The quantized tensor, if any.
+    pub fn quantized(&self) -> Option<&QuantizedTensor> {
+        match &self.weight {
+            Weight::Quantized { q, .. } => Some(q),
+            Weight::Dense(_) => None,
+        }
+    }
+
+    /// Replace the weight with a dense one of the same shape (keeps bias and input quantizer).
+    pub fn set_dense(&mut self, w: Vec<f32>) -> Result<()> {
+        let new = Linear::dense(w, self.out, self.inp)?;
+        self.weight = new.weight;
+        Ok(())
+    }
+
+    /// Replace the weight with a quantized one of the same shape (see [`Self::quantized_with`]).
+    pub fn set_quantized(
+        &mut self,
+        q: QuantizedTensor,
+        dequantize: impl FnOnce(&QuantizedTensor) -> Result<Vec<f32>>,
+    ) -> Result<()> {
+        if (q.rows, q.cols) != (self.out, self.inp) {
+            return Err(Error::Shape(format!(
+                "quantized weight is {}x{}, the layer is {}x{}",
+                q.rows, q.cols, self.out, self.inp
+            )));
+        }
+        let new = Linear::quantized_with(q, dequantize)?;
+        self.weight = new.weight;
+        Ok(())
+    }
+
+    /// `y[n_tokens][out] = x[n_tokens][in] · Wᵀ + b`, after the input quantizer if any.
+    pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<()> {
+        if x.len() != n_tokens * self.inp || y.len() != n_tokens * self.out {
+            return Err(Error::Shape(format!(
+                "linear {}x{}: input has {} values and output {}, for {n_tokens} tokens",
+                self.out,
+                self.inp,
+                x.len(),
+                y.len()
+            )));
+        }
+        let quantized_input;
+        let x = match &self.act_quant {
+            Some(f) => {
+                let mut buf = x.to_vec();
+                f(&mut buf, n_tokens);
+                quantized_input = buf;
+                &quantized_input[..]
+            }
+            None => x,
+        };
+        let w = self.weight_f32();
+        if n_tokens == 1 {
+            gemv(w, x, y, self.out, self.inp);
+        } else {
+            lowbit_kernels::dense::matmul_wt(x, w, y, n_tokens, self.inp, self.out)?;
+        }
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.out) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Dot product with 16 independent accumulators, so that the compiler keeps several SIMD
+/// registers in flight (f32 sums are not reassociated otherwise).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+/// `y[out] = W[out][in] · x[in]`: the single-token product, memory-bound, split over rayon
+/// threads by blocks of rows. Shapes must already be checked.
+pub fn gemv(w: &[f32], x: &[f32], y: &mut [f32], out: usize, inp: usize) {
+    debug_assert!(w.len() == out * inp && x.len() == inp && y.len() == out);
+    const ROWS: usize = 64;
+    if rayon::current_num_threads() > 1 && out * inp >= 1 << 16 {
+        y.par_chunks_mut(ROWS).enumerate().for_each(|(c, yc)| {
+            let r0 = c * ROWS;
+            for (j, v) in yc.iter_mut().enumerate() {
+                *v = dot(&w[(r0 + j) * inp..][..inp], x);
+            }
+        });
+    } else {
+        for (j, v) in y.iter_mut().enumerate() {
+            *v = dot(&w[j * inp..][..inp], x);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(w: &[f32], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f64> {
+        (0..n * out)
+            .map(|i| {
+                let (t, o) = (i / out, i % out);
+                (0..inp)
+                    .map(|k| x[t * inp + k] as f64 * w[o * inp + k] as f64)
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gemv_and_gemm_paths_match_f64() {
+        for &(n, inp, out) in &[(1, 37, 5), (1, 576, 300), (3, 64, 17), (1, 1, 1)] {
+            let w = data(out * inp, 1);
+            let x = data(n * inp, 2);
+            let b = data(out, 3);
+            let l = Linear::dense(w.clone(), out, inp)
+                .unwrap()
+                .with_bias(b.clone())
+                .unwrap();
+            let mut y = vec![0f32; n * out];
+            l.forward(&x, n, &mut y).unwrap();
+            let r = reference(&w, &x, n, inp, out);
+            for (i, (a, r)) in y.iter().zip(&r).enumerate() {
+                let want = r + b[i % out] as f64;
+                assert!(
+                    (*a as f64 - want).abs() < 1e-4 * (inp as f64).sqrt(),
+                    "{a} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn act_quant_hook_sees_input() {
+        let mut l = Linear::dense(vec![1.0, 1.0], 1, 2).unwrap();
+        l.act_quant = Some(Box::new(|x: &mut [f32], _n| {
+            x.iter_mut().for_each(|v| *v = v.round())
+        }));
+        let mut y = [0f32];
+        l.forward(&[0.4, 1.6], 1, &mut y).unwrap();
+        assert_eq!(y[0], 2.0);
+    }
+
+    #[test]
+    fn bad_shapes_and_nan_are_errors() {
+        assert!(Linear::dense(vec![0.0; 5], 2, 3).is_err());
+        assert!(Linear::dense(vec![f32::NAN; 6], 2, 3).is_err());
+        let l = Linear::dense(vec![0.0; 6], 2, 3).unwrap();
+        assert!(l.forward(&[0.0; 3], 2, &mut [0.0; 4]).is_err());
+        assert!(l.with_bias(vec![0.0; 3]).is_err());
+    }
+}

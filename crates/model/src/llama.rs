@@ -1,0 +1,412 @@
+//! The Llama-family forward pass (Llama 1/2/3, Mistral, Qwen2, SmolLM) in plain f32 slices.
+//!
+//! One decoder layer, pre-norm:
+//! ```text
+//! h += o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))   n1 = rmsnorm(h)
+//! h += down_proj(silu(gate_proj(n2)) * up_proj(n2))                        n2 = rmsnorm(h)
+//! ```
+//! Activations are token-major (`[n_tokens][width]`). The same code runs a whole prompt
+//! (batched prefill: every linear is one GEMM over all tokens) and single-token decode; the
+//! position of a chunk's first token is the number of tokens the KV cache already holds for that
+//! layer. Attention itself is computed by the [`KvCache`] (append, then attend).
+//!
+//! Linear layers are addressed by their Hugging Face names (`model.layers.{i}.self_attn.q_proj`,
+//! ..., `model.layers.{i}.mlp.down_proj`, `lm_head`), see [`Model::linear_mut`].
+
+use crate::config::ModelConfig;
+use crate::linear::{gemv, Linear};
+use crate::rope::Rope;
+use crate::{Error, Result};
+use lowbit_kv_cache::KvCache;
+
+/// Names of the seven linear layers of a decoder layer, relative to `model.layers.{i}.`.
+pub const LAYER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// A callback that receives the input rows of a linear layer: `(canonical name, rows
+/// [n_tokens][in], n_tokens)`. q/k/v (and gate/up) share one input and are reported once each.
+pub type Capture<'a> = &'a mut dyn FnMut(&str, &[f32], usize);
+
+/// One decoder layer.
+#[derive(Debug)]
+pub struct Layer {
+    /// RMSNorm weight before attention (`input_layernorm`).
+    pub attn_norm: Vec<f32>,
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Attention output projection.
+    pub o_proj: Linear,
+    /// RMSNorm weight before the MLP (`post_attention_layernorm`).
+    pub mlp_norm: Vec<f32>,
+    /// SwiGLU gate.
+    pub gate_proj: Linear,
+    /// SwiGLU up.
+    pub up_proj: Linear,
+    /// SwiGLU down.
+    pub down_proj: Linear,
+}
+
+impl Layer {
+    /// The linear layer called `name` (one of [`LAYER_LINEARS`]).
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        Some(match name {
+            "self_attn.q_proj" => &self.q_proj,
+            "self_attn.k_proj" => &self.k_proj,
+            "self_attn.v_proj" => &self.v_proj,
+            "self_attn.o_proj" => &self.o_proj,
+            "mlp.gate_proj" => &self.gate_proj,
+            "mlp.up_proj" => &self.up_proj,
+            "mlp.down_proj" => &self.down_proj,
+            _ => return None,
+        })
+    }
+
+    /// Mutable access to the linear layer called `name` (one of [`LAYER_LINEARS`]).
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        Some(match name {
+            "self_attn.q_proj" => &mut self.q_proj,
+            "self_attn.k_proj" => &mut self.k_proj,
+            "self_attn.v_proj" => &mut self.v_proj,
+            "self_attn.o_proj" => &mut self.o_proj,
+            "mlp.gate_proj" => &mut self.gate_proj,
+            "mlp.up_proj" => &mut self.up_proj,
+            "mlp.down_proj" => &mut self.down_proj,
+            _ => return None,
+        })
+    }
+}
+
+/// A loaded model: config, embedding, decoder layers, final norm, LM head.
+#[derive(Debug)]
+pub struct Model {
+    /// The shape.
+    pub config: ModelConfig,
+    /// Token embedding `[vocab][hidden]`.
+    pub embed: Vec<f32>,
+    /// Decoder layers.
+    pub layers: Vec<Layer>,
+    /// Final RMSNorm weight.
+    pub norm: Vec<f32>,
+    /// The LM head; `None` when tied to the embedding.
+    pub lm_head: Option<Linear>,
+    rope: Rope,
+}
+
+/// Which positions [`Model::forward`] returns logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every input token: `[n_tokens][vocab]`.
+    All,
+    /// Only the last input token: `[vocab]`.
+    Last,
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x` into `out`: `out = x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f64 = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+        let inv = (1.0 / (ss / d as f64 + eps as f64).sqrt()) as f32;
+        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+            *o = g * (v * inv);
+        }
+    }
+}
+
+/// `silu(x) = x * sigmoid(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl Model {
+    /// Assemble a model, checking every tensor's shape against `config`.
+    pub fn new(
+        config: ModelConfig,
+        embed: Vec<f32>,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        lm_head: Option<Linear>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let shape_err = |what: String| Err(Error::Shape(what));
+        if embed.len() != c.vocab_size * h {
+            return shape_err(format!(
+                "embedding has {} values, expected {} x {h}",
+                embed.len(),
+                c.vocab_size
+            ));
+        }
+        if norm.len() != h {
+            return shape_err(format!(
+                "final norm has {} values, expected {h}",
+                norm.len()
+            ));
+        }
+        if layers.len() != c.n_layers {
+            return shape_err(format!(
+                "{} layers, config says {}",
+                layers.len(),
+                c.n_layers
+            ));
+        }
+        if let Some(l) = &lm_head {
+            if (l.out, l.inp) != (c.vocab_size, h) {
+                return shape_err(format!(
+                    "lm_head is {}x{}, expected {}x{h}",
+                    l.out, l.inp, c.vocab_size
+                ));
+            }
+        } else if !c.tie_embeddings {
+            return shape_err("no lm_head and the embeddings are not tied".into());
+        }
+        let want = [
+            (c.q_dim(), h),
+            (c.kv_dim(), h),
+            (c.kv_dim(), h),
+            (h, c.q_dim()),
+            (f, h),
+            (f, h),
+            (h, f),
+        ];
+        for (i, layer) in layers.iter().enumerate() {
+            if layer.attn_norm.len() != h || layer.mlp_norm.len() != h {
+                return shape_err(format!("layer {i}: norm weights must have {h} values"));
+            }
+            for (name, (o, n)) in LAYER_LINEARS.iter().zip(want) {
+                let l = layer.linear(name).expect("known name");
+                if (l.out, l.inp) != (o, n) {
+                    return shape_err(format!(
+                        "model.layers.{i}.{name} is {}x{}, expected {o}x{n}",
+                        l.out, l.inp
+                    ));
+                }
+            }
+        }
+        let rope = Rope::new(&config);
+        Ok(Model {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// Canonical (HF) names of every linear layer, layer by layer, `lm_head` last if untied.
+    pub fn linear_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = (0..self.layers.len())
+            .flat_map(|i| {
+                LAYER_LINEARS
+                    .iter()
+                    .map(move |n| format!("model.layers.{i}.{n}"))
+            })
+            .collect();
+        if self.lm_head.is_some() {
+            v.push("lm_head".into());
+        }
+        v
+    }
+
+    fn split_name(name: &str) -> Option<(usize, &str)> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (i, n) = rest.split_once('.')?;
+        Some((i.parse().ok()?, n))
+    }
+
+    /// The linear layer with canonical name `name` (e.g. `model.layers.3.mlp.up_proj`).
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        if name == "lm_head" {
+            return self.lm_head.as_ref();
+        }
+        let (i, n) = Self::split_name(name)?;
+        self.layers.get(i)?.linear(n)
+    }
+
+    /// Mutable access by canonical name: swap a weight dense <-> quantized, set an input
+    /// quantizer, without touching the forward code.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        if name == "lm_head" {
+            return self.lm_head.as_mut();
+        }
+        let (i, n) = Self::split_name(name)?;
+        self.layers.get_mut(i)?.linear_mut(n)
+    }
+
+    /// A fresh KV cache for this model from a policy string (`f32`, ... see `lowbit-kv-cache`).
+    pub fn new_cache(&self, policy: &str) -> Result<Box<dyn KvCache>> {
+        Ok(lowbit_kv_cache::build(policy, self.config.kv_shape())?)
+    }
+
+    /// Embedding rows of `tokens`: `[n_tokens][hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let mut out = Vec::with_capacity(tokens.len() * h);
+        for &t in tokens {
+            let t = t as usize;
+            if t >= self.config.vocab_size {
+                return Err(Error::Shape(format!(
+                    "token id {t} out of range (vocabulary {})",
+                    self.config.vocab_size
+                )));
+            }
+            out.extend_from_slice(&self.embed[t * h..][..h]);
+        }
+        Ok(out)
+    }
+
+    /// Run decoder layer `i` on `hidden` (`[n_tokens][hidden]`, updated in place). The chunk's
+    /// positions start at `cache.len(i)`; its keys/values are appended to the cache.
+    pub fn layer_forward(
+        &self,
+        i: usize,
+        hidden: &mut [f32],
+        n_tokens: usize,
+        cache: &mut dyn KvCache,
+    ) -> Result<()> {
+        self.layer_forward_with_capture(i, hidden, n_tokens, cache, None)
+    }
+
+    /// [`Self::layer_forward`], reporting every linear layer's input to `capture`.
+    pub fn layer_forward_with_capture(
+        &self,
+        i: usize,
+        hidden: &mut [f32],
+        n_tokens: usize,
+        cache: &mut dyn KvCache,
+        mut capture: Option<Capture<'_>>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let layer = self
+            .layers
+            .get(i)
+            .ok_or_else(|| Error::Shape(format!("layer {i} of {}", self.layers.len())))?;
+        let h = c.hidden_size;
+        if hidden.len() != n_tokens * h {
+            return Err(Error::Shape(format!(
+                "hidden has {} values, expected {n_tokens} x {h}",
+                hidden.len()
+            )));
+        }
+        let n = n_tokens;
+        let mut report = |name: &str, x: &[f32]| {
+            if let Some(cb) = capture.as_deref_mut() {
+                cb(&format!("model.layers.{i}.{name}"), x, n);
+            }
+        };
+
+        // Attention block.
+        let mut x = vec![0f32; n * h];
+        rms_norm(hidden, &layer.attn_norm, c.rms_eps, &mut x);
+        report("self_attn.q_proj", &x);
+        report("self_attn.k_proj", &x);
+        report("self_attn.v_proj", &x);
+        let mut q = vec![0f32; n * c.q_dim()];
+        let mut k = vec![0f32; n * c.kv_dim()];
+        let mut v = vec![0f32; n * c.kv_dim()];
+        layer.q_proj.forward(&x, n, &mut q)?;
+        layer.k_proj.forward(&x, n, &mut k)?;
+        layer.v_proj.forward(&x, n, &mut v)?;
+        let pos0 = cache.len(i);
+        self.rope.apply(&mut q, n, c.n_heads, pos0);
+        self.rope.apply(&mut k, n, c.n_kv_heads, pos0);
+        cache.append(i, &k, &v, n)?;
+        let mut att = vec![0f32; n * c.q_dim()];
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        cache.attend(i, &q, n, c.n_heads, scale, &mut att)?;
+        report("self_attn.o_proj", &att);
+        layer.o_proj.forward(&att, n, &mut x)?;
+        hidden.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
+
+        // MLP block.
+        rms_norm(hidden, &layer.mlp_norm, c.rms_eps, &mut x);
+        report("mlp.gate_proj", &x);
+        report("mlp.up_proj", &x);
+        let f = c.intermediate_size;
+        let mut g = vec![0f32; n * f];
+        let mut u = vec![0f32; n * f];
+        layer.gate_proj.forward(&x, n, &mut g)?;
+        layer.up_proj.forward(&x, n, &mut u)?;
+        g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
+        report("mlp.down_proj", &g);
+        layer.down_proj.forward(&g, n, &mut x)?;
+        hidden.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    /// Final RMSNorm and LM head over `hidden` (`[n_tokens][hidden]`): logits `[n_tokens][vocab]`.
+    pub fn final_norm_and_head(&self, hidden: &[f32], n_tokens: usize) -> Result<Vec<f32>> {
+        let c = &self.config;
+        if hidden.len() != n_tokens * c.hidden_size {
+            return Err(Error::Shape(format!(
+                "hidden has {} values, expected {n_tokens} x {}",
+                hidden.len(),
+                c.hidden_size
+            )));
+        }
+        let mut x = vec![0f32; hidden.len()];
+        rms_norm(hidden, &self.norm, c.rms_eps, &mut x);
+        let mut logits = vec![0f32; n_tokens * c.vocab_size];
+        match &self.lm_head {
+            Some(l) => l.forward(&x, n_tokens, &mut logits)?,
+            None if n_tokens == 1 => {
+                gemv(&self.embed, &x, &mut logits, c.vocab_size, c.hidden_size)
+            }
+            None => lowbit_kernels::dense::matmul_wt(
+                &x,
+                &self.embed,
+                &mut logits,
+                n_tokens,
+                c.hidden_size,
+                c.vocab_size,
+            )?,
+        }
+        Ok(logits)
+    }
+
+    /// Run `tokens` through the model as one chunk (batched), continuing from what `cache`
+    /// holds, and return logits for every token or only the last one.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut dyn KvCache,
+        which: Logits,
+    ) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::Shape("forward of zero tokens".into()));
+        }
+        if cache.shape() != self.config.kv_shape() {
+            return Err(Error::Shape(format!(
+                "cache shape {:?} does not match the model's {:?}",
+                cache.shape(),
+                self.config.kv_shape()
+            )));
+        }
+        let n = tokens.len();
+        let mut hidden = self.embed(tokens)?;
+        for i in 0..self.layers.len() {
+            self.layer_forward(i, &mut hidden, n, cache)?;
+        }
+        match which {
+            Logits::All => self.final_norm_and_head(&hidden, n),
+            Logits::Last => {
+                let h = self.config.hidden_size;
+                self.final_norm_and_head(&hidden[(n - 1) * h..], 1)
+            }
+        }
+    }
+}
