@@ -22,6 +22,8 @@
 //! number" `nearest_int` in the k-quants. Quantizers reject NaN/Inf input with
 //! [`Error::NonFinite`] (ggml's own output for such input is unspecified).
 
+mod fp4;
+mod kquants;
 mod legacy;
 
 use crate::error::{Error, Result};
@@ -285,7 +287,22 @@ impl GgmlType {
     /// Whether [`quantize`] and [`dequantize`] implement this type.
     pub fn has_codec(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+        matches!(
+            self,
+            F32 | F16
+                | BF16
+                | Q4_0
+                | Q4_1
+                | Q5_0
+                | Q5_1
+                | Q8_0
+                | Q4_K
+                | Q5_K
+                | Q6_K
+                | IQ4_NL
+                | MXFP4
+                | NVFP4
+        )
     }
 }
 
@@ -336,6 +353,12 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
         Q5_0 => legacy::dequant_q5_0(bytes, out),
         Q5_1 => legacy::dequant_q5_1(bytes, out),
         Q8_0 => legacy::dequant_q8_0(bytes, out),
+        Q4_K => kquants::dequant_q4_k(bytes, out),
+        Q5_K => kquants::dequant_q5_k(bytes, out),
+        Q6_K => kquants::dequant_q6_k(bytes, out),
+        IQ4_NL => fp4::dequant_iq4_nl(bytes, out),
+        MXFP4 => fp4::dequant_mxfp4(bytes, out),
+        NVFP4 => fp4::dequant_nvfp4(bytes, out),
         _ => {
             return Err(Error::UnsupportedGgmlType {
                 name: ty.name(),
@@ -398,6 +421,12 @@ pub fn quantize(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
         Q5_0 => legacy::quant_q5_0(x, dst),
         Q5_1 => legacy::quant_q5_1(x, dst),
         Q8_0 => legacy::quant_q8_0(x, dst),
+        Q4_K => kquants::quant_q4_k(x, dst),
+        Q5_K => kquants::quant_q5_k(x, dst),
+        Q6_K => kquants::quant_q6_k(x, dst),
+        IQ4_NL => fp4::quant_iq4_nl(x, dst),
+        MXFP4 => fp4::quant_mxfp4(x, dst),
+        NVFP4 => fp4::quant_nvfp4(x, dst),
         _ => unreachable!("has_codec() covers exactly the types matched above"),
     }
     Ok(())
@@ -417,7 +446,6 @@ fn f16_bits(v: f32) -> [u8; 2] {
 
 /// f32 rounded through f16 and back (what ggml reads after storing a scale).
 #[inline(always)]
-#[allow(dead_code)] // used by the k-quant codecs (next commit)
 fn f16_round(v: f32) -> f32 {
     half::f16::from_f32(v).to_f32()
 }
@@ -425,7 +453,6 @@ fn f16_round(v: f32) -> f32 {
 /// ggml's `nearest_int`: round half to even via the 1.5·2^23 magic number. Exact for
 /// |v| <= 2^22; outside that range it returns the same (meaningless) value ggml does.
 #[inline(always)]
-#[allow(dead_code)] // used by the k-quant codecs (next commit)
 fn nearest_int(v: f32) -> i32 {
     let t = v + 12_582_912.0;
     ((t.to_bits() & 0x007f_ffff) as i32) - 0x0040_0000

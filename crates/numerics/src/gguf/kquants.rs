@@ -1,0 +1,512 @@
+//! The k-quant 256-element super-blocks: Q4_K, Q5_K, Q6_K.
+//!
+//! Quantizers follow ggml's `quantize_row_q{4,5,6}_K_ref` (no importance matrix): per
+//! sub-block scale (and min) search with `make_qkx2_quants` / `make_qx_quants`, then the
+//! sub-scales are themselves quantized (6-bit against max/63, or int8 against -128/max), and
+//! finally every element is re-quantized against the stored (f16-rounded) scales.
+//!
+//! Callers have checked sizes and finiteness.
+
+use super::{f16_bits, f16_le, f16_round, nearest_int};
+
+const QK_K: usize = 256;
+/// ggml's `GROUP_MAX_EPS`: sub-blocks whose |max| is below this count as all-zero.
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// Unpack sub-block `j`'s 6-bit scale and min from the 12-byte `scales` field
+/// (`get_scale_min_k4`).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Pack eight 6-bit scales and mins into the 12-byte field (inverse of [`scale_min_k4`]).
+fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            s[j] = ls[j];
+            s[j + 4] = lm[j];
+        } else {
+            s[j + 4] = (ls[j] & 0x0f) | ((lm[j] & 0x0f) << 4);
+            s[j - 4] |= (ls[j] >> 4) << 6;
+            s[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    s
+}
+
+/// ggml's `make_qkx2_quants`: asymmetric (scale, min) search for one sub-block with weights,
+/// trying `nstep + 1` candidate inverse scales around `nmax / (max - min)`. Writes codes in
+/// `0..=nmax` to `l`, returns `(scale, -min)`.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32; 32],
+    w: &[f32; 32],
+    l: &mut [u8; 32],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = 32;
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = w[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.fill(0);
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_mad = 0.0f32;
+    for i in 0..n {
+        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = q as u8;
+        let diff = scale * q as f32 + min - x[i];
+        best_mad += w[i] * (diff * diff);
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..n {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = q as u8;
+            let qf = q as f32;
+            sum_l += w[i] * qf;
+            sum_l2 += w[i] * qf * qf;
+            sum_xl += w[i] * qf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut mad = 0.0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                mad += w[i] * (diff * diff);
+            }
+            if mad < best_mad {
+                *l = laux;
+                best_mad = mad;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// Shared body of the Q4_K / Q5_K quantizers: returns (d, dmin, scales[12], codes L[256]).
+fn quant_k_asym(
+    x: &[f32; QK_K],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> (u16, u16, [u8; 12], [u8; QK_K]) {
+    let mut l = [0u8; QK_K];
+    let mut scales = [0.0f32; 8];
+    let mut mins = [0.0f32; 8];
+    let mut max_scale = 0.0f32;
+    let mut max_min = 0.0f32;
+    for j in 0..8 {
+        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
+        let mut sum_x2 = 0.0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let mut w = [0.0f32; 32];
+        for (wi, &v) in w.iter_mut().zip(xs) {
+            *wi = av_x + v.abs();
+        }
+        let lj: &mut [u8; 32] = (&mut l[32 * j..32 * j + 32]).try_into().expect("32");
+        let (s, m) = make_qkx2_quants(nmax, xs, &w, lj, rmin, 0.1, nstep);
+        scales[j] = s;
+        mins[j] = m;
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut ls = [0u8; 8];
+    let mut lm = [0u8; 8];
+    for j in 0..8 {
+        // C stores nearest_int into uint8_t, then MIN(63, .).
+        ls[j] = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        lm[j] = (nearest_int(inv_min * mins[j]) as u8).min(63);
+    }
+    let packed = pack_scale_min_k4(&ls, &lm);
+    let d_bits = f16_bits(max_scale / 63.0);
+    let dmin_bits = f16_bits(max_min / 63.0);
+    let d_all = f16_le(d_bits[0], d_bits[1]);
+    let dmin_all = f16_le(dmin_bits[0], dmin_bits[1]);
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &packed);
+        let d = d_all * sc as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin_all * m as f32;
+        for ii in 0..32 {
+            let q = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
+            l[32 * j + ii] = q as u8;
+        }
+    }
+    (
+        u16::from_le_bytes(d_bits),
+        u16::from_le_bytes(dmin_bits),
+        packed,
+        l,
+    )
+}
+
+/// Q4_K: `d`, `dmin`, `scales[12]`, `qs[128]` (per 64 elements: 32 bytes, low nibbles = first
+/// 32, high nibbles = next 32); x = d·sc·q − dmin·m.
+pub(super) fn dequant_q4_k(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(QK_K)) {
+        let d = f16_le(b[0], b[1]);
+        let dmin = f16_le(b[2], b[3]);
+        let sc: &[u8; 12] = b[4..16].try_into().expect("12");
+        let qs = &b[16..144];
+        for c in 0..4 {
+            let (s1, m1) = scale_min_k4(2 * c, sc);
+            let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+            let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+            let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+            let q: &[u8; 32] = qs[32 * c..32 * c + 32].try_into().expect("32");
+            let yc: &mut [f32; 64] = (&mut y[64 * c..64 * c + 64]).try_into().expect("64");
+            let (lo, hi) = yc.split_at_mut(32);
+            for l in 0..32 {
+                lo[l] = d1 * (q[l] & 0x0f) as f32 - m1;
+                hi[l] = d2 * (q[l] >> 4) as f32 - m2;
+            }
+        }
+    }
+}
+
+pub(super) fn quant_q4_k(x: &[f32], out: &mut [u8]) {
+    for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
+        let xb: &[f32; QK_K] = xb.try_into().expect("256");
+        let (d, dmin, scales, l) = quant_k_asym(xb, 15, -1.0, 20);
+        b[0..2].copy_from_slice(&d.to_le_bytes());
+        b[2..4].copy_from_slice(&dmin.to_le_bytes());
+        b[4..16].copy_from_slice(&scales);
+        let qs = &mut b[16..144];
+        for c in 0..4 {
+            for i in 0..32 {
+                qs[32 * c + i] = l[64 * c + i] | (l[64 * c + 32 + i] << 4);
+            }
+        }
+    }
+}
+
+/// Q5_K: `d`, `dmin`, `scales[12]`, `qh[32]`, `qs[128]`; the 5th bit of element 64c+l is bit
+/// 2c of qh[l], of element 64c+32+l bit 2c+1.
+pub(super) fn dequant_q5_k(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(176).zip(out.chunks_exact_mut(QK_K)) {
+        let d = f16_le(b[0], b[1]);
+        let dmin = f16_le(b[2], b[3]);
+        let sc: &[u8; 12] = b[4..16].try_into().expect("12");
+        let qh: &[u8; 32] = b[16..48].try_into().expect("32");
+        let qs = &b[48..176];
+        for c in 0..4 {
+            let (s1, m1) = scale_min_k4(2 * c, sc);
+            let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+            let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+            let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+            let q: &[u8; 32] = qs[32 * c..32 * c + 32].try_into().expect("32");
+            let yc: &mut [f32; 64] = (&mut y[64 * c..64 * c + 64]).try_into().expect("64");
+            let (lo, hi) = yc.split_at_mut(32);
+            for l in 0..32 {
+                let h1 = ((qh[l] >> (2 * c)) & 1) << 4;
+                let h2 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                lo[l] = d1 * ((q[l] & 0x0f) | h1) as f32 - m1;
+                hi[l] = d2 * ((q[l] >> 4) | h2) as f32 - m2;
+            }
+        }
+    }
+}
+
+pub(super) fn quant_q5_k(x: &[f32], out: &mut [u8]) {
+    for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(176)) {
+        let xb: &[f32; QK_K] = xb.try_into().expect("256");
+        let (d, dmin, scales, l) = quant_k_asym(xb, 31, -0.5, 15);
+        b[0..2].copy_from_slice(&d.to_le_bytes());
+        b[2..4].copy_from_slice(&dmin.to_le_bytes());
+        b[4..16].copy_from_slice(&scales);
+        let (qh, qs) = b[16..176].split_at_mut(32);
+        qh.fill(0);
+        for c in 0..4 {
+            for i in 0..32 {
+                let l1 = l[64 * c + i];
+                let l2 = l[64 * c + 32 + i];
+                qh[i] |= ((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1));
+                qs[32 * c + i] = (l1 & 0x0f) | ((l2 & 0x0f) << 4);
+            }
+        }
+    }
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1` (weights x²) and no importance matrix:
+/// symmetric scale search for one 16-element group; codes `0..2·nmax` are written to `l`
+/// (offset by `nmax`), the scale is returned.
+fn make_qx_quants(nmax: i32, x: &[f32; 16], l: &mut [u8; 16]) -> f32 {
+    let mut max = 0.0f32;
+    let mut amax = 0.0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = -nmaxf / max;
+    let mut sumlx = 0.0f32;
+    let mut suml2 = 0.0f32;
+    for i in 0..16 {
+        let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+        l[i] = (q + nmax) as u8;
+        let w = x[i] * x[i];
+        let qf = q as f32;
+        sumlx += w * x[i] * qf;
+        suml2 += w * qf * qf;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmaxf + 0.1 * is as f32) / max;
+        sumlx = 0.0;
+        suml2 = 0.0;
+        for &v in x {
+            let qf = nearest_int(iscale * v).clamp(-nmax, nmax - 1) as f32;
+            let w = v * v;
+            sumlx += w * v * qf;
+            suml2 += w * qf * qf;
+        }
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for i in 0..16 {
+                let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+                l[i] = (q + nmax) as u8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// Q6_K: `ql[128]`, `qh[64]`, `scales[16]` (int8), `d` (at the end); per 128 elements,
+/// q = ql nibble | 2 bits of qh, x = d·sc·(q − 32).
+pub(super) fn dequant_q6_k(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(QK_K)) {
+        let d = f16_le(b[208], b[209]);
+        for h in 0..2 {
+            let ql: &[u8; 64] = b[64 * h..64 * h + 64].try_into().expect("64");
+            let qh: &[u8; 32] = b[128 + 32 * h..160 + 32 * h].try_into().expect("32");
+            let sc = &b[192 + 8 * h..200 + 8 * h];
+            let yh: &mut [f32; 128] = (&mut y[128 * h..128 * h + 128]).try_into().expect("128");
+            for half in 0..2 {
+                let s = |k: usize| d * (sc[half + 2 * k] as i8) as f32;
+                let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+                for l in 16 * half..16 * half + 16 {
+                    let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    yh[l] = s0 * q1 as f32;
+                    yh[l + 32] = s1 * q2 as f32;
+                    yh[l + 64] = s2 * q3 as f32;
+                    yh[l + 96] = s3 * q4 as f32;
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn quant_q6_k(x: &[f32], out: &mut [u8]) {
+    for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
+        let mut l = [0u8; QK_K];
+        let mut scales = [0.0f32; 16];
+        let mut max_scale = 0.0f32;
+        let mut max_abs_scale = 0.0f32;
+        for ib in 0..16 {
+            let xs: &[f32; 16] = xb[16 * ib..16 * ib + 16].try_into().expect("16");
+            let lb: &mut [u8; 16] = (&mut l[16 * ib..16 * ib + 16]).try_into().expect("16");
+            let s = make_qx_quants(32, xs, lb);
+            scales[ib] = s;
+            if s.abs() > max_abs_scale {
+                max_abs_scale = s.abs();
+                max_scale = s;
+            }
+        }
+        b.fill(0);
+        if max_abs_scale < GROUP_MAX_EPS {
+            continue; // all-zero block: every byte 0, d = +0
+        }
+        let iscale = -128.0 / max_scale;
+        let d_bits = f16_bits(1.0 / iscale);
+        b[208..210].copy_from_slice(&d_bits);
+        let d_all = f16_round(1.0 / iscale);
+        let mut sc = [0i8; 16];
+        for ib in 0..16 {
+            sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+            b[192 + ib] = sc[ib] as u8;
+        }
+        for j in 0..16 {
+            let d = d_all * sc[j] as f32;
+            if d == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                let q = nearest_int(xb[16 * j + ii] / d).clamp(-32, 31);
+                l[16 * j + ii] = (q + 32) as u8;
+            }
+        }
+        for h in 0..2 {
+            let lh = &l[128 * h..128 * h + 128];
+            for i in 0..32 {
+                let (q1, q2, q3, q4) = (lh[i], lh[i + 32], lh[i + 64], lh[i + 96]);
+                b[64 * h + i] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
+                b[64 * h + i + 32] = (q2 & 0x0f) | ((q4 & 0x0f) << 4);
+                b[128 + 32 * h + i] =
+                    (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Plain per-element decoders written from the layout description, which the
+    //! restructured loops above must match bit for bit.
+    use super::*;
+
+    fn rnd_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn ref_q4_5_k(b: &[u8], five: bool) -> Vec<f32> {
+        let d = f16_le(b[0], b[1]);
+        let dmin = f16_le(b[2], b[3]);
+        let sc: &[u8; 12] = b[4..16].try_into().unwrap();
+        let qs = if five { &b[48..176] } else { &b[16..144] };
+        (0..256)
+            .map(|e| {
+                let sub = e / 32;
+                let (s, m) = scale_min_k4(sub, sc);
+                let byte = qs[32 * (e / 64) + e % 32];
+                let mut q = if sub % 2 == 0 { byte & 15 } else { byte >> 4 };
+                if five {
+                    q |= ((b[16 + e % 32] >> sub) & 1) << 4;
+                }
+                d * s as f32 * q as f32 - dmin * m as f32
+            })
+            .collect()
+    }
+
+    fn ref_q6_k(b: &[u8]) -> Vec<f32> {
+        let d = f16_le(b[208], b[209]);
+        (0..256)
+            .map(|e| {
+                let (h, r) = (e / 128, e % 128);
+                let (quarter, l) = (r / 32, r % 32);
+                let ql = b[64 * h + l + 32 * (quarter % 2)];
+                let low = if quarter < 2 { ql & 15 } else { ql >> 4 };
+                let high = (b[128 + 32 * h + l] >> (2 * quarter)) & 3;
+                let q = (low | (high << 4)) as i32 - 32;
+                let sc = b[192 + e / 16] as i8;
+                d * sc as f32 * q as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fast_dequant_matches_plain_reference() {
+        for seed in 1..6u64 {
+            let mut b4 = rnd_bytes(144, seed);
+            let mut b5 = rnd_bytes(176, seed + 100);
+            let mut b6 = rnd_bytes(210, seed + 200);
+            b4[1] &= 0x3b;
+            b4[3] &= 0x3b;
+            b5[1] &= 0x3b;
+            b5[3] &= 0x3b;
+            b6[209] &= 0x3b;
+            let mut y = [0.0f32; 256];
+            for (bytes, f, want) in [
+                (
+                    &b4,
+                    dequant_q4_k as fn(&[u8], &mut [f32]),
+                    ref_q4_5_k(&b4, false),
+                ),
+                (&b5, dequant_q5_k, ref_q4_5_k(&b5, true)),
+                (&b6, dequant_q6_k, ref_q6_k(&b6)),
+            ] {
+                f(bytes, &mut y);
+                for (i, (a, w)) in y.iter().zip(&want).enumerate() {
+                    assert_eq!(a.to_bits(), w.to_bits(), "seed {seed} elem {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scale_min_packing_round_trips() {
+        let ls = [0u8, 63, 17, 42, 63, 1, 32, 5];
+        let lm = [63u8, 0, 9, 33, 0, 62, 31, 48];
+        let p = pack_scale_min_k4(&ls, &lm);
+        for j in 0..8 {
+            assert_eq!(scale_min_k4(j, &p), (ls[j], lm[j]));
+        }
+    }
+}
