@@ -414,8 +414,14 @@ impl FloatFormat {
 
     /// The straightforward scalar encoder (the ml_dtypes algorithm). [`encode`](Self::encode)
     /// must agree with it bit for bit; it is public so that tests and users can check that.
+    ///
+    /// E8M0 rounds identically under both deterministic modes: its kept LSB is the implicit
+    /// bit (always 1), so a significand of exactly 1.5 rounds up either way; the one place
+    /// where they could differ (the f32 subnormal 2^-127 itself, a tie on ml_dtypes' 2^-126
+    /// grid below 2^-126) keeps ties-to-even so that every code round-trips.
     pub fn encode_reference(self, x: f32, rounding: Rounding, overflow: Overflow) -> u8 {
-        self.encode_with(x, rounding.into(), overflow)
+        let mode = if self == FloatFormat::E8M0 { RoundBits::Even } else { rounding.into() };
+        self.encode_with(x, mode, overflow)
     }
 
     fn encode_with(self, x: f32, mode: RoundBits, overflow: Overflow) -> u8 {
