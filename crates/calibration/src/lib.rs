@@ -4,4 +4,24 @@
 //! statistics of its inputs: round-to-nearest, GPTQ, AWQ, SmoothQuant, HQQ, and the rotation
 //! methods (QuaRot Hadamard, SpinQuant). The layer-by-layer pipeline that feeds them real
 //! activations lives in `lowbit-model`.
+//!
+//! Conventions: weights are f32 `[out][in]` row-major (`rows = out`, `cols = in`), inputs are
+//! token-major `[n_tokens][in]`. Every algorithm works for every `lowbit_numerics::Scheme`
+//! through [`grid::Grid`]. See `docs/algorithms.md` for the objectives and defaults.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod gptq;
+pub mod grid;
+pub mod hessian;
+pub mod linalg;
+pub mod rtn;
+pub mod sensitivity;
+
+pub use error::{Error, Result};
+pub use gptq::{gptq, gptq_prepared, prepare_hessian, ActOrder, GptqConfig, GptqResult};
+pub use grid::{BlockParams, Clipping, Grid};
+pub use hessian::HessianAccumulator;
+pub use rtn::{rtn, rtn_dequantized, RtnConfig};
+pub use sensitivity::{relative_output_error, relative_output_error_from_hessian};
