@@ -194,7 +194,7 @@ fn ue4m3_to_f32_half(w: u8) -> f32 {
 /// ggml's `ggml_fp32_to_ue4m3`: non-positive → 0, clamp to 448, round the 3-bit mantissa half
 /// up (subnormals: round(x·512) clamped to 1..=7), overflow → 0x7E.
 fn f32_to_ue4m3(x: f32) -> u8 {
-    if !(x > 0.0) {
+    if x.is_nan() || x <= 0.0 {
         return 0;
     }
     let x = if x > 448.0 { 448.0 } else { x };

@@ -278,7 +278,8 @@ mod tests {
             s ^= s << 17;
             s as u8
         };
-        let fns: [fn(&[u8], &mut [f32]); 5] = [
+        type Deq = fn(&[u8], &mut [f32]);
+        let fns: [Deq; 5] = [
             dequant_q4_0,
             dequant_q4_1,
             dequant_q5_0,
