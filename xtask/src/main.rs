@@ -2,6 +2,7 @@
 //! `Args` (clap) and `run`; this file only dispatches.
 
 mod bench;
+mod check_logits;
 mod demo;
 mod eval;
 mod export;
@@ -40,6 +41,8 @@ enum Cmd {
     Export(export::Args),
     /// Check every golden-vector file in a folder bit-exactly (schema: shared/golden/README.md).
     Golden(golden::Args),
+    /// Compare the model's logits with the golden reference logits (transformers, f32).
+    CheckLogits(check_logits::Args),
     /// Benchmarks: format conversion, kernels, model speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -56,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Needle(a) => needle::run(a),
         Cmd::Export(a) => export::run(a),
         Cmd::Golden(a) => golden::run(a),
+        Cmd::CheckLogits(a) => check_logits::run(a),
         Cmd::Bench(b) => bench::run(b),
     }
 }

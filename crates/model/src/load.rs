@@ -201,6 +201,35 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     model_from_gguf(&file)
 }
 
+/// Load a model from a path: a `.gguf` file, or a Hugging Face folder (`config.json` plus
+/// safetensors) once the safetensors reader is available.
+pub fn load_model(path: &Path) -> Result<Model> {
+    if path.is_file() {
+        let mut magic = [0u8; 4];
+        use std::io::Read;
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .map_err(|e| Error::io(path, e))?;
+        if &magic == b"GGUF" {
+            return load_gguf(path);
+        }
+        return Err(Error::Resolve(format!(
+            "{}: not a GGUF file (expected a .gguf file or a Hugging Face model folder)",
+            path.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(Error::Resolve(format!(
+            "{}: loading Hugging Face safetensors folders is not wired yet; pass a .gguf file",
+            path.display()
+        )));
+    }
+    Err(Error::Resolve(format!(
+        "{}: no such file or folder",
+        path.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
