@@ -11,17 +11,26 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod awq;
 pub mod error;
+pub mod fold;
 pub mod gptq;
 pub mod grid;
 pub mod hessian;
+pub mod hqq;
 pub mod linalg;
 pub mod rtn;
 pub mod sensitivity;
+pub mod smoothquant;
+pub mod stats;
 
+pub use awq::{awq, awq_clip, awq_search_scales, AwqConfig, AwqResult, AwqScales, LinearWeight};
 pub use error::{Error, Result};
 pub use gptq::{gptq, gptq_prepared, prepare_hessian, ActOrder, GptqConfig, GptqResult};
 pub use grid::{BlockParams, Clipping, Grid};
 pub use hessian::HessianAccumulator;
+pub use hqq::{hqq, HqqConfig, HqqResult};
 pub use rtn::{rtn, rtn_dequantized, RtnConfig};
 pub use sensitivity::{relative_output_error, relative_output_error_from_hessian};
+pub use smoothquant::{fake_quant_activations_per_token, smoothquant_scales, ActQuant, SqConfig};
+pub use stats::InputStats;
