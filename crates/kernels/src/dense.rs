@@ -17,6 +17,37 @@ use crate::{Error, Result};
 /// assert_eq!(y, [1.0, 1.5, 1.0]);
 /// ```
 pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    matmul_wt_par(x, w, y, m, k, n, par)
+}
+
+/// [`matmul_wt`] on the calling thread only (for callers that already split work across
+/// threads, such as the quantized GEMM's row blocks).
+pub fn matmul_wt_serial(
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    matmul_wt_par(x, w, y, m, k, n, gemm::Parallelism::None)
+}
+
+fn matmul_wt_par(
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    par: gemm::Parallelism,
+) -> Result<()> {
     if x.len() != m * k || w.len() != n * k || y.len() != m * n {
         return Err(Error::Shape(format!(
             "matmul_wt: x has {} (want {m}x{k}), w has {} (want {n}x{k}), y has {} (want {m}x{n})",
@@ -32,12 +63,6 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usi
         y.fill(0.0);
         return Ok(());
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k >= 1 << 15 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the three slices were checked above to hold exactly m*k, n*k and m*n elements;
     // the strides describe row-major x (m x k), y (m x n) and wᵀ viewed as k x n with
     // row stride 1 and column stride k, all in bounds. `read_dst = false` means y's old
@@ -73,8 +98,9 @@ pub fn matmul_wt_ref(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
     let mut y = vec![0f32; m * n];
     for i in 0..m {
         for j in 0..n {
-            let s: f64 =
-                (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+            let s: f64 = (0..k)
+                .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                .sum();
             y[i * n + j] = s as f32;
         }
     }
@@ -86,14 +112,22 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     #[test]
     fn matches_reference_on_ragged_shapes() {
         let mut s = 7u64;
-        for &(m, k, n) in &[(1, 1, 1), (1, 577, 33), (7, 64, 129), (33, 300, 17), (64, 576, 96)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 577, 33),
+            (7, 64, 129),
+            (33, 300, 17),
+            (64, 576, 96),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
             let mut y = vec![f32::NAN; m * n];

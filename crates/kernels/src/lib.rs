@@ -1,12 +1,19 @@
 //! # lowbit-kernels
 //!
 //! Matrix kernels for lowbit: dense f32 GEMM (the reference path of the model), and quantized
-//! GEMV/GEMM with dequantization fused into the inner loop, runtime-dispatched over AVX-512,
-//! AVX2+FMA, NEON and a scalar reference, threaded with rayon. A CUDA backend lives behind the
-//! `cuda` feature.
+//! GEMV/GEMM with dequantization fused into the inner loop ([`PackedLinear`]), runtime-dispatched
+//! over AVX-512, AVX2+FMA and a scalar reference ([`isa`]), threaded with rayon; plus a W8A8
+//! INT8 x INT8 path ([`w8a8`]). Design notes: `docs/kernels.md`.
 #![warn(missing_docs)]
 
+pub mod codes;
 pub mod dense;
 mod error;
+pub mod isa;
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use error::{Error, Result};
+pub use isa::Isa;
+pub use packed::PackedLinear;

@@ -1,0 +1,595 @@
+//! [`PackedLinear`]: a quantized linear layer repacked for SIMD, with fused-dequantization
+//! GEMV/GEMM.
+//!
+//! # Packed layout
+//! * Rows (output channels) are grouped in **row tiles** of [`TILE_ROWS`] = 4; the last tile is
+//!   padded with all-zero rows. Each tile is one contiguous byte range, so a thread that owns a
+//!   row block streams a single region and the kernel reuses every activation load for 4 rows.
+//! * Columns are split into **segments**, one per scale group (per-channel and per-tensor:
+//!   one segment; 2-D blocks: one per block column). Each segment is padded to a multiple of
+//!   [`CHUNK`] = 16 columns. Act-order (`g_idx`) tensors are handled by **permuting columns at
+//!   pack time**: segment `k` holds the columns with `g_idx == k` in increasing order, and the
+//!   activations are gathered into the same order (`O(tokens x cols)` per call).
+//! * Inside a tile, segment `k` is `[s_0..s_3: f32][b_0..b_3: f32]` (scale and bias of the 4
+//!   rows, next to their data) followed by its chunks; chunk `j` stores the 16 codes of row 0,
+//!   then row 1, 2, 3. A weight decodes as `w = s * v(code) + b`, where `v` is the code's value
+//!   (`code` for integers, a table for NF4/E2M1, an f16 reinterpretation for FP8) and
+//!   `b = -s * zero_point` for integers, 0 otherwise.
+//! * Chunk encodings (16 codes), chosen so one broadcast + one variable shift + one mask
+//!   yields 8 (AVX2) or 16 (AVX-512) lane-aligned codes:
+//!   - 4-bit: a `u64` with code `e` at bit `32*(e&1) + 4*(e>>1)` (interleaved nibbles);
+//!   - 2-bit: a `u32` with code `e` at bit `2e`;
+//!   - 3-bit: that 2-bit plane of the low bits plus a `u16` with bit 2 of code `e` at bit `e`;
+//!   - 8-bit (and 5..7-bit integers): 16 plain bytes.
+//! * FP8 E4M3 codes are decoded as the f16 `sign<<15 | (code & 0x7f)<<7`, which equals the
+//!   E4M3 value / 256 exactly for every finite code, so the scale is stored multiplied by 256
+//!   (NaN codes are not preserved by the kernel; quantizers never emit them).
+//!
+//! The kernel computes, per row and segment, `s * sum(v * x) + b * sum(x)`; the per-segment
+//! activation sums are computed once per call.
+
+use std::borrow::Cow;
+
+use lowbit_numerics::{ElemFormat, FloatFormat, NestedScales, QuantizedTensor, Scheme};
+use rayon::prelude::*;
+
+use crate::codes;
+use crate::isa::{self, Isa};
+use crate::{Error, Result};
+
+/// Rows per row tile.
+pub const TILE_ROWS: usize = 4;
+/// Columns per chunk.
+pub const CHUNK: usize = 16;
+/// Bytes of a segment header (4 scales + 4 biases).
+pub(crate) const HDR: usize = 32;
+/// Tokens processed per pass of the fused kernel.
+pub(crate) const TB: usize = 4;
+/// From this many tokens on, the SIMD paths dequantize a row block into an f32 tile and run
+/// the dense GEMM micro-kernel on it.
+pub const GEMM_MIN_TOKENS: usize = 16;
+
+/// How a chunk of 16 codes is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Store {
+    B2,
+    B3,
+    B4,
+    B8,
+}
+
+impl Store {
+    pub(crate) fn chunk_bytes(self) -> usize {
+        match self {
+            Store::B2 => 4,
+            Store::B3 => 6,
+            Store::B4 => 8,
+            Store::B8 => 16,
+        }
+    }
+}
+
+/// What a code means before scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Vals {
+    /// The code itself, as an unsigned integer.
+    Int,
+    /// The NF4 table.
+    Nf4,
+    /// FP4 E2M1.
+    E2M1,
+    /// FP8 E4M3 as f16 (value / 256).
+    E4M3,
+    /// FP8 E5M2 as f16 (exact).
+    E5M2,
+}
+
+impl Vals {
+    fn value(self, code: u8) -> f32 {
+        match self {
+            Vals::Int => code as f32,
+            Vals::Nf4 => codes::NF4[(code & 15) as usize],
+            Vals::E2M1 => codes::E2M1[(code & 15) as usize],
+            Vals::E4M3 => half::f16::from_bits(codes::e4m3_as_f16_bits(code)).to_f32(),
+            Vals::E5M2 => half::f16::from_bits((code as u16) << 8).to_f32(),
+        }
+    }
+}
+
+/// One column segment (a scale group, padded to whole chunks).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seg {
+    /// Number of 16-column chunks.
+    pub(crate) chunks: usize,
+    /// First padded column of the segment.
+    pub(crate) col0: usize,
+    /// Byte offset of the segment header within a tile.
+    pub(crate) byte_off: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Orig {
+    scheme: Scheme,
+    scales: Vec<f32>,
+    zero_points: Option<Vec<u8>>,
+    global_scale: Option<f32>,
+    g_idx: Option<Vec<u32>>,
+    nested: Option<NestedScales>,
+}
+
+/// A quantized linear layer `y = x · Wᵀ` (`W` is `rows x cols`, `[out][in]`) in the packed
+/// layout described in the module docs.
+#[derive(Debug, Clone)]
+pub struct PackedLinear {
+    rows: usize,
+    cols: usize,
+    pub(crate) store: Store,
+    pub(crate) vals: Vals,
+    pub(crate) segs: Vec<Seg>,
+    /// Padded column count (sum of segment widths).
+    pub(crate) pcols: usize,
+    /// Padded position -> source column (`u32::MAX` for padding); `None` when identity.
+    col_map: Option<Vec<u32>>,
+    /// Source column -> padded position.
+    col_pos: Vec<u32>,
+    pub(crate) tile_bytes: usize,
+    pub(crate) ntiles: usize,
+    pub(crate) data: Vec<u8>,
+    /// `v(code)` for all 256 codes (scalar path).
+    pub(crate) vtab: Box<[f32; 256]>,
+    orig: Orig,
+}
+
+fn encode_chunk(store: Store, c: &[u8; CHUNK], out: &mut [u8]) {
+    match store {
+        Store::B4 => {
+            let mut v = 0u64;
+            for (e, &code) in c.iter().enumerate() {
+                v |= ((code & 15) as u64) << (32 * (e & 1) + 4 * (e >> 1));
+            }
+            out[..8].copy_from_slice(&v.to_le_bytes());
+        }
+        Store::B2 | Store::B3 => {
+            let mut lo = 0u32;
+            let mut hi = 0u16;
+            for (e, &code) in c.iter().enumerate() {
+                lo |= ((code & 3) as u32) << (2 * e);
+                hi |= (((code >> 2) & 1) as u16) << e;
+            }
+            out[..4].copy_from_slice(&lo.to_le_bytes());
+            if store == Store::B3 {
+                out[4..6].copy_from_slice(&hi.to_le_bytes());
+            }
+        }
+        Store::B8 => out[..16].copy_from_slice(c),
+    }
+}
+
+pub(crate) fn decode_chunk(store: Store, b: &[u8]) -> [u8; CHUNK] {
+    let mut c = [0u8; CHUNK];
+    match store {
+        Store::B4 => {
+            let v = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+            for (e, code) in c.iter_mut().enumerate() {
+                *code = ((v >> (32 * (e & 1) + 4 * (e >> 1))) & 15) as u8;
+            }
+        }
+        Store::B2 | Store::B3 => {
+            let lo = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
+            let hi = if store == Store::B3 {
+                u16::from_le_bytes(b[4..6].try_into().expect("2 bytes"))
+            } else {
+                0
+            };
+            for (e, code) in c.iter_mut().enumerate() {
+                *code = (((lo >> (2 * e)) & 3) as u8) | ((((hi >> e) & 1) as u8) << 2);
+            }
+        }
+        Store::B8 => c.copy_from_slice(&b[..16]),
+    }
+    c
+}
+
+fn rd_f32(d: &[u8], off: usize) -> f32 {
+    f32::from_le_bytes(d[off..off + 4].try_into().expect("4 bytes"))
+}
+
+impl PackedLinear {
+    /// Repack a quantized tensor. Supported: integer codes of 2..=8 bits (sym or asym, any
+    /// granularity), ternary, NF4, FP4 E2M1 (NVFP4 with its global scale, MXFP4), FP8 E4M3 and
+    /// E5M2; per-tensor, per-channel, per-group (any group size, ragged last group) and 2-D
+    /// block scales; act-order `g_idx`. Anything else (binary, FP6, ...) is
+    /// [`Error::Unsupported`], so callers can fall back to the dequantized dense path.
+    pub fn new(q: &QuantizedTensor) -> Result<Self> {
+        q.validate()?;
+        let (store, vals, sym_zp) = match q.scheme.elem {
+            ElemFormat::Int { bits } => {
+                let store = match bits {
+                    2 => Store::B2,
+                    3 => Store::B3,
+                    4 => Store::B4,
+                    5..=8 => Store::B8,
+                    b => return Err(Error::Unsupported(format!("integer width {b}"))),
+                };
+                (store, Vals::Int, 1u32 << (bits - 1))
+            }
+            ElemFormat::Ternary => (Store::B2, Vals::Int, 1),
+            ElemFormat::Nf4 => (Store::B4, Vals::Nf4, 0),
+            ElemFormat::Float(FloatFormat::E2M1) => (Store::B4, Vals::E2M1, 0),
+            ElemFormat::Float(FloatFormat::E4M3) => (Store::B8, Vals::E4M3, 0),
+            ElemFormat::Float(FloatFormat::E5M2) => (Store::B8, Vals::E5M2, 0),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "PackedLinear has no kernel for element format {other:?}; use the dequantized dense path"
+                )))
+            }
+        };
+        let (rows, cols) = (q.rows, q.cols);
+        let bits = q.scheme.elem.bits();
+        let (br, bc) = q.scheme.granularity.block_shape(rows, cols);
+        let (_, gc) = q.grid();
+        let gs = q.global_scale.unwrap_or(1.0);
+
+        // Column membership of each scale group, in increasing column order.
+        let mut members: Vec<Vec<u32>> = vec![Vec::new(); gc];
+        for c in 0..cols {
+            let g = match &q.g_idx {
+                Some(g) => g[c] as usize,
+                None => c / bc.max(1),
+            };
+            members[g].push(c as u32);
+        }
+        let cb = store.chunk_bytes();
+        let mut segs = Vec::with_capacity(gc);
+        let (mut col0, mut byte_off) = (0usize, 0usize);
+        for m in &members {
+            let chunks = m.len().div_ceil(CHUNK);
+            segs.push(Seg {
+                chunks,
+                col0,
+                byte_off,
+            });
+            col0 += chunks * CHUNK;
+            byte_off += HDR + chunks * TILE_ROWS * cb;
+        }
+        let pcols = col0;
+        let tile_bytes = byte_off;
+        let mut col_map = vec![u32::MAX; pcols];
+        let mut col_pos = vec![0u32; cols];
+        for (k, m) in members.iter().enumerate() {
+            for (i, &c) in m.iter().enumerate() {
+                col_map[segs[k].col0 + i] = c;
+                col_pos[c as usize] = (segs[k].col0 + i) as u32;
+            }
+        }
+        let identity = pcols == cols && col_map.iter().enumerate().all(|(i, &c)| c as usize == i);
+        let ntiles = rows.div_ceil(TILE_ROWS);
+        let mut data = vec![0u8; ntiles * tile_bytes];
+        let rb = q.row_bytes();
+        let mut codes_buf = vec![0u8; cols];
+        for r in 0..rows {
+            let row = &q.data[r * rb..(r + 1) * rb];
+            for (c, code) in codes_buf.iter_mut().enumerate() {
+                *code = codes::get_code(row, bits, c);
+            }
+            let (tile, rr) = (r / TILE_ROWS, r % TILE_ROWS);
+            let tbase = tile * tile_bytes;
+            for (k, seg) in segs.iter().enumerate() {
+                let blk = (r / br.max(1)) * gc + k;
+                let mut s = q.scales[blk] / gs;
+                let b = match vals {
+                    Vals::Int => {
+                        let zp = match &q.zero_points {
+                            Some(z) => z[blk] as u32,
+                            None => sym_zp,
+                        };
+                        -(s * zp as f32)
+                    }
+                    _ => 0.0,
+                };
+                if vals == Vals::E4M3 {
+                    s *= 256.0;
+                }
+                let h = tbase + seg.byte_off;
+                data[h + 4 * rr..h + 4 * rr + 4].copy_from_slice(&s.to_le_bytes());
+                data[h + 16 + 4 * rr..h + 16 + 4 * rr + 4].copy_from_slice(&b.to_le_bytes());
+                for j in 0..seg.chunks {
+                    let mut chunk = [0u8; CHUNK];
+                    for (e, slot) in chunk.iter_mut().enumerate() {
+                        let src = col_map[seg.col0 + j * CHUNK + e];
+                        if src != u32::MAX {
+                            *slot = codes_buf[src as usize];
+                        }
+                    }
+                    let off = h + HDR + (j * TILE_ROWS + rr) * cb;
+                    encode_chunk(store, &chunk, &mut data[off..off + cb]);
+                }
+            }
+        }
+        let mut vtab = Box::new([0f32; 256]);
+        for (c, v) in vtab.iter_mut().enumerate() {
+            *v = vals.value(c as u8);
+        }
+        Ok(PackedLinear {
+            rows,
+            cols,
+            store,
+            vals,
+            segs,
+            pcols,
+            col_map: if identity { None } else { Some(col_map) },
+            col_pos,
+            tile_bytes,
+            ntiles,
+            data,
+            vtab,
+            orig: Orig {
+                scheme: q.scheme,
+                scales: q.scales.clone(),
+                zero_points: q.zero_points.clone(),
+                global_scale: q.global_scale,
+                g_idx: q.g_idx.clone(),
+                nested: q.nested.clone(),
+            },
+        })
+    }
+
+    /// Convert back to the `QuantizedTensor` it was built from (codes are read back out of the
+    /// packed layout; scales, zero points and the other metadata are kept verbatim).
+    pub fn to_quantized(&self) -> QuantizedTensor {
+        let bits = self.orig.scheme.elem.bits();
+        let rb = lowbit_numerics::tensor::packed_row_bytes(self.cols, bits);
+        let mut data = vec![0u8; self.rows * rb];
+        let cb = self.store.chunk_bytes();
+        // segment of each padded chunk
+        let mut seg_of_chunk = Vec::with_capacity(self.pcols / CHUNK);
+        for (k, s) in self.segs.iter().enumerate() {
+            seg_of_chunk.extend(std::iter::repeat_n(k, s.chunks));
+        }
+        for r in 0..self.rows {
+            let (tile, rr) = (r / TILE_ROWS, r % TILE_ROWS);
+            let row = &mut data[r * rb..(r + 1) * rb];
+            for c in 0..self.cols {
+                let p = self.col_pos[c] as usize;
+                let seg = &self.segs[seg_of_chunk[p / CHUNK]];
+                let j = (p - seg.col0) / CHUNK;
+                let off = tile * self.tile_bytes + seg.byte_off + HDR + (j * TILE_ROWS + rr) * cb;
+                let chunk = decode_chunk(self.store, &self.data[off..off + cb]);
+                codes::put_code(row, bits, c, chunk[p % CHUNK]);
+            }
+        }
+        QuantizedTensor {
+            scheme: self.orig.scheme,
+            rows: self.rows,
+            cols: self.cols,
+            data,
+            scales: self.orig.scales.clone(),
+            zero_points: self.orig.zero_points.clone(),
+            global_scale: self.orig.global_scale,
+            g_idx: self.orig.g_idx.clone(),
+            nested: self.orig.nested.clone(),
+        }
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes the kernel streams per full pass over the weights (codes, inline scales/biases and
+    /// padding).
+    pub fn weight_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// `y[t][out] = sum_in x[t][in] * W[out][in]` for `n_tokens` token rows, on the path chosen
+    /// by [`isa::selected`] (`LOWBIT_KERNEL` to force one), threaded over the current rayon pool.
+    pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<()> {
+        self.forward_with(isa::selected(), x, n_tokens, y)
+    }
+
+    /// [`PackedLinear::forward`] on an explicit path (clamped to what the CPU supports).
+    pub fn forward_with(&self, isa: Isa, x: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<()> {
+        if x.len() != n_tokens * self.cols || y.len() != n_tokens * self.rows {
+            return Err(Error::Shape(format!(
+                "PackedLinear::forward: x has {} (want {n_tokens}x{}), y has {} (want {n_tokens}x{})",
+                x.len(),
+                self.cols,
+                y.len(),
+                self.rows
+            )));
+        }
+        if n_tokens == 0 || self.rows == 0 {
+            return Ok(());
+        }
+        let isa = Isa::clamp(isa);
+        let xp = self.gather(x, n_tokens);
+        let nseg = self.segs.len();
+        let mut xs = vec![0f32; n_tokens * nseg];
+        for t in 0..n_tokens {
+            let xr = &xp[t * self.pcols..(t + 1) * self.pcols];
+            for (k, s) in self.segs.iter().enumerate() {
+                xs[t * nseg + k] = xr[s.col0..s.col0 + s.chunks * CHUNK].iter().sum();
+            }
+        }
+        if isa != Isa::Scalar && n_tokens >= GEMM_MIN_TOKENS {
+            return self.forward_gemm(isa, &xp, n_tokens, y);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let tiles_per_task = self.ntiles.div_ceil(threads * 8).max(1);
+        let blocks: Vec<(usize, Vec<f32>)> = (0..self.ntiles.div_ceil(tiles_per_task))
+            .into_par_iter()
+            .map(|bi| {
+                let t0 = bi * tiles_per_task;
+                let t1 = (t0 + tiles_per_task).min(self.ntiles);
+                let nrows = (t1 - t0) * TILE_ROWS;
+                let mut out = vec![0f32; n_tokens * nrows];
+                let mut buf = [[0f32; TILE_ROWS]; TB];
+                for tile in t0..t1 {
+                    let mut tok = 0;
+                    while tok < n_tokens {
+                        let tb = (n_tokens - tok).min(TB);
+                        self.run_tile(isa, tile, &xp, &xs, tok, tb, &mut buf);
+                        for (t, b) in buf.iter().enumerate().take(tb) {
+                            let o = (tok + t) * nrows + (tile - t0) * TILE_ROWS;
+                            out[o..o + TILE_ROWS].copy_from_slice(b);
+                        }
+                        tok += tb;
+                    }
+                }
+                (t0, out)
+            })
+            .collect();
+        for (t0, out) in blocks {
+            let r0 = t0 * TILE_ROWS;
+            let nrows = out.len() / n_tokens;
+            let take = nrows.min(self.rows - r0);
+            for t in 0..n_tokens {
+                y[t * self.rows + r0..t * self.rows + r0 + take]
+                    .copy_from_slice(&out[t * nrows..t * nrows + take]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Activations in packed column order (zero in padding), `n_tokens x pcols`.
+    fn gather<'a>(&self, x: &'a [f32], n_tokens: usize) -> Cow<'a, [f32]> {
+        match &self.col_map {
+            None => Cow::Borrowed(x),
+            Some(map) => {
+                let mut xp = vec![0f32; n_tokens * self.pcols];
+                for t in 0..n_tokens {
+                    let src = &x[t * self.cols..(t + 1) * self.cols];
+                    for (d, &c) in xp[t * self.pcols..(t + 1) * self.pcols].iter_mut().zip(map) {
+                        if c != u32::MAX {
+                            *d = src[c as usize];
+                        }
+                    }
+                }
+                Cow::Owned(xp)
+            }
+        }
+    }
+
+    /// One row tile for tokens `t0..t0+tb` (tb <= TB) into `out[t][row]`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_tile(
+        &self,
+        isa: Isa,
+        tile: usize,
+        xp: &[f32],
+        xs: &[f32],
+        t0: usize,
+        tb: usize,
+        out: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => crate::x86::run_tile(isa, self, tile, xp, xs, t0, tb, out),
+            _ => self.tile_scalar(tile, xp, xs, t0, tb, out),
+        }
+    }
+
+    /// The scalar reference kernel.
+    pub(crate) fn tile_scalar(
+        &self,
+        tile: usize,
+        xp: &[f32],
+        xs: &[f32],
+        t0: usize,
+        tb: usize,
+        out: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        let cb = self.store.chunk_bytes();
+        let base = tile * self.tile_bytes;
+        let nseg = self.segs.len();
+        for o in out.iter_mut().take(tb) {
+            *o = [0.0; TILE_ROWS];
+        }
+        for (k, seg) in self.segs.iter().enumerate() {
+            let h = base + seg.byte_off;
+            for t in 0..tb {
+                let tok = t0 + t;
+                let xr = &xp[tok * self.pcols + seg.col0..];
+                for rr in 0..TILE_ROWS {
+                    let s = rd_f32(&self.data, h + 4 * rr);
+                    let b = rd_f32(&self.data, h + 16 + 4 * rr);
+                    let mut acc = 0f32;
+                    for j in 0..seg.chunks {
+                        let off = h + HDR + (j * TILE_ROWS + rr) * cb;
+                        let c = decode_chunk(self.store, &self.data[off..off + cb]);
+                        for e in 0..CHUNK {
+                            acc += self.vtab[c[e] as usize] * xr[j * CHUNK + e];
+                        }
+                    }
+                    out[t][rr] += s * acc + b * xs[tok * nseg + k];
+                }
+            }
+        }
+    }
+
+    /// Dequantize rows `tile*4 .. tile*4+4` into `w[4][pcols]` (padded column order).
+    pub(crate) fn dequant_tile_scalar(&self, tile: usize, w: &mut [f32]) {
+        let cb = self.store.chunk_bytes();
+        let base = tile * self.tile_bytes;
+        for seg in &self.segs {
+            let h = base + seg.byte_off;
+            for rr in 0..TILE_ROWS {
+                let s = rd_f32(&self.data, h + 4 * rr);
+                let b = rd_f32(&self.data, h + 16 + 4 * rr);
+                let wr = &mut w[rr * self.pcols + seg.col0..];
+                for j in 0..seg.chunks {
+                    let off = h + HDR + (j * TILE_ROWS + rr) * cb;
+                    let c = decode_chunk(self.store, &self.data[off..off + cb]);
+                    for e in 0..CHUNK {
+                        wr[j * CHUNK + e] = s * self.vtab[c[e] as usize] + b;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Large batches: per row block, dequantize a tile of rows to f32 and run the dense GEMM
+    /// micro-kernel on it (only `GEMM_ROWS x pcols` weights are ever dequantized per task).
+    fn forward_gemm(&self, isa: Isa, xp: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<()> {
+        const TILES: usize = 8; // 32 rows per block
+        let nblocks = self.ntiles.div_ceil(TILES);
+        let results: Vec<Result<(usize, Vec<f32>)>> = (0..nblocks)
+            .into_par_iter()
+            .map(|bi| {
+                let t0 = bi * TILES;
+                let t1 = (t0 + TILES).min(self.ntiles);
+                let nrows = (t1 - t0) * TILE_ROWS;
+                let mut w = vec![0f32; nrows * self.pcols];
+                for tile in t0..t1 {
+                    let dst =
+                        &mut w[(tile - t0) * TILE_ROWS * self.pcols..][..TILE_ROWS * self.pcols];
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 | Isa::Avx512 => crate::x86::dequant_tile(isa, self, tile, dst),
+                        _ => self.dequant_tile_scalar(tile, dst),
+                    }
+                }
+                let mut out = vec![0f32; n_tokens * nrows];
+                crate::dense::matmul_wt_serial(xp, &w, &mut out, n_tokens, self.pcols, nrows)?;
+                Ok((t0, out))
+            })
+            .collect();
+        for r in results {
+            let (t0, out) = r?;
+            let r0 = t0 * TILE_ROWS;
+            let nrows = out.len() / n_tokens;
+            let take = nrows.min(self.rows - r0);
+            for t in 0..n_tokens {
+                y[t * self.rows + r0..t * self.rows + r0 + take]
+                    .copy_from_slice(&out[t * nrows..t * nrows + take]);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,495 @@
+//! x86-64 AVX2+FMA+F16C and AVX-512 versions of the fused-dequantization kernels.
+//!
+//! Both follow the scalar reference (`PackedLinear::tile_scalar`) exactly in structure: per
+//! segment, accumulate `v(code) * x` in vector registers for 4 rows x `NT` tokens, then fold
+//! `s * acc` into a vector total and `b * sum(x)` into a scalar; one horizontal sum per output
+//! at the end. Only the summation order differs from the scalar path.
+
+#![allow(clippy::too_many_arguments)]
+
+use std::arch::x86_64::*;
+
+use crate::isa::Isa;
+use crate::packed::{PackedLinear, Store, Vals, CHUNK, HDR, TB, TILE_ROWS};
+
+/// Decoder kinds (const-generic selector).
+const K_B4_INT: u8 = 0;
+const K_B4_LUT: u8 = 1;
+const K_B2_INT: u8 = 2;
+const K_B3_INT: u8 = 3;
+const K_B8_INT: u8 = 4;
+const K_B8_E4M3: u8 = 5;
+const K_B8_E5M2: u8 = 6;
+
+fn kind(pk: &PackedLinear) -> u8 {
+    match (pk.store, pk.vals) {
+        (Store::B4, Vals::Int) => K_B4_INT,
+        (Store::B4, _) => K_B4_LUT,
+        (Store::B2, _) => K_B2_INT,
+        (Store::B3, _) => K_B3_INT,
+        (Store::B8, Vals::E4M3) => K_B8_E4M3,
+        (Store::B8, Vals::E5M2) => K_B8_E5M2,
+        (Store::B8, _) => K_B8_INT,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: a chunk of 16 codes decodes into two __m256 of 8 values.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dec2<const K: u8>(p: *const u8, lut_lo: __m256, lut_hi: __m256) -> (__m256, __m256) {
+    match K {
+        K_B4_INT | K_B4_LUT => {
+            // SAFETY: the caller guarantees 8 readable bytes at p (one 4-bit chunk).
+            let q = _mm256_set1_epi64x(unsafe { (p as *const i64).read_unaligned() });
+            let m = _mm256_set1_epi32(15);
+            let lo = _mm256_and_si256(
+                _mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12)),
+                m,
+            );
+            let hi = _mm256_and_si256(
+                _mm256_srlv_epi32(q, _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28)),
+                m,
+            );
+            if K == K_B4_INT {
+                (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
+            } else {
+                let f = |i: __m256i| {
+                    let a = _mm256_permutevar8x32_ps(lut_lo, i);
+                    let b = _mm256_permutevar8x32_ps(lut_hi, i);
+                    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
+                };
+                (f(lo), f(hi))
+            }
+        }
+        K_B2_INT | K_B3_INT => {
+            // SAFETY: the caller guarantees 4 (2-bit) or 6 (3-bit) readable bytes at p.
+            let q = _mm256_set1_epi32(unsafe { (p as *const i32).read_unaligned() });
+            let m = _mm256_set1_epi32(3);
+            let mut lo = _mm256_and_si256(
+                _mm256_srlv_epi32(q, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                m,
+            );
+            let mut hi = _mm256_and_si256(
+                _mm256_srlv_epi32(q, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)),
+                m,
+            );
+            if K == K_B3_INT {
+                // SAFETY: bytes 4..6 of a 3-bit chunk.
+                let h =
+                    _mm256_set1_epi32(unsafe { (p.add(4) as *const u16).read_unaligned() } as i32);
+                let one = _mm256_set1_epi32(1);
+                let hl = _mm256_and_si256(
+                    _mm256_srlv_epi32(h, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                    one,
+                );
+                let hh = _mm256_and_si256(
+                    _mm256_srlv_epi32(h, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)),
+                    one,
+                );
+                lo = _mm256_or_si256(lo, _mm256_slli_epi32(hl, 2));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi32(hh, 2));
+            }
+            (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
+        }
+        K_B8_INT => {
+            // SAFETY: the caller guarantees 16 readable bytes at p.
+            let a = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+            let b = unsafe { _mm_loadl_epi64(p.add(8) as *const __m128i) };
+            (
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+            )
+        }
+        _ => {
+            // SAFETY: the caller guarantees 16 readable bytes at p.
+            let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            let h = if K == K_B8_E4M3 {
+                _mm256_and_si256(
+                    _mm256_slli_epi16(_mm256_cvtepi8_epi16(v), 7),
+                    _mm256_set1_epi16(0xBF80u16 as i16),
+                )
+            } else {
+                _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 8)
+            };
+            (
+                _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+                _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)),
+            )
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// # Safety
+/// AVX2, FMA and F16C must be available; `tile < pk.ntiles`; `xp` holds at least
+/// `(t0 + NT) * pk.pcols` floats; `xs` holds `(t0 + NT) * nseg` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile2<const K: u8, const NT: usize>(
+    pk: &PackedLinear,
+    tile: usize,
+    xp: &[f32],
+    xs: &[f32],
+    t0: usize,
+    out: &mut [[f32; TILE_ROWS]; TB],
+) {
+    let cb = pk.store.chunk_bytes();
+    let nseg = pk.segs.len();
+    let pcols = pk.pcols;
+    debug_assert!(
+        tile < pk.ntiles && xp.len() >= (t0 + NT) * pcols && xs.len() >= (t0 + NT) * nseg
+    );
+    // SAFETY: tile < ntiles, so the tile's tile_bytes bytes lie inside pk.data.
+    let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+    // SAFETY: vtab has 256 entries; the first 16 are the 4-bit table.
+    let (lut_lo, lut_hi) = unsafe {
+        (
+            _mm256_loadu_ps(pk.vtab.as_ptr()),
+            _mm256_loadu_ps(pk.vtab.as_ptr().add(8)),
+        )
+    };
+    let mut vacc = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
+    let mut bias = [[0f32; TILE_ROWS]; NT];
+    for (k, seg) in pk.segs.iter().enumerate() {
+        // SAFETY: segment headers and chunks lie inside the tile (layout built by PackedLinear::new).
+        let h = unsafe { base.add(seg.byte_off) };
+        let mut g = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
+        for j in 0..seg.chunks {
+            let mut xl = [_mm256_setzero_ps(); NT];
+            let mut xh = [_mm256_setzero_ps(); NT];
+            for t in 0..NT {
+                let o = (t0 + t) * pcols + seg.col0 + j * CHUNK;
+                // SAFETY: o + 16 <= (t0 + NT) * pcols <= xp.len() (segments tile 0..pcols).
+                unsafe {
+                    xl[t] = _mm256_loadu_ps(xp.as_ptr().add(o));
+                    xh[t] = _mm256_loadu_ps(xp.as_ptr().add(o + 8));
+                }
+            }
+            for r in 0..TILE_ROWS {
+                // SAFETY: chunk (j, r) of this segment is inside the tile.
+                let (lo, hi) =
+                    unsafe { dec2::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut_lo, lut_hi) };
+                for t in 0..NT {
+                    g[t][r] = _mm256_fmadd_ps(lo, xl[t], g[t][r]);
+                    g[t][r] = _mm256_fmadd_ps(hi, xh[t], g[t][r]);
+                }
+            }
+        }
+        for r in 0..TILE_ROWS {
+            // SAFETY: the 32-byte header is inside the tile.
+            let (s, b) = unsafe {
+                (
+                    (h.add(4 * r) as *const f32).read_unaligned(),
+                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
+                )
+            };
+            let sv = _mm256_set1_ps(s);
+            for t in 0..NT {
+                vacc[t][r] = _mm256_fmadd_ps(g[t][r], sv, vacc[t][r]);
+                bias[t][r] += b * xs[(t0 + t) * nseg + k];
+            }
+        }
+    }
+    for t in 0..NT {
+        for r in 0..TILE_ROWS {
+            out[t][r] = hsum256(vacc[t][r]) + bias[t][r];
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C must be available; `tile < pk.ntiles`; `w.len() >= 4 * pk.pcols`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant2<const K: u8>(pk: &PackedLinear, tile: usize, w: &mut [f32]) {
+    let cb = pk.store.chunk_bytes();
+    assert!(tile < pk.ntiles && w.len() >= TILE_ROWS * pk.pcols);
+    // SAFETY: as in tile2.
+    let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+    // SAFETY: vtab has 256 entries.
+    let (lut_lo, lut_hi) = unsafe {
+        (
+            _mm256_loadu_ps(pk.vtab.as_ptr()),
+            _mm256_loadu_ps(pk.vtab.as_ptr().add(8)),
+        )
+    };
+    for seg in &pk.segs {
+        // SAFETY: inside the tile.
+        let h = unsafe { base.add(seg.byte_off) };
+        for r in 0..TILE_ROWS {
+            // SAFETY: header inside the tile.
+            let (s, b) = unsafe {
+                (
+                    (h.add(4 * r) as *const f32).read_unaligned(),
+                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
+                )
+            };
+            let (sv, bv) = (_mm256_set1_ps(s), _mm256_set1_ps(b));
+            for j in 0..seg.chunks {
+                // SAFETY: chunk inside the tile; destination r*pcols + col0 + j*16 + 16 <= 4*pcols.
+                unsafe {
+                    let (lo, hi) = dec2::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut_lo, lut_hi);
+                    let d = w.as_mut_ptr().add(r * pk.pcols + seg.col0 + j * CHUNK);
+                    _mm256_storeu_ps(d, _mm256_fmadd_ps(lo, sv, bv));
+                    _mm256_storeu_ps(d.add(8), _mm256_fmadd_ps(hi, sv, bv));
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512: a chunk of 16 codes decodes into one __m512.
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn dec5<const K: u8>(p: *const u8, lut: __m512) -> __m512 {
+    match K {
+        K_B4_INT | K_B4_LUT => {
+            // SAFETY: 8 readable bytes at p.
+            let q = _mm512_set1_epi64(unsafe { (p as *const i64).read_unaligned() });
+            let sh = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+            let i = _mm512_and_si512(_mm512_srlv_epi32(q, sh), _mm512_set1_epi32(15));
+            if K == K_B4_INT {
+                _mm512_cvtepi32_ps(i)
+            } else {
+                _mm512_permutexvar_ps(i, lut)
+            }
+        }
+        K_B2_INT | K_B3_INT => {
+            // SAFETY: 4 (or 6) readable bytes at p.
+            let q = _mm512_set1_epi32(unsafe { (p as *const i32).read_unaligned() });
+            let sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let mut i = _mm512_and_si512(_mm512_srlv_epi32(q, sh), _mm512_set1_epi32(3));
+            if K == K_B3_INT {
+                // SAFETY: bytes 4..6 of a 3-bit chunk.
+                let h =
+                    _mm512_set1_epi32(unsafe { (p.add(4) as *const u16).read_unaligned() } as i32);
+                let sh1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let hb = _mm512_and_si512(_mm512_srlv_epi32(h, sh1), _mm512_set1_epi32(1));
+                i = _mm512_or_si512(i, _mm512_slli_epi32(hb, 2));
+            }
+            _mm512_cvtepi32_ps(i)
+        }
+        K_B8_INT => {
+            // SAFETY: 16 readable bytes at p.
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(unsafe {
+                _mm_loadu_si128(p as *const __m128i)
+            }))
+        }
+        _ => {
+            // SAFETY: 16 readable bytes at p.
+            let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            let h = if K == K_B8_E4M3 {
+                _mm256_and_si256(
+                    _mm256_slli_epi16(_mm256_cvtepi8_epi16(v), 7),
+                    _mm256_set1_epi16(0xBF80u16 as i16),
+                )
+            } else {
+                _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 8)
+            };
+            _mm512_cvtph_ps(h)
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL, AVX2, FMA, F16C available; same bounds as [`tile2`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn tile5<const K: u8, const NT: usize>(
+    pk: &PackedLinear,
+    tile: usize,
+    xp: &[f32],
+    xs: &[f32],
+    t0: usize,
+    out: &mut [[f32; TILE_ROWS]; TB],
+) {
+    let cb = pk.store.chunk_bytes();
+    let nseg = pk.segs.len();
+    let pcols = pk.pcols;
+    debug_assert!(
+        tile < pk.ntiles && xp.len() >= (t0 + NT) * pcols && xs.len() >= (t0 + NT) * nseg
+    );
+    // SAFETY: tile < ntiles.
+    let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+    // SAFETY: vtab has 256 entries.
+    let lut = unsafe { _mm512_loadu_ps(pk.vtab.as_ptr()) };
+    let mut vacc = [[_mm512_setzero_ps(); TILE_ROWS]; NT];
+    let mut bias = [[0f32; TILE_ROWS]; NT];
+    for (k, seg) in pk.segs.iter().enumerate() {
+        // SAFETY: inside the tile.
+        let h = unsafe { base.add(seg.byte_off) };
+        let mut g = [[_mm512_setzero_ps(); TILE_ROWS]; NT];
+        for j in 0..seg.chunks {
+            let mut xv = [_mm512_setzero_ps(); NT];
+            for (t, x) in xv.iter_mut().enumerate() {
+                // SAFETY: in bounds as in tile2.
+                *x = unsafe {
+                    _mm512_loadu_ps(xp.as_ptr().add((t0 + t) * pcols + seg.col0 + j * CHUNK))
+                };
+            }
+            for r in 0..TILE_ROWS {
+                // SAFETY: chunk inside the tile.
+                let v = unsafe { dec5::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut) };
+                for t in 0..NT {
+                    g[t][r] = _mm512_fmadd_ps(v, xv[t], g[t][r]);
+                }
+            }
+        }
+        for r in 0..TILE_ROWS {
+            // SAFETY: header inside the tile.
+            let (s, b) = unsafe {
+                (
+                    (h.add(4 * r) as *const f32).read_unaligned(),
+                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
+                )
+            };
+            let sv = _mm512_set1_ps(s);
+            for t in 0..NT {
+                vacc[t][r] = _mm512_fmadd_ps(g[t][r], sv, vacc[t][r]);
+                bias[t][r] += b * xs[(t0 + t) * nseg + k];
+            }
+        }
+    }
+    for t in 0..NT {
+        for r in 0..TILE_ROWS {
+            out[t][r] = _mm512_reduce_add_ps(vacc[t][r]) + bias[t][r];
+        }
+    }
+}
+
+/// # Safety
+/// As [`tile5`]; `w.len() >= 4 * pk.pcols`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn dequant5<const K: u8>(pk: &PackedLinear, tile: usize, w: &mut [f32]) {
+    let cb = pk.store.chunk_bytes();
+    assert!(tile < pk.ntiles && w.len() >= TILE_ROWS * pk.pcols);
+    // SAFETY: tile < ntiles.
+    let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+    // SAFETY: vtab has 256 entries.
+    let lut = unsafe { _mm512_loadu_ps(pk.vtab.as_ptr()) };
+    for seg in &pk.segs {
+        // SAFETY: inside the tile.
+        let h = unsafe { base.add(seg.byte_off) };
+        for r in 0..TILE_ROWS {
+            // SAFETY: header inside the tile.
+            let (s, b) = unsafe {
+                (
+                    (h.add(4 * r) as *const f32).read_unaligned(),
+                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
+                )
+            };
+            let (sv, bv) = (_mm512_set1_ps(s), _mm512_set1_ps(b));
+            for j in 0..seg.chunks {
+                // SAFETY: chunk inside the tile; destination inside w (checked above).
+                unsafe {
+                    let v = dec5::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut);
+                    let d = w.as_mut_ptr().add(r * pk.pcols + seg.col0 + j * CHUNK);
+                    _mm512_storeu_ps(d, _mm512_fmadd_ps(v, sv, bv));
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch.
+
+macro_rules! by_kind {
+    ($k:expr, $f:ident, $($args:tt)*) => {
+        match $k {
+            K_B4_INT => $f::<K_B4_INT>($($args)*),
+            K_B4_LUT => $f::<K_B4_LUT>($($args)*),
+            K_B2_INT => $f::<K_B2_INT>($($args)*),
+            K_B3_INT => $f::<K_B3_INT>($($args)*),
+            K_B8_INT => $f::<K_B8_INT>($($args)*),
+            K_B8_E4M3 => $f::<K_B8_E4M3>($($args)*),
+            _ => $f::<K_B8_E5M2>($($args)*),
+        }
+    };
+}
+
+macro_rules! by_kind_nt {
+    ($k:expr, $nt:expr, $f:ident, $($args:tt)*) => {
+        match ($k, $nt) {
+            (K_B4_INT, 1) => $f::<K_B4_INT, 1>($($args)*),
+            (K_B4_INT, 2) => $f::<K_B4_INT, 2>($($args)*),
+            (K_B4_INT, 3) => $f::<K_B4_INT, 3>($($args)*),
+            (K_B4_INT, _) => $f::<K_B4_INT, 4>($($args)*),
+            (K_B4_LUT, 1) => $f::<K_B4_LUT, 1>($($args)*),
+            (K_B4_LUT, 2) => $f::<K_B4_LUT, 2>($($args)*),
+            (K_B4_LUT, 3) => $f::<K_B4_LUT, 3>($($args)*),
+            (K_B4_LUT, _) => $f::<K_B4_LUT, 4>($($args)*),
+            (K_B2_INT, 1) => $f::<K_B2_INT, 1>($($args)*),
+            (K_B2_INT, 2) => $f::<K_B2_INT, 2>($($args)*),
+            (K_B2_INT, 3) => $f::<K_B2_INT, 3>($($args)*),
+            (K_B2_INT, _) => $f::<K_B2_INT, 4>($($args)*),
+            (K_B3_INT, 1) => $f::<K_B3_INT, 1>($($args)*),
+            (K_B3_INT, 2) => $f::<K_B3_INT, 2>($($args)*),
+            (K_B3_INT, 3) => $f::<K_B3_INT, 3>($($args)*),
+            (K_B3_INT, _) => $f::<K_B3_INT, 4>($($args)*),
+            (K_B8_INT, 1) => $f::<K_B8_INT, 1>($($args)*),
+            (K_B8_INT, 2) => $f::<K_B8_INT, 2>($($args)*),
+            (K_B8_INT, 3) => $f::<K_B8_INT, 3>($($args)*),
+            (K_B8_INT, _) => $f::<K_B8_INT, 4>($($args)*),
+            (K_B8_E4M3, 1) => $f::<K_B8_E4M3, 1>($($args)*),
+            (K_B8_E4M3, 2) => $f::<K_B8_E4M3, 2>($($args)*),
+            (K_B8_E4M3, 3) => $f::<K_B8_E4M3, 3>($($args)*),
+            (K_B8_E4M3, _) => $f::<K_B8_E4M3, 4>($($args)*),
+            (_, 1) => $f::<K_B8_E5M2, 1>($($args)*),
+            (_, 2) => $f::<K_B8_E5M2, 2>($($args)*),
+            (_, 3) => $f::<K_B8_E5M2, 3>($($args)*),
+            (_, _) => $f::<K_B8_E5M2, 4>($($args)*),
+        }
+    };
+}
+
+/// Run one row tile on a SIMD path. `isa` must be supported (the caller clamps it).
+pub(crate) fn run_tile(
+    isa: Isa,
+    pk: &PackedLinear,
+    tile: usize,
+    xp: &[f32],
+    xs: &[f32],
+    t0: usize,
+    tb: usize,
+    out: &mut [[f32; TILE_ROWS]; TB],
+) {
+    let nseg = pk.segs.len();
+    assert!(
+        isa.supported()
+            && tile < pk.ntiles
+            && (1..=TB).contains(&tb)
+            && xp.len() >= (t0 + tb) * pk.pcols
+            && xs.len() >= (t0 + tb) * nseg
+    );
+    let k = kind(pk);
+    match isa {
+        // SAFETY: the CPU supports AVX-512 (checked by isa.supported()), bounds asserted above.
+        Isa::Avx512 => unsafe { by_kind_nt!(k, tb, tile5, pk, tile, xp, xs, t0, out) },
+        // SAFETY: the CPU supports AVX2+FMA+F16C, bounds asserted above.
+        Isa::Avx2 => unsafe { by_kind_nt!(k, tb, tile2, pk, tile, xp, xs, t0, out) },
+        Isa::Scalar => pk.tile_scalar(tile, xp, xs, t0, tb, out),
+    }
+}
+
+/// Dequantize one row tile into `w[4][pcols]` on a SIMD path.
+pub(crate) fn dequant_tile(isa: Isa, pk: &PackedLinear, tile: usize, w: &mut [f32]) {
+    assert!(isa.supported());
+    let k = kind(pk);
+    match isa {
+        // SAFETY: AVX-512 supported (asserted); dequant5 checks its own bounds.
+        Isa::Avx512 => unsafe { by_kind!(k, dequant5, pk, tile, w) },
+        // SAFETY: AVX2+FMA+F16C supported (asserted); dequant2 checks its own bounds.
+        Isa::Avx2 => unsafe { by_kind!(k, dequant2, pk, tile, w) },
+        Isa::Scalar => pk.dequant_tile_scalar(tile, w),
+    }
+}
