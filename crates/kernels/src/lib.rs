@@ -11,9 +11,11 @@ pub mod dense;
 mod error;
 pub mod isa;
 pub mod packed;
+pub mod w8a8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use error::{Error, Result};
 pub use isa::Isa;
 pub use packed::PackedLinear;
+pub use w8a8::{quantize_activations_int8_per_token, W8A8Linear};

@@ -437,3 +437,39 @@ fn zero_tokens_is_a_no_op() {
     let pk = PackedLinear::new(&q).unwrap();
     pk.forward(&[], 0, &mut []).unwrap();
 }
+
+/// The tolerance is tight enough to see one wrong code: flip a code in the tensor after
+/// packing and the kernel output must disagree with the new reference beyond the bound.
+#[test]
+fn tolerance_detects_a_single_wrong_code() {
+    let mut rng = Rng(8);
+    let q = random_tensor(
+        scheme(int(4), Granularity::PerGroup(128), false, false),
+        4,
+        576,
+        false,
+        &mut rng,
+    );
+    let pk = PackedLinear::new(&q).unwrap();
+    let mut q2 = q.clone();
+    q2.data[1 * q.row_bytes() + 100] ^= 0x04; // row 1, column 200, code +-4
+    let (w, mag) = dequant(&q2);
+    let x: Vec<f32> = (0..q.cols)
+        .map(|c| if c == 200 { 1.0 } else { rng.f() })
+        .collect();
+    let u = f32::EPSILON as f64 / 2.0;
+    for isa in Isa::all_supported() {
+        let mut y = vec![0f32; q.rows];
+        pk.forward_with(isa, &x, 1, &mut y).unwrap();
+        let (mut exact, mut m) = (0f64, 0f64);
+        for c in 0..q.cols {
+            exact += x[c] as f64 * w[q.cols + c];
+            m += (x[c] as f64).abs() * mag[q.cols + c];
+        }
+        let tol = 2.0 * (q.cols + 5 + 4) as f64 * u * m;
+        assert!(
+            (y[1] as f64 - exact).abs() > tol,
+            "{isa:?}: wrong code not detected"
+        );
+    }
+}
