@@ -86,6 +86,12 @@ pub enum Error {
     /// A numerics codec error (dequantization).
     #[error("numerics: {0}")]
     Numerics(#[from] lowbit_numerics::Error),
+    /// A calibration algorithm failed on a layer (GPTQ, AWQ, ...).
+    #[error("calibration: {0}")]
+    Calibration(#[from] lowbit_calibration::Error),
+    /// The quantization pipeline was given unusable input (calibration text, recipe, targets).
+    #[error("quantize: {0}")]
+    Quantize(String),
 }
 
 /// Result alias for this crate.

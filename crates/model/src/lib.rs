@@ -15,6 +15,7 @@ pub mod rope;
 pub mod weights;
 pub mod gguf;
 pub mod ct;
+pub mod quantize;
 
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{Error, Result};

@@ -1,0 +1,258 @@
+//! The layer-by-layer pipeline on a tiny random model: RTN, GPTQ and SmoothQuant W8A8, the
+//! checkpoint round trip (write -> load -> identical logits), recipes and bad input.
+
+use lowbit_model::config::{Arch, ModelConfig, RopeScaling};
+use lowbit_model::ct::{self, WriteOptions};
+use lowbit_model::quantize::{
+    load_ct_model, model_to_checkpoint, quantize_model, sample_windows, CalibConfig, Method,
+    ModelToCheckpoint, PipelineOptions, Recipe,
+};
+use lowbit_model::weights::random_model;
+use lowbit_model::{Logits, Model};
+
+fn cfg() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 97,
+        hidden_size: 64,
+        intermediate_size: 96,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        rms_eps: 1e-5,
+        max_ctx: 128,
+        tie_embeddings: true,
+        qkv_bias: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    }
+}
+
+fn model() -> Model {
+    random_model(cfg(), 42).unwrap()
+}
+
+fn windows() -> Vec<Vec<u32>> {
+    // A deterministic "text": a repetitive token stream.
+    let toks: Vec<u32> = (0..4000u32).map(|i| (i * 7 + i / 13) % 97).collect();
+    sample_windows(
+        &toks,
+        &CalibConfig {
+            samples: 6,
+            seqlen: 24,
+            seed: 3,
+        },
+    )
+    .unwrap()
+}
+
+fn logits(m: &Model, toks: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache("f32").unwrap();
+    m.forward(toks, cache.as_mut(), Logits::All).unwrap()
+}
+
+fn mean_err(r: &lowbit_model::quantize::PipelineReport) -> f64 {
+    let e: Vec<f64> = r
+        .layers
+        .iter()
+        .flat_map(|l| l.modules.iter().filter_map(|m| m.rel_error))
+        .collect();
+    assert!(!e.is_empty());
+    e.iter().sum::<f64>() / e.len() as f64
+}
+
+#[test]
+fn rtn_and_gptq_quantize_every_linear_and_gptq_is_better() {
+    let w = windows();
+    let mut a = model();
+    let ra = quantize_model(
+        &mut a,
+        &w,
+        &PipelineOptions::new(Method::Rtn, Recipe::new("int3-g32-sym")),
+        &mut |_| {},
+    )
+    .unwrap();
+    let mut b = model();
+    let rb = quantize_model(
+        &mut b,
+        &w,
+        &PipelineOptions::new(Method::Gptq, Recipe::new("int3-g32-sym")),
+        &mut |_| {},
+    )
+    .unwrap();
+    for m in [&a, &b] {
+        for n in m.linear_names() {
+            assert!(m.linear(&n).unwrap().is_quantized(), "{n}");
+        }
+    }
+    assert_eq!(ra.layers.len(), 2);
+    assert_eq!(ra.layers[0].modules.len(), 7);
+    let (ea, eb) = (mean_err(&ra), mean_err(&rb));
+    assert!(ea > 0.0 && eb > 0.0);
+    assert!(
+        eb < ea,
+        "GPTQ mean relative error {eb} should beat RTN {ea}"
+    );
+    // And the final logits on calibration text are closer to the original model's.
+    let orig = model();
+    let toks: Vec<u32> = w[0].clone();
+    let lo = logits(&orig, &toks);
+    let d = |x: &[f32]| {
+        x.iter()
+            .zip(&lo)
+            .map(|(p, q)| ((p - q) as f64).powi(2))
+            .sum::<f64>()
+    };
+    assert!(d(&logits(&b, &toks)) < d(&logits(&a, &toks)));
+}
+
+#[test]
+fn checkpoint_round_trip_gives_identical_logits() {
+    let w = windows();
+    for (method, scheme) in [
+        (Method::Gptq, "int4-g32-asym"),
+        (Method::Rtn, "nvfp4"),
+        (Method::Rtn, "mxfp4"),
+        (Method::Rtn, "fp8-pc"),
+        (Method::SmoothQuant, "w8a8-int8"),
+        (Method::Rtn, "nf4-g64"),
+    ] {
+        let mut m = model();
+        let opts = PipelineOptions::new(method, Recipe::new(scheme));
+        quantize_model(&mut m, &w, &opts, &mut |_| {}).unwrap();
+        let act = lowbit_model::quantize::parse_scheme(scheme).unwrap().1;
+        let ck = model_to_checkpoint(
+            &m,
+            &ModelToCheckpoint {
+                input_activations: act,
+                extra_files: vec![],
+            },
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("lowbit-qp-{}-{scheme}", std::process::id()));
+        ct::write_checkpoint(&dir, &ck, &WriteOptions::default()).unwrap();
+        let back = load_ct_model(&dir).unwrap();
+        for n in m.linear_names() {
+            assert_eq!(
+                back.linear(&n).unwrap().quantized(),
+                m.linear(&n).unwrap().quantized(),
+                "{scheme} {n}"
+            );
+            assert_eq!(back.linear(&n).unwrap().act_quant.is_some(), act.is_some());
+        }
+        let toks: Vec<u32> = (0..17).map(|i| (i * 11) % 97).collect();
+        assert_eq!(logits(&back, &toks), logits(&m, &toks), "{scheme}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn smoothquant_w8a8_stays_close() {
+    let w = windows();
+    let mut m = model();
+    quantize_model(
+        &mut m,
+        &w,
+        &PipelineOptions::new(Method::SmoothQuant, Recipe::new("w8a8-int8")),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(m
+        .linear("model.layers.0.self_attn.q_proj")
+        .unwrap()
+        .act_quant
+        .is_some());
+    let orig = model();
+    let toks: Vec<u32> = (0..20).map(|i| (i * 5) % 97).collect();
+    let (a, b) = (logits(&orig, &toks), logits(&m, &toks));
+    let num: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    assert!(
+        (num / den).sqrt() < 0.05,
+        "relative logit error {}",
+        (num / den).sqrt()
+    );
+}
+
+#[test]
+fn recipe_overrides_and_skips() {
+    let w = windows();
+    let mut m = model();
+    let r = Recipe::from_json(
+        r#"{"overrides":[{"layers":[-1],"scheme":"int8-pc"},{"modules":"*.k_proj","skip":true}]}"#,
+        "int4-g32-sym",
+    )
+    .unwrap();
+    let rep = quantize_model(
+        &mut m,
+        &w,
+        &PipelineOptions::new(Method::Rtn, r),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!m
+        .linear("model.layers.0.self_attn.k_proj")
+        .unwrap()
+        .is_quantized());
+    let q = m
+        .linear("model.layers.1.mlp.up_proj")
+        .unwrap()
+        .quantized()
+        .unwrap();
+    assert_eq!(q.scheme.elem.bits(), 8);
+    let q = m
+        .linear("model.layers.0.mlp.up_proj")
+        .unwrap()
+        .quantized()
+        .unwrap();
+    assert_eq!(q.scheme.elem.bits(), 4);
+    assert_eq!(rep.layers[0].modules.len(), 6);
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let mut m = model();
+    // GPTQ without calibration data.
+    assert!(quantize_model(
+        &mut m,
+        &[],
+        &PipelineOptions::new(Method::Gptq, Recipe::new("int4-g32-sym")),
+        &mut |_| {}
+    )
+    .is_err());
+    // Unknown scheme.
+    assert!(quantize_model(
+        &mut m,
+        &windows(),
+        &PipelineOptions::new(Method::Rtn, Recipe::new("int4-g0-sym")),
+        &mut |_| {}
+    )
+    .is_err());
+    // A 2-D block that is fine, and a scheme whose block does not fit is reported per module.
+    let toks: Vec<u32> = vec![1, 2, 3];
+    assert!(sample_windows(
+        &toks,
+        &CalibConfig {
+            samples: 2,
+            seqlen: 2,
+            seed: 0
+        }
+    )
+    .is_err());
+    // Token ids out of range.
+    let bad = vec![vec![1000u32; 8]];
+    assert!(quantize_model(
+        &mut m,
+        &bad,
+        &PipelineOptions::new(Method::Gptq, Recipe::new("int4-g32-sym")),
+        &mut |_| {}
+    )
+    .is_err());
+}
