@@ -10,6 +10,7 @@ pub mod codes;
 pub mod dense;
 mod error;
 pub mod isa;
+pub mod membw;
 pub mod packed;
 pub mod w8a8;
 #[cfg(target_arch = "x86_64")]
