@@ -132,6 +132,17 @@ impl HessianAccumulator {
         Ok(h)
     }
 
+    /// Rescale to the statistics of `X diag(s)⁻¹`: `sum_ij /= s_i s_j` (lengths and positivity
+    /// of `s` are the caller's responsibility; see [`crate::stats::InputStats::divide_channels`]).
+    pub(crate) fn divide_channels(&mut self, s: &[f32]) {
+        let c = self.cols;
+        for i in 0..c {
+            for j in 0..c {
+                self.sum[i * c + j] /= s[i] as f64 * s[j] as f64;
+            }
+        }
+    }
+
     /// Diagonal of `H` (the mean squared activation per input channel, times 2).
     pub fn diag(&self) -> Vec<f64> {
         let f = if self.n == 0 {

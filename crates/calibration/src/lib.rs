@@ -19,6 +19,7 @@ pub mod grid;
 pub mod hessian;
 pub mod hqq;
 pub mod linalg;
+pub mod method;
 pub mod rtn;
 pub mod sensitivity;
 pub mod smoothquant;
@@ -30,6 +31,7 @@ pub use gptq::{gptq, gptq_prepared, prepare_hessian, ActOrder, GptqConfig, GptqR
 pub use grid::{BlockParams, Clipping, Grid};
 pub use hessian::HessianAccumulator;
 pub use hqq::{hqq, HqqConfig, HqqResult};
+pub use method::{quantize_group, quantize_linear, GroupResult, Method, QuantizedLinear};
 pub use rtn::{rtn, rtn_dequantized, RtnConfig};
 pub use sensitivity::{relative_output_error, relative_output_error_from_hessian};
 pub use smoothquant::{fake_quant_activations_per_token, smoothquant_scales, ActQuant, SqConfig};

@@ -72,6 +72,27 @@ impl InputStats {
         Ok(())
     }
 
+    /// Turn these into the statistics of the inputs `X diag(s)⁻¹` (after the producer of the
+    /// input was divided by `s`, as AWQ/SmoothQuant folding does).
+    pub fn divide_channels(&mut self, s: &[f32]) -> Result<()> {
+        let c = self.cols();
+        if s.len() != c {
+            return Err(Error::Shape(format!("{} scales for {c} channels", s.len())));
+        }
+        if let Some(i) = s.iter().position(|&v| !(v.is_finite() && v > 0.0)) {
+            return Err(Error::Invalid(format!(
+                "scale {i} = {} is not finite and positive",
+                s[i]
+            )));
+        }
+        self.hessian.divide_channels(s);
+        for ((a, m), &f) in self.abs_sum.iter_mut().zip(self.abs_max.iter_mut()).zip(s) {
+            *a /= f as f64;
+            *m /= f;
+        }
+        Ok(())
+    }
+
     /// Mean `|x_j|` per channel. Errors when no rows were added.
     pub fn abs_mean(&self) -> Result<Vec<f32>> {
         let n = self.n_samples();

@@ -36,3 +36,27 @@ fn smollm2_layer_shapes() {
         );
     }
 }
+
+#[test]
+#[ignore]
+fn gemm_shapes() {
+    let mut rng = Rng::new(10);
+    for &(c, m) in &[(1536usize, 2048usize), (576, 2048)] {
+        let xt: Vec<f32> = (0..c * m).map(|_| rng.normal()).collect();
+        for round in 0..2 {
+            let mut y = vec![0f32; c * c];
+            let t = Instant::now();
+            lowbit_kernels::dense::matmul_wt(&xt, &xt, &mut y, c, m, c).unwrap();
+            let full = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut h = HessianAccumulator::new(c);
+            let x: Vec<f32> = vec![0.5; c * m];
+            h.add_rows(&x, m).unwrap();
+            let acc = t.elapsed().as_secs_f64();
+            eprintln!(
+                "c={c} m={m} round {round}: full gemm {full:.3}s ({:.1} GFLOPS), accumulator {acc:.3}s",
+                2.0 * (c * c * m) as f64 / full / 1e9
+            );
+        }
+    }
+}
