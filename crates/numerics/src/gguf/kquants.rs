@@ -7,11 +7,11 @@
 //!
 //! Callers have checked sizes and finiteness.
 
-use super::{f16_bits, f16_le, f16_round, nearest_int};
+use super::{f16_bits, f16_le, f16_round, lanes, nearest_int};
 
 const QK_K: usize = 256;
 /// ggml's `GROUP_MAX_EPS`: sub-blocks whose |max| is below this count as all-zero.
-const GROUP_MAX_EPS: f32 = 1e-15;
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// Unpack sub-block `j`'s 6-bit scale and min from the 12-byte `scales` field
 /// (`get_scale_min_k4`).
@@ -46,7 +46,7 @@ fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
 /// ggml's `make_qkx2_quants`: asymmetric (scale, min) search for one sub-block with weights,
 /// trying `nstep + 1` candidate inverse scales around `nmax / (max - min)`. Writes codes in
 /// `0..=nmax` to `l`, returns `(scale, -min)`.
-#[allow(clippy::too_many_arguments)]
+#[cfg(test)]
 fn make_qkx2_quants(
     nmax: i32,
     x: &[f32; 32],
@@ -124,38 +124,83 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
-/// Shared body of the Q4_K / Q5_K quantizers: returns (d, dmin, scales[12], codes L[256]).
-fn quant_k_asym(
+/// Per-sub-block weights `av_x + |x|` of the Q4_K/Q5_K search (`av_x` = RMS of the sub-block).
+fn k_weights(xs: &[f32; 32]) -> [f32; 32] {
+    let mut sum_x2 = 0.0f32;
+    for &v in xs {
+        sum_x2 += v * v;
+    }
+    let av_x = (sum_x2 / 32.0).sqrt();
+    let mut w = [0.0f32; 32];
+    for (wi, &v) in w.iter_mut().zip(xs) {
+        *wi = av_x + v.abs();
+    }
+    w
+}
+
+/// Scalar reference of the Q4_K/Q5_K sub-block search: (scales, mins, codes).
+#[cfg(test)]
+fn search_k_asym_ref(
     x: &[f32; QK_K],
     nmax: i32,
     rmin: f32,
     nstep: i32,
-) -> (u16, u16, [u8; 12], [u8; QK_K]) {
+) -> ([f32; 8], [f32; 8], [u8; QK_K]) {
     let mut l = [0u8; QK_K];
     let mut scales = [0.0f32; 8];
     let mut mins = [0.0f32; 8];
+    for j in 0..8 {
+        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
+        let w = k_weights(xs);
+        let lj: &mut [u8; 32] = (&mut l[32 * j..32 * j + 32]).try_into().expect("32");
+        (scales[j], mins[j]) = make_qkx2_quants(nmax, xs, &w, lj, rmin, 0.1, nstep);
+    }
+    (scales, mins, l)
+}
+
+/// The same search, eight sub-blocks side by side ([`lanes::qkx2_search`]).
+fn search_k_asym(
+    x: &[f32; QK_K],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> ([f32; 8], [f32; 8], [u8; QK_K]) {
+    let mut xt = [[0.0f32; 8]; 32];
+    let mut wt = [[0.0f32; 8]; 32];
+    for j in 0..8 {
+        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
+        let w = k_weights(xs);
+        for i in 0..32 {
+            xt[i][j] = xs[i];
+            wt[i][j] = w[i];
+        }
+    }
+    let mut lt = [[0.0f32; 8]; 32];
+    let (scales, mins) = lanes::qkx2_search(nmax as f32, &xt, &wt, &mut lt, rmin, 0.1, nstep);
+    let mut l = [0u8; QK_K];
+    for j in 0..8 {
+        for i in 0..32 {
+            l[32 * j + i] = lt[i][j] as u8;
+        }
+    }
+    (scales, mins, l)
+}
+
+/// Shared body of the Q4_K / Q5_K quantizers: returns (d, dmin, scales[12], codes L[256]).
+fn quant_k_asym(
+    x: &[f32; QK_K],
+    nmax: i32,
+    searched: ([f32; 8], [f32; 8], [u8; QK_K]),
+) -> (u16, u16, [u8; 12], [u8; QK_K]) {
+    let (scales, mins, mut l) = searched;
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..8 {
-        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
-        let mut sum_x2 = 0.0f32;
-        for &v in xs {
-            sum_x2 += v * v;
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        let mut w = [0.0f32; 32];
-        for (wi, &v) in w.iter_mut().zip(xs) {
-            *wi = av_x + v.abs();
-        }
-        let lj: &mut [u8; 32] = (&mut l[32 * j..32 * j + 32]).try_into().expect("32");
-        let (s, m) = make_qkx2_quants(nmax, xs, &w, lj, rmin, 0.1, nstep);
-        scales[j] = s;
-        mins[j] = m;
-        if s > max_scale {
-            max_scale = s;
-        }
-        if m > max_min {
-            max_min = m;
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
     let inv_scale = if max_scale > 0.0 {
@@ -223,7 +268,7 @@ pub(super) fn dequant_q4_k(bytes: &[u8], out: &mut [f32]) {
 pub(super) fn quant_q4_k(x: &[f32], out: &mut [u8]) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
         let xb: &[f32; QK_K] = xb.try_into().expect("256");
-        let (d, dmin, scales, l) = quant_k_asym(xb, 15, -1.0, 20);
+        let (d, dmin, scales, l) = quant_k_asym(xb, 15, search_k_asym(xb, 15, -1.0, 20));
         b[0..2].copy_from_slice(&d.to_le_bytes());
         b[2..4].copy_from_slice(&dmin.to_le_bytes());
         b[4..16].copy_from_slice(&scales);
@@ -266,7 +311,7 @@ pub(super) fn dequant_q5_k(bytes: &[u8], out: &mut [f32]) {
 pub(super) fn quant_q5_k(x: &[f32], out: &mut [u8]) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(176)) {
         let xb: &[f32; QK_K] = xb.try_into().expect("256");
-        let (d, dmin, scales, l) = quant_k_asym(xb, 31, -0.5, 15);
+        let (d, dmin, scales, l) = quant_k_asym(xb, 31, search_k_asym(xb, 31, -0.5, 15));
         b[0..2].copy_from_slice(&d.to_le_bytes());
         b[2..4].copy_from_slice(&dmin.to_le_bytes());
         b[4..16].copy_from_slice(&scales);
@@ -286,6 +331,7 @@ pub(super) fn quant_q5_k(x: &[f32], out: &mut [u8]) {
 /// ggml's `make_qx_quants` with `rmse_type = 1` (weights x²) and no importance matrix:
 /// symmetric scale search for one 16-element group; codes `0..2·nmax` are written to `l`
 /// (offset by `nmax`), the scale is returned.
+#[cfg(test)]
 fn make_qx_quants(nmax: i32, x: &[f32; 16], l: &mut [u8; 16]) -> f32 {
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
@@ -366,17 +412,48 @@ pub(super) fn dequant_q6_k(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Scalar reference of the Q6_K group search: (scales, codes).
+#[cfg(test)]
+fn search_q6_ref(xb: &[f32]) -> ([f32; 16], [u8; QK_K]) {
+    let mut l = [0u8; QK_K];
+    let mut scales = [0.0f32; 16];
+    for ib in 0..16 {
+        let xs: &[f32; 16] = xb[16 * ib..16 * ib + 16].try_into().expect("16");
+        let lb: &mut [u8; 16] = (&mut l[16 * ib..16 * ib + 16]).try_into().expect("16");
+        scales[ib] = make_qx_quants(32, xs, lb);
+    }
+    (scales, l)
+}
+
+/// The same search with the sixteen groups side by side ([`lanes::qx_search`]).
+fn search_q6(xb: &[f32]) -> ([f32; 16], [u8; QK_K]) {
+    let mut xt = [[0.0f32; 16]; 16];
+    for j in 0..16 {
+        for i in 0..16 {
+            xt[i][j] = xb[16 * j + i];
+        }
+    }
+    let mut lt = [[0.0f32; 16]; 16];
+    let scales = lanes::qx_search(32.0, &xt, &mut lt);
+    let mut l = [0u8; QK_K];
+    for j in 0..16 {
+        for i in 0..16 {
+            l[16 * j + i] = lt[i][j] as u8;
+        }
+    }
+    (scales, l)
+}
+
 pub(super) fn quant_q6_k(x: &[f32], out: &mut [u8]) {
+    quant_q6_k_with(x, out, search_q6)
+}
+
+fn quant_q6_k_with(x: &[f32], out: &mut [u8], search: fn(&[f32]) -> ([f32; 16], [u8; QK_K])) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
-        let mut l = [0u8; QK_K];
-        let mut scales = [0.0f32; 16];
+        let (scales, mut l) = search(xb);
         let mut max_scale = 0.0f32;
         let mut max_abs_scale = 0.0f32;
-        for ib in 0..16 {
-            let xs: &[f32; 16] = xb[16 * ib..16 * ib + 16].try_into().expect("16");
-            let lb: &mut [u8; 16] = (&mut l[16 * ib..16 * ib + 16]).try_into().expect("16");
-            let s = make_qx_quants(32, xs, lb);
-            scales[ib] = s;
+        for &s in &scales {
             if s.abs() > max_abs_scale {
                 max_abs_scale = s.abs();
                 max_scale = s;
@@ -497,6 +574,63 @@ mod tests {
                     assert_eq!(a.to_bits(), w.to_bits(), "seed {seed} elem {i}");
                 }
             }
+        }
+    }
+
+    /// Sub-blocks of many kinds: Gaussian-like, offset, constant, zero, one spike, tiny.
+    fn search_inputs() -> Vec<[f32; QK_K]> {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut unit = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut out = Vec::new();
+        for case in 0..40 {
+            let mut x = [0.0f32; QK_K];
+            for (i, v) in x.iter_mut().enumerate() {
+                let sub = i / 32;
+                let g = unit() + unit() + unit();
+                *v = match (case + sub) % 7 {
+                    0 => g,
+                    1 => 2.0 + g.abs(),
+                    2 => 0.75,
+                    3 => 0.0,
+                    4 => {
+                        if i % 32 == 5 {
+                            9.0
+                        } else {
+                            g * 1e-3
+                        }
+                    }
+                    5 => g * 1e-20,
+                    _ => -3.0 - g.abs() * 100.0,
+                } * (1.0 + case as f32);
+            }
+            out.push(x);
+        }
+        out
+    }
+
+    #[test]
+    fn lane_parallel_searches_match_scalar_reference() {
+        for x in search_inputs() {
+            for (nmax, rmin, nstep) in [(15, -1.0, 20), (31, -0.5, 15)] {
+                let fast = search_k_asym(&x, nmax, rmin, nstep);
+                let slow = search_k_asym_ref(&x, nmax, rmin, nstep);
+                assert_eq!(fast.0.map(f32::to_bits), slow.0.map(f32::to_bits));
+                assert_eq!(fast.1.map(f32::to_bits), slow.1.map(f32::to_bits));
+                assert_eq!(fast.2, slow.2);
+            }
+            let (fs, fl) = search_q6(&x);
+            let (ss, sl) = search_q6_ref(&x);
+            assert_eq!(fs.map(f32::to_bits), ss.map(f32::to_bits));
+            assert_eq!(fl, sl);
+            let (mut a, mut b) = (vec![0u8; 210], vec![0u8; 210]);
+            quant_q6_k_with(&x, &mut a, search_q6);
+            quant_q6_k_with(&x, &mut b, search_q6_ref);
+            assert_eq!(a, b);
         }
     }
 

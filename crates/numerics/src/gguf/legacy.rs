@@ -69,6 +69,15 @@ fn min_max(x: &[f32; QK]) -> (f32, f32) {
     (min, max)
 }
 
+/// C `roundf` (round half away from zero) for |v| < 2^23, the range Q8_0 codes live in,
+/// without the libm call: `v - trunc(v)` is exact there. Saturates like `as` outside it.
+#[inline(always)]
+fn round_half_away(v: f32) -> i32 {
+    let t = v as i32;
+    let frac = v - t as f32;
+    t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
+}
+
 /// Q4_0: `d`, `qs[16]`; element j in the low nibble of qs[j], j+16 in the high nibble.
 pub(super) fn dequant_q4_0(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in blocks::<18>(bytes, out) {
@@ -224,9 +233,9 @@ pub(super) fn quant_q8_0(x: &[f32], out: &mut [u8]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         b[0..2].copy_from_slice(&f16_bits(d));
+        let q: &mut [u8; 32] = (&mut b[2..34]).try_into().expect("32 bytes");
         for j in 0..32 {
-            // roundf: half away from zero.
-            b[2 + j] = ((v[j] * id).round() as i8) as u8;
+            q[j] = round_half_away(v[j] * id) as i8 as u8;
         }
     }
 }
@@ -266,6 +275,33 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn round_half_away_matches_roundf() {
+        let mut v = -130.0f32;
+        while v <= 130.0 {
+            for x in [
+                v,
+                f32::from_bits(v.to_bits() + 1),
+                f32::from_bits(v.to_bits().wrapping_sub(1)),
+            ] {
+                assert_eq!(round_half_away(x), x.round() as i32, "{x}");
+            }
+            v += 0.25;
+        }
+        for x in [
+            0.49999997f32,
+            -0.49999997,
+            0.5,
+            -0.5,
+            1e-30,
+            -0.0,
+            126.5,
+            -127.5,
+        ] {
+            assert_eq!(round_half_away(x), x.round() as i32, "{x}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@
 
 mod fp4;
 mod kquants;
+mod lanes;
 mod legacy;
 
 use crate::error::{Error, Result};
