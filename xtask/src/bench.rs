@@ -1,17 +1,15 @@
 //! `cargo xtask bench ...`: throughput measurements, always against a baseline in the same run.
 //! Each benchmark lives in its own module under `bench/`.
 
+mod convert;
+
 use anyhow::{bail, Result};
 
 /// The benchmark to run.
 #[derive(clap::Subcommand)]
 pub enum BenchCmd {
     /// Quantize/dequantize throughput of each format vs a plain copy of the same buffer.
-    Convert {
-        /// One JSON object per line instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Convert(convert::Args),
     /// Quantized GEMV/GEMM weight bandwidth vs measured read bandwidth and vs f32.
     Gemv {
         /// One JSON object per line instead of a table.
@@ -29,7 +27,7 @@ pub enum BenchCmd {
 /// Dispatch a benchmark.
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Convert { .. } => bail!("bench convert: not implemented yet"),
+        BenchCmd::Convert(a) => convert::run(a),
         BenchCmd::Gemv { .. } => bail!("bench gemv: not implemented yet"),
         BenchCmd::Model { .. } => bail!("bench model: not implemented yet"),
     }
