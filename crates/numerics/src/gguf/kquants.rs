@@ -448,7 +448,10 @@ pub(super) fn quant_q6_k(x: &[f32], out: &mut [u8]) {
     quant_q6_k_with(x, out, search_q6)
 }
 
-fn quant_q6_k_with(x: &[f32], out: &mut [u8], search: fn(&[f32]) -> ([f32; 16], [u8; QK_K])) {
+/// A Q6_K group search: (16 group scales, 256 codes offset by 32).
+type Q6Search = fn(&[f32]) -> ([f32; 16], [u8; QK_K]);
+
+fn quant_q6_k_with(x: &[f32], out: &mut [u8], search: Q6Search) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
         let (scales, mut l) = search(xb);
         let mut max_scale = 0.0f32;
