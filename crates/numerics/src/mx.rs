@@ -41,6 +41,8 @@ pub enum MxScaleRule {
     Ceil,
     /// compressed-tensors / vLLM: `amax` rounded up to the next power of two when its significand
     /// is `>= 1.75` (adds `1 << 21` to its bits and masks the mantissa), then `floor(log2) - emax_elem`.
+    /// With this rule E2M1 elements also follow compressed-tensors' sign rule: a `-0.0` input
+    /// stores `+0` (a negative value that rounds to zero still stores `-0`).
     RoundUp175,
 }
 

@@ -44,12 +44,14 @@ pub const NF4_TABLE: [f32; 16] = [
     1.0,
 ];
 
-/// bitsandbytes' "fp4" table by code: `[0, 0.0625, 8, 12, 4, 6, 2, 3, -0, -0.0625, -8, -12, -4,
-/// -6, -2, -3] / 12` (not the OCP E2M1 order).
+/// bitsandbytes' "fp4" table by code: `[0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4,
+/// -6, -2, -3] / 12` (not the OCP E2M1 order; code 8 is a second +0, as in bnb's map). As in
+/// bitsandbytes' CPU path (bucketize on the midpoints of the sorted map, equal entries in code
+/// order), `x/absmax` in `(-0.0026, 0]` gets code 0 and in `(0, 0.0026]` code 8.
 pub fn bnb_fp4_table() -> [f32; 16] {
     let raw = [
-        0.0f32, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0,
-        -2.0, -3.0,
+        0.0f32, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0,
+        -3.0,
     ];
     raw.map(|v| v / 12.0)
 }
@@ -83,21 +85,19 @@ pub(crate) struct TableEncoder {
 impl TableEncoder {
     pub(crate) fn new(table: &[f32; 16]) -> Self {
         let mut idx: Vec<u8> = (0..16).collect();
-        // equal values (bnb fp4's +0 and -0) keep code order, so 0.0 encodes to the +0 code
+        // equal values (bnb fp4's two zeros) keep code order, like bnb's stable sort
         idx.sort_by(|&a, &b| {
             let (x, y) = (table[a as usize], table[b as usize]);
             x.partial_cmp(&y)
                 .unwrap_or(std::cmp::Ordering::Equal)
                 .then(a.cmp(&b))
         });
-        // drop duplicate values (bnb fp4's -0 next to +0), keeping the lower code
-        idx.dedup_by(|b, a| table[*a as usize] == table[*b as usize]);
-        let mut mids = [f32::INFINITY; 15];
-        for i in 0..idx.len() - 1 {
-            mids[i] = (table[idx[i] as usize] + table[idx[i + 1] as usize]) / 2.0;
+        let mut mids = [0f32; 15];
+        for (i, m) in mids.iter_mut().enumerate() {
+            *m = (table[idx[i] as usize] + table[idx[i + 1] as usize]) / 2.0;
         }
-        let mut code_of_rank = [idx[idx.len() - 1]; 16];
-        code_of_rank[..idx.len()].copy_from_slice(&idx);
+        let mut code_of_rank = [0u8; 16];
+        code_of_rank.copy_from_slice(&idx);
         TableEncoder { mids, code_of_rank }
     }
 
@@ -163,18 +163,24 @@ pub(crate) fn encode_table_block(enc: &TableEncoder, xs: &[f32], m: f32, codes: 
 }
 
 /// bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True)`), sorted ascending:
-/// for `i` in 0..7, `2^i` means of `linspace(0.1, 1, 2^i + 1)` (f32, torch's two-sided linspace)
-/// scaled by `10^(i-6)` (f64) and their negatives, plus 0 and 1.
+/// for `i` in 0..7, the `2^i` midpoints of `linspace(0.1, 1, 2^i + 1)` times `10^(i-6)` and their
+/// negatives, plus 0 and 1.
+///
+/// Bit-exact emulation of torch's f32 CPU `linspace` (scalar kernel, f32 `step = (end - start) /
+/// (n - 1)`, `start + step*k` below the halfway index and `end - step*(n-1-k)` above, each a
+/// fused multiply-add, i.e. rounded once), f32 midpoints `(a + b) / 2`, and an f32 multiply by
+/// `f32(10^(i-6))` (torch converts the Python scalar to the tensor dtype).
 pub fn dynamic_map_signed() -> [f32; 256] {
     const POW10: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1e0];
     let mut data: Vec<f32> = Vec::with_capacity(256);
     for (i, &p) in POW10.iter().enumerate() {
         let n = (1usize << i) + 1;
         let b = linspace_f32(0.1, 1.0, n);
+        let pf = p as f32;
         for k in 0..n - 1 {
             let mean = (b[k] + b[k + 1]) / 2.0;
-            data.push((p * mean as f64) as f32);
-            data.push((-p * mean as f64) as f32);
+            data.push(pf * mean);
+            data.push(-pf * mean);
         }
     }
     data.push(0.0);
@@ -185,19 +191,21 @@ pub fn dynamic_map_signed() -> [f32; 256] {
     out
 }
 
-/// torch's CPU `linspace` in f32: `start + i*step` for the first half, `end - (n-1-i)*step` after.
+/// torch's two-sided f32 linspace with fused multiply-adds. The f64 expression is exact before
+/// its final rounding (a 24-bit step times a small integer plus a nearby f32), so it equals the
+/// single-rounded FMA.
 fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
         return vec![start];
     }
-    let step = (end - start) / (n - 1) as f32;
+    let step = ((end - start) / (n - 1) as f32) as f64;
     let half = n / 2;
     (0..n)
         .map(|i| {
             if i < half {
-                start + step * i as f32
+                (start as f64 + step * i as f64) as f32
             } else {
-                end - step * (n - 1 - i) as f32
+                (end as f64 - step * (n - 1 - i) as f64) as f32
             }
         })
         .collect()
@@ -291,7 +299,8 @@ impl NestedScales {
 
 /// Quantize to NF4 exactly as bitsandbytes `quantize_4bit(quant_type="nf4", blocksize,
 /// compress_statistics=double_quant)` on the flattened tensor. Requires `cols % blocksize == 0`
-/// (so bnb's flattened blocks are row groups). With `double_quant` the tensor's `scales` are the
+/// when `rows > 1` (so bnb's flattened blocks are row groups; pass a `1 x n` shape to quantize any
+/// flat tensor, whose last block may then be shorter, as in bitsandbytes). With `double_quant` the tensor's `scales` are the
 /// reconstructed absmax values and `nested` holds the 8-bit codes.
 pub fn quantize_bnb(
     w: &[f32],
@@ -300,7 +309,7 @@ pub fn quantize_bnb(
     blocksize: usize,
     double_quant: bool,
 ) -> Result<QuantizedTensor> {
-    if blocksize == 0 || cols % blocksize != 0 {
+    if blocksize == 0 || (rows > 1 && cols % blocksize != 0) {
         return Err(Error::Shape(format!(
             "bitsandbytes layout needs cols ({cols}) to be a multiple of the block size ({blocksize})"
         )));

@@ -8,7 +8,8 @@
 //!
 //! # Formulas (all f32 arithmetic)
 //! * [`Nvfp4Formula::CompressedTensors`] (default; bit-exact with compressed-tensors 0.20.0):
-//!   `gs = 2688 / max(amax, f32::MIN_POSITIVE)` (2688 = 448 * 6; NaN/Inf -> 1.0);
+//!   `gs = (1 / max(amax, f32::MIN_POSITIVE)) * 2688` (2688 = 448 * 6; torch's `scalar / tensor`
+//!   is a reciprocal then a multiply; NaN/Inf -> 1.0);
 //!   `scale = E4M3_rne(clamp(gs * (block_amax / 6), ±448))`, a scale of 0 becomes the E4M3 eps
 //!   0.125; element = `E2M1_rne(x / (scale / gs))` saturated at ±6. A `-0.0` input stores `+0`
 //!   (code 0) while a negative value that rounds to zero stores `-0` (code 8).
@@ -61,11 +62,12 @@ pub(crate) fn abs_max(w: &[f32]) -> f32 {
     }
 }
 
-/// compressed-tensors' `weight_global_scale`: `2688 / max(amax, f32::MIN_POSITIVE)`, 1.0 when that
-/// is NaN or infinite.
+/// compressed-tensors' `weight_global_scale`: `(1 / max(amax, f32::MIN_POSITIVE)) * 2688` (f32, in
+/// that order, as torch evaluates it), 1.0 when that is NaN or infinite.
 pub fn global_scale_ct(w: &[f32]) -> f32 {
     let amax = abs_max(w);
-    let gs = (448.0f32 * 6.0) / amax.max(f32::MIN_POSITIVE);
+    // torch evaluates `scalar / tensor` as `tensor.reciprocal() * scalar`
+    let gs = (1.0 / amax.max(f32::MIN_POSITIVE)) * (448.0f32 * 6.0);
     if amax.is_nan() || !gs.is_finite() {
         1.0
     } else {
@@ -148,6 +150,9 @@ mod tests {
     #[test]
     fn global_scales() {
         assert_eq!(global_scale_ct(&[0.0, -2.0, 1.0]), 1344.0);
+        // 1/10 rounds up in f32, so this is one ulp above f32(268.8)
+        assert_eq!(global_scale_ct(&[10.0]), (0.1f32 * 2688.0));
+        assert_ne!(global_scale_ct(&[10.0]), 2688.0f32 / 10.0);
         // 2688 / f32::MIN_POSITIVE overflows to Inf -> 1.0
         assert_eq!(global_scale_ct(&[0.0]), 1.0);
         assert_eq!(global_scale_ct(&[f32::NAN]), 1.0);

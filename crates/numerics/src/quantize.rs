@@ -301,7 +301,8 @@ fn stats(xs: &[f32], kind: Kind) -> Stats {
         mx_ = mx_.max(x);
     }
     let (lo, hi) = if xs.is_empty() { (0.0, 0.0) } else { (mn, mx_) };
-    let amax = if nan { f32::NAN } else { (-lo).max(hi) };
+    // abs(): max(-0.0, 0.0) may be -0.0, which would make a -0 scale
+    let amax = if nan { f32::NAN } else { (-lo).max(hi).abs() };
     let absmean = match kind {
         Kind::Ternary { .. } | Kind::Binary { .. } => crate::ternary::absmean(xs),
         _ => 0.0,
@@ -342,7 +343,12 @@ fn params_from_range(
         } => {
             let qmax = ((1u32 << bits) - 1) as f32;
             let (lo, hi) = (lo.min(0.0), hi.max(0.0));
-            let s = round_scale((hi - lo) / qmax, dt);
+            let mut raw = (hi - lo) / qmax;
+            if raw.is_infinite() {
+                // hi - lo overflowed f32 (|values| near f32::MAX): take the range in f64
+                raw = ((hi as f64 - lo as f64) / qmax as f64) as f32;
+            }
+            let s = round_scale(raw, dt);
             let zp = if s > 0.0 {
                 rne_small((-lo / s).clamp(0.0, qmax))
             } else {
@@ -485,10 +491,10 @@ pub(crate) fn encode_block(
                 codes.fill(0);
                 return;
             }
-            let inv = 1.0 / s; // exact: a power of two
+            // exact division by a power of two (1/s may overflow: s can be 2^-133)
             let qm = ((1u32 << (bits - 1)) - 1) as f32;
             for (i, (c, &x)) in codes.iter_mut().zip(xs).enumerate() {
-                let y = x * inv;
+                let y = x / s;
                 let r = match (ctx.seed, rounding) {
                     (Some(seed), _) => round_stochastic_f32(y, sr_bits(seed, idx0 + i as u64)),
                     (None, Rounding::NearestEven) => y.round_ties_even(),
@@ -524,9 +530,12 @@ pub(crate) fn encode_block(
             } else if fmt == FloatFormat::E2M1 {
                 match rounding {
                     Rounding::NearestEven => {
+                        // compressed-tensors' cast (its MXFP4 scale rule) packs -0.0 as +0
+                        let ct = ctx.mx_rule == MxScaleRule::RoundUp175;
                         for (c, &x) in codes.iter_mut().zip(xs) {
                             let y = scaled(x);
-                            *c = mx::e2m1_even(y, y.is_sign_negative());
+                            let neg = if ct { y < 0.0 } else { y.is_sign_negative() };
+                            *c = mx::e2m1_even(y, neg);
                         }
                     }
                     Rounding::NearestAway => {
@@ -561,9 +570,11 @@ pub(crate) fn encode_block(
                     *c = fmt.encode_stochastic(scaled(x) + 0.0, r, Overflow::Saturate);
                 }
             } else if fmt == FloatFormat::E2M1 && rounding == Rounding::NearestEven {
+                // compressed-tensors packs -0.0 as +0; TE keeps the sign bit
+                let te = mul.is_some();
                 for (c, &x) in codes.iter_mut().zip(xs) {
                     let y = scaled(x);
-                    *c = mx::e2m1_even(y, y < 0.0);
+                    *c = mx::e2m1_even(y, y < 0.0 || (te && y.is_sign_negative()));
                 }
             } else {
                 for (c, &x) in codes.iter_mut().zip(xs) {
