@@ -12,6 +12,31 @@ use std::arch::x86_64::*;
 use crate::isa::Isa;
 use crate::packed::{PackedLinear, Store, Vals, CHUNK, HDR, TB, TILE_ROWS};
 
+/// Fully unroll a 4-iteration loop with a literal index, so accumulator arrays indexed by it
+/// are promoted to registers (LLVM does not always unroll the generic loops itself).
+/// `TILE_ROWS` and `TB` are both 4.
+macro_rules! unroll4 {
+    ($i:ident => $body:block) => {{
+        {
+            let $i = 0usize;
+            $body
+        }
+        {
+            let $i = 1usize;
+            $body
+        }
+        {
+            let $i = 2usize;
+            $body
+        }
+        {
+            let $i = 3usize;
+            $body
+        }
+    }};
+}
+const _: () = assert!(TILE_ROWS == 4 && TB == 4);
+
 /// Decoder kinds (const-generic selector).
 const K_B4_INT: u8 = 0;
 const K_B4_LUT: u8 = 1;
@@ -166,23 +191,27 @@ unsafe fn tile2<const K: u8, const NT: usize>(
         for j in 0..seg.chunks {
             let mut xl = [_mm256_setzero_ps(); NT];
             let mut xh = [_mm256_setzero_ps(); NT];
-            for t in 0..NT {
-                let o = (t0 + t) * pcols + seg.col0 + j * CHUNK;
-                // SAFETY: o + 16 <= (t0 + NT) * pcols <= xp.len() (segments tile 0..pcols).
-                unsafe {
-                    xl[t] = _mm256_loadu_ps(xp.as_ptr().add(o));
-                    xh[t] = _mm256_loadu_ps(xp.as_ptr().add(o + 8));
+            unroll4!(t => {
+                if t < NT {
+                    let o = (t0 + t) * pcols + seg.col0 + j * CHUNK;
+                    // SAFETY: o + 16 <= (t0 + NT) * pcols <= xp.len() (segments tile 0..pcols).
+                    unsafe {
+                        xl[t] = _mm256_loadu_ps(xp.as_ptr().add(o));
+                        xh[t] = _mm256_loadu_ps(xp.as_ptr().add(o + 8));
+                    }
                 }
-            }
-            for r in 0..TILE_ROWS {
+            });
+            unroll4!(r => {
                 // SAFETY: chunk (j, r) of this segment is inside the tile.
                 let (lo, hi) =
                     unsafe { dec2::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut_lo, lut_hi) };
-                for t in 0..NT {
-                    g[t][r] = _mm256_fmadd_ps(lo, xl[t], g[t][r]);
-                    g[t][r] = _mm256_fmadd_ps(hi, xh[t], g[t][r]);
-                }
-            }
+                unroll4!(t => {
+                    if t < NT {
+                        g[t][r] = _mm256_fmadd_ps(lo, xl[t], g[t][r]);
+                        g[t][r] = _mm256_fmadd_ps(hi, xh[t], g[t][r]);
+                    }
+                });
+            });
         }
         for r in 0..TILE_ROWS {
             // SAFETY: the 32-byte header is inside the tile.
@@ -330,19 +359,23 @@ unsafe fn tile5<const K: u8, const NT: usize>(
         let mut g = [[_mm512_setzero_ps(); TILE_ROWS]; NT];
         for j in 0..seg.chunks {
             let mut xv = [_mm512_setzero_ps(); NT];
-            for (t, x) in xv.iter_mut().enumerate() {
-                // SAFETY: in bounds as in tile2.
-                *x = unsafe {
-                    _mm512_loadu_ps(xp.as_ptr().add((t0 + t) * pcols + seg.col0 + j * CHUNK))
-                };
-            }
-            for r in 0..TILE_ROWS {
+            unroll4!(t => {
+                if t < NT {
+                    // SAFETY: in bounds as in tile2.
+                    xv[t] = unsafe {
+                        _mm512_loadu_ps(xp.as_ptr().add((t0 + t) * pcols + seg.col0 + j * CHUNK))
+                    };
+                }
+            });
+            unroll4!(r => {
                 // SAFETY: chunk inside the tile.
                 let v = unsafe { dec5::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut) };
-                for t in 0..NT {
-                    g[t][r] = _mm512_fmadd_ps(v, xv[t], g[t][r]);
-                }
-            }
+                unroll4!(t => {
+                    if t < NT {
+                        g[t][r] = _mm512_fmadd_ps(v, xv[t], g[t][r]);
+                    }
+                });
+            });
         }
         for r in 0..TILE_ROWS {
             // SAFETY: header inside the tile.

@@ -1,0 +1,294 @@
+//! `cargo xtask bench gemv`: quantized GEMV/GEMM (lowbit-kernels `PackedLinear`, or the W8A8
+//! path with `--format w8a8`) against two baselines measured in the same run and the same
+//! cache state: a plain SIMD sum over buffers of the same total size (the read bandwidth), and
+//! the f32 GEMV/GEMM of the same shape (`dense::matmul_wt`).
+//!
+//! Regimes: `cache` (one matrix, warmed up, re-read) and `dram` (enough copies to cycle through
+//! at least 256 MiB, so every pass streams from DRAM). Each measurement is the median of `--reps`
+//! rounds; the three kernels are interleaved round by round so background load hits them alike.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lowbit_kernels::{dense, membw, PackedLinear, W8A8Linear};
+use lowbit_numerics::{ElemFormat, FloatFormat, QuantizedTensor, Scheme};
+
+/// Arguments of `cargo xtask bench gemv`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Output features (rows of W).
+    #[arg(long, default_value_t = 4096)]
+    pub rows: usize,
+    /// Input features (columns of W).
+    #[arg(long, default_value_t = 11008)]
+    pub cols: usize,
+    /// Weight scheme by its lowbit name (int4-g128-sym, int4-g32-asym, int8-pc, fp8-pc, nvfp4,
+    /// mxfp4, nf4-g64, int3-g128-sym, ...), or `w8a8` for INT8 weights x per-token INT8
+    /// activations.
+    #[arg(long, default_value = "int4-g128-sym")]
+    pub format: String,
+    /// Tokens per call (1..8 is the decode GEMV regime, larger is prefill GEMM).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Threads (default: the machine's available parallelism).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// `cache`, `dram` or `both`.
+    #[arg(long, default_value = "both")]
+    pub regime: String,
+    /// Timed rounds per measurement (median reported), after one warm-up round.
+    #[arg(long, default_value_t = 7)]
+    pub reps: usize,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Uniform-ish pseudo-random bytes (xorshift), enough for codes and activations.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// A tensor of the scheme with random (finite) codes and scales: speed does not depend on the
+/// values, and building it this way keeps the benchmark independent of quantizer speed.
+fn random_tensor(scheme: Scheme, rows: usize, cols: usize, rng: &mut Rng) -> QuantizedTensor {
+    let bits = scheme.elem.bits();
+    let rb = (cols * bits as usize).div_ceil(8);
+    let mut data: Vec<u8> = (0..rows * rb).map(|_| rng.next() as u8).collect();
+    if matches!(
+        scheme.elem,
+        ElemFormat::Float(FloatFormat::E4M3 | FloatFormat::E5M2)
+    ) {
+        for b in &mut data {
+            *b &= 0xBB; // clears an exponent bit: no NaN/Inf codes
+        }
+    }
+    let (gr, gc) = scheme.granularity.grid(rows, cols);
+    QuantizedTensor {
+        scheme,
+        rows,
+        cols,
+        data,
+        scales: (0..gr * gc).map(|_| 0.5 + rng.f().abs()).collect(),
+        zero_points: scheme.asymmetric.then(|| {
+            (0..gr * gc)
+                .map(|_| (rng.next() % (1 << bits)) as u8)
+                .collect()
+        }),
+        global_scale: scheme.global_scale.then_some(2.0),
+        g_idx: None,
+        nested: None,
+    }
+}
+
+enum Kernel {
+    Packed(Vec<PackedLinear>),
+    W8a8(Vec<W8A8Linear>),
+}
+
+impl Kernel {
+    fn bytes(&self) -> usize {
+        match self {
+            Kernel::Packed(v) => v[0].weight_bytes(),
+            Kernel::W8a8(v) => v[0].weight_bytes(),
+        }
+    }
+    fn run(&self, i: usize, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        match self {
+            Kernel::Packed(v) => v[i % v.len()].forward(x, n, y)?,
+            Kernel::W8a8(v) => v[i % v.len()].forward(x, n, y)?,
+        }
+        Ok(())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One measured line.
+struct Line {
+    regime: &'static str,
+    copies: usize,
+    weight_bytes: usize,
+    kernel_s: f64,
+    read_s: f64,
+    f32_s: f64,
+}
+
+/// Seconds per pass of `f` over `passes` consecutive buffers (cycling), median of rounds.
+fn time_passes(
+    reps: usize,
+    passes: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        for i in 0..passes {
+            f(i)?;
+        }
+        out.push(t.elapsed().as_secs_f64() / passes as f64);
+    }
+    Ok(out)
+}
+
+fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<Line> {
+    const DRAM_BYTES: usize = 256 << 20;
+    let (rows, cols, batch) = (args.rows, args.cols, args.batch);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let w8 = || Scheme::from_name("int8-pc").context("int8-pc scheme");
+    let q = random_tensor(scheme.map_or_else(w8, Ok)?, rows, cols, &mut rng);
+    let one = match scheme {
+        Some(_) => Kernel::Packed(vec![PackedLinear::new(&q).context("packing the weights")?]),
+        None => Kernel::W8a8(vec![
+            W8A8Linear::new(&q).context("packing the W8A8 weights")?
+        ]),
+    };
+    let wb = one.bytes();
+    let copies = if regime == "dram" {
+        DRAM_BYTES.div_ceil(wb).max(2)
+    } else {
+        1
+    };
+    let kern = match one {
+        Kernel::Packed(v) => Kernel::Packed(vec![v[0].clone(); copies]),
+        Kernel::W8a8(v) => Kernel::W8a8(vec![v[0].clone(); copies]),
+    };
+    let reads: Vec<Vec<u8>> = (0..copies).map(|i| vec![i as u8 | 1; wb]).collect();
+    let f32_bytes = rows * cols * 4;
+    let f32_copies = if regime == "dram" {
+        DRAM_BYTES.div_ceil(f32_bytes).max(2)
+    } else {
+        1
+    };
+    let wf: Vec<Vec<f32>> = (0..f32_copies)
+        .map(|_| (0..rows * cols).map(|_| rng.f()).collect())
+        .collect();
+    let x: Vec<f32> = (0..batch * cols).map(|_| rng.f()).collect();
+    let mut y = vec![0f32; batch * rows];
+    let mut sink = 0u64;
+    // Per round: every copy once (dram) or the same buffer `copies`=1 times after warm-up.
+    let passes_k = copies.max(if regime == "cache" { 5 } else { 1 });
+    let passes_f = f32_copies.max(if regime == "cache" { 3 } else { 1 });
+    // warm-up round
+    for i in 0..copies {
+        kern.run(i, &x, batch, &mut y)?;
+        sink = sink.wrapping_add(membw::par_sum_words(&reads[i]));
+    }
+    dense::matmul_wt(&x, &wf[0], &mut y, batch, cols, rows)?;
+    let (mut tk, mut tr, mut tf) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.reps.max(1) {
+        tr.extend(time_passes(1, passes_k, |i| {
+            sink = sink.wrapping_add(membw::par_sum_words(&reads[i % copies]));
+            Ok(())
+        })?);
+        tk.extend(time_passes(1, passes_k, |i| {
+            kern.run(i, &x, batch, &mut y)
+        })?);
+        tf.extend(time_passes(1, passes_f, |i| {
+            dense::matmul_wt(&x, &wf[i % f32_copies], &mut y, batch, cols, rows)?;
+            Ok(())
+        })?);
+    }
+    std::hint::black_box(sink);
+    std::hint::black_box(&y);
+    Ok(Line {
+        regime,
+        copies,
+        weight_bytes: wb,
+        kernel_s: median(tk),
+        read_s: median(tr),
+        f32_s: median(tf),
+    })
+}
+
+/// Run the benchmark.
+pub fn run(args: Args) -> Result<()> {
+    if args.rows == 0 || args.cols == 0 || args.batch == 0 {
+        bail!("--rows, --cols and --batch must be positive");
+    }
+    let scheme = if args.format.eq_ignore_ascii_case("w8a8") {
+        None
+    } else {
+        Some(Scheme::from_name(&args.format).with_context(|| {
+            format!("unknown --format `{}`: use a lowbit scheme name such as int4-g128-sym, int8-pc, fp8-pc, nvfp4, mxfp4, nf4-g64, or w8a8", args.format)
+        })?)
+    };
+    let regimes: Vec<&'static str> = match args.regime.as_str() {
+        "cache" => vec!["cache"],
+        "dram" => vec!["dram"],
+        "both" => vec!["cache", "dram"],
+        r => bail!("--regime must be cache, dram or both (got `{r}`)"),
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let isa = lowbit_kernels::isa::selected().name();
+    if !args.json {
+        println!(
+            "bench gemv: {} {}x{} batch {} threads {} kernel path {isa} (LOWBIT_KERNEL to force)",
+            args.format, args.rows, args.cols, args.batch, threads
+        );
+        println!(
+            "{:<6} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9}",
+            "regime",
+            "copies",
+            "weight MB",
+            "kernel ms",
+            "weight GB/s",
+            "read GB/s",
+            "ratio",
+            "f32 ms",
+            "vs f32"
+        );
+    }
+    for regime in regimes {
+        let l = pool.install(|| measure(&args, scheme, regime))?;
+        let gbps = l.weight_bytes as f64 / l.kernel_s / 1e9;
+        let read = l.weight_bytes as f64 / l.read_s / 1e9;
+        let speedup = l.f32_s / l.kernel_s;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "format": args.format, "rows": args.rows, "cols": args.cols, "batch": args.batch,
+                    "threads": threads, "regime": l.regime, "weight_gbps": gbps, "read_bw_gbps": read,
+                    "ratio_to_read_bw": gbps / read, "speedup_vs_f32": speedup, "isa": isa,
+                    "weight_bytes": l.weight_bytes, "copies": l.copies, "kernel_ms": l.kernel_s * 1e3,
+                    "f32_ms": l.f32_s * 1e3, "reps": args.reps,
+                })
+            );
+        } else {
+            println!(
+                "{:<6} {:>7} {:>10.1} {:>10.3} {:>10.2} {:>10.2} {:>9.2} {:>10.3} {:>8.2}x",
+                l.regime,
+                l.copies,
+                l.weight_bytes as f64 / 1e6,
+                l.kernel_s * 1e3,
+                gbps,
+                read,
+                gbps / read,
+                l.f32_s * 1e3,
+                speedup
+            );
+        }
+    }
+    Ok(())
+}
