@@ -41,8 +41,27 @@ use crate::{Error, Result};
 pub const TILE_ROWS: usize = 4;
 /// Columns per chunk.
 pub const CHUNK: usize = 16;
-/// Bytes of a segment header (4 scales + 4 biases).
-pub(crate) const HDR: usize = 32;
+/// How the per-row scale (and bias) of a segment is stored in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HdrMode {
+    /// 4 f32 scales + 4 f32 biases (asymmetric integers): 32 bytes.
+    ScaleBias,
+    /// 4 f32 scales, bias `= s * bmul`: 16 bytes.
+    Scale,
+    /// 4 u8 indices into a per-layer table of at most 256 distinct scales (E8M0/E4M3 block
+    /// scales: MXFP4, NVFP4), bias `= s * bmul`: 4 bytes.
+    Coded,
+}
+
+impl HdrMode {
+    fn bytes(self) -> usize {
+        match self {
+            HdrMode::ScaleBias => 32,
+            HdrMode::Scale => 16,
+            HdrMode::Coded => 4,
+        }
+    }
+}
 /// Tokens processed per pass of the fused kernel.
 pub(crate) const TB: usize = 4;
 /// From this many tokens on, the SIMD paths dequantize a row block into an f32 tile and run
@@ -134,6 +153,13 @@ pub struct PackedLinear {
     col_pos: Vec<u32>,
     pub(crate) tile_bytes: usize,
     pub(crate) ntiles: usize,
+    hmode: HdrMode,
+    /// Header bytes per segment.
+    pub(crate) hdr: usize,
+    /// Bias multiplier for `Scale`/`Coded` headers (`-zero_point` of symmetric integers, else 0).
+    bmul: f32,
+    /// Scale table of `Coded` headers.
+    stab: Vec<f32>,
     pub(crate) data: Vec<u8>,
     /// `v(code)` for all 256 codes (scalar path).
     pub(crate) vtab: Box<[f32; 256]>,
@@ -239,6 +265,51 @@ impl PackedLinear {
             };
             members[g].push(c as u32);
         }
+        // Scale and bias of every (row, group), and the most compact header that holds them.
+        let mut sv = vec![0f32; rows * gc];
+        let mut bv = vec![0f32; rows * gc];
+        for r in 0..rows {
+            for k in 0..gc {
+                let blk = (r / br.max(1)) * gc + k;
+                let mut s = q.scales[blk] / gs;
+                let b = match vals {
+                    Vals::Int => {
+                        let zp = match &q.zero_points {
+                            Some(z) => z[blk] as u32,
+                            None => sym_zp,
+                        };
+                        -(s * zp as f32)
+                    }
+                    _ => 0.0,
+                };
+                if vals == Vals::E4M3 {
+                    s *= 256.0;
+                }
+                sv[r * gc + k] = s;
+                bv[r * gc + k] = b;
+            }
+        }
+        let bmul = if vals == Vals::Int && q.zero_points.is_none() {
+            -(sym_zp as f32)
+        } else {
+            0.0
+        };
+        let mut distinct: Vec<u32> = sv.iter().map(|s| s.to_bits()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let hmode = if q.zero_points.is_some() {
+            HdrMode::ScaleBias
+        } else if distinct.len() <= 256 {
+            HdrMode::Coded
+        } else {
+            HdrMode::Scale
+        };
+        let hdr = hmode.bytes();
+        let stab: Vec<f32> = if hmode == HdrMode::Coded {
+            distinct.iter().map(|&b| f32::from_bits(b)).collect()
+        } else {
+            Vec::new()
+        };
         let cb = store.chunk_bytes();
         let mut segs = Vec::with_capacity(gc);
         let (mut col0, mut byte_off) = (0usize, 0usize);
@@ -250,7 +321,7 @@ impl PackedLinear {
                 byte_off,
             });
             col0 += chunks * CHUNK;
-            byte_off += HDR + chunks * TILE_ROWS * cb;
+            byte_off += hdr + chunks * TILE_ROWS * cb;
         }
         let pcols = col0;
         let tile_bytes = byte_off;
@@ -275,24 +346,23 @@ impl PackedLinear {
             let (tile, rr) = (r / TILE_ROWS, r % TILE_ROWS);
             let tbase = tile * tile_bytes;
             for (k, seg) in segs.iter().enumerate() {
-                let blk = (r / br.max(1)) * gc + k;
-                let mut s = q.scales[blk] / gs;
-                let b = match vals {
-                    Vals::Int => {
-                        let zp = match &q.zero_points {
-                            Some(z) => z[blk] as u32,
-                            None => sym_zp,
-                        };
-                        -(s * zp as f32)
-                    }
-                    _ => 0.0,
-                };
-                if vals == Vals::E4M3 {
-                    s *= 256.0;
-                }
+                let (s, b) = (sv[r * gc + k], bv[r * gc + k]);
                 let h = tbase + seg.byte_off;
-                data[h + 4 * rr..h + 4 * rr + 4].copy_from_slice(&s.to_le_bytes());
-                data[h + 16 + 4 * rr..h + 16 + 4 * rr + 4].copy_from_slice(&b.to_le_bytes());
+                match hmode {
+                    HdrMode::ScaleBias => {
+                        data[h + 4 * rr..h + 4 * rr + 4].copy_from_slice(&s.to_le_bytes());
+                        data[h + 16 + 4 * rr..h + 20 + 4 * rr].copy_from_slice(&b.to_le_bytes());
+                    }
+                    HdrMode::Scale => {
+                        data[h + 4 * rr..h + 4 * rr + 4].copy_from_slice(&s.to_le_bytes())
+                    }
+                    HdrMode::Coded => {
+                        let idx = distinct
+                            .binary_search(&s.to_bits())
+                            .expect("scale in table");
+                        data[h + rr] = idx as u8;
+                    }
+                }
                 for j in 0..seg.chunks {
                     let mut chunk = [0u8; CHUNK];
                     for (e, slot) in chunk.iter_mut().enumerate() {
@@ -301,7 +371,7 @@ impl PackedLinear {
                             *slot = codes_buf[src as usize];
                         }
                     }
-                    let off = h + HDR + (j * TILE_ROWS + rr) * cb;
+                    let off = h + hdr + (j * TILE_ROWS + rr) * cb;
                     encode_chunk(store, &chunk, &mut data[off..off + cb]);
                 }
             }
@@ -321,6 +391,10 @@ impl PackedLinear {
             col_pos,
             tile_bytes,
             ntiles,
+            hmode,
+            hdr,
+            bmul,
+            stab,
             data,
             vtab,
             orig: Orig {
@@ -353,7 +427,8 @@ impl PackedLinear {
                 let p = self.col_pos[c] as usize;
                 let seg = &self.segs[seg_of_chunk[p / CHUNK]];
                 let j = (p - seg.col0) / CHUNK;
-                let off = tile * self.tile_bytes + seg.byte_off + HDR + (j * TILE_ROWS + rr) * cb;
+                let off =
+                    tile * self.tile_bytes + seg.byte_off + self.hdr + (j * TILE_ROWS + rr) * cb;
                 let chunk = decode_chunk(self.store, &self.data[off..off + cb]);
                 codes::put_code(row, bits, c, chunk[p % CHUNK]);
             }
@@ -495,6 +570,25 @@ impl PackedLinear {
         }
     }
 
+    /// Scale and bias of row `rr` of the segment whose header starts at byte `h` of `data`.
+    #[inline]
+    pub(crate) fn sb(&self, h: usize, rr: usize) -> (f32, f32) {
+        match self.hmode {
+            HdrMode::ScaleBias => (
+                rd_f32(&self.data, h + 4 * rr),
+                rd_f32(&self.data, h + 16 + 4 * rr),
+            ),
+            HdrMode::Scale => {
+                let s = rd_f32(&self.data, h + 4 * rr);
+                (s, s * self.bmul)
+            }
+            HdrMode::Coded => {
+                let s = self.stab[self.data[h + rr] as usize];
+                (s, s * self.bmul)
+            }
+        }
+    }
+
     /// The scalar reference kernel.
     pub(crate) fn tile_scalar(
         &self,
@@ -517,11 +611,10 @@ impl PackedLinear {
                 let tok = t0 + t;
                 let xr = &xp[tok * self.pcols + seg.col0..];
                 for rr in 0..TILE_ROWS {
-                    let s = rd_f32(&self.data, h + 4 * rr);
-                    let b = rd_f32(&self.data, h + 16 + 4 * rr);
+                    let (s, b) = self.sb(h, rr);
                     let mut acc = 0f32;
                     for j in 0..seg.chunks {
-                        let off = h + HDR + (j * TILE_ROWS + rr) * cb;
+                        let off = h + self.hdr + (j * TILE_ROWS + rr) * cb;
                         let c = decode_chunk(self.store, &self.data[off..off + cb]);
                         for e in 0..CHUNK {
                             acc += self.vtab[c[e] as usize] * xr[j * CHUNK + e];
@@ -540,11 +633,10 @@ impl PackedLinear {
         for seg in &self.segs {
             let h = base + seg.byte_off;
             for rr in 0..TILE_ROWS {
-                let s = rd_f32(&self.data, h + 4 * rr);
-                let b = rd_f32(&self.data, h + 16 + 4 * rr);
+                let (s, b) = self.sb(h, rr);
                 let wr = &mut w[rr * self.pcols + seg.col0..];
                 for j in 0..seg.chunks {
-                    let off = h + HDR + (j * TILE_ROWS + rr) * cb;
+                    let off = h + self.hdr + (j * TILE_ROWS + rr) * cb;
                     let c = decode_chunk(self.store, &self.data[off..off + cb]);
                     for e in 0..CHUNK {
                         wr[j * CHUNK + e] = s * self.vtab[c[e] as usize] + b;

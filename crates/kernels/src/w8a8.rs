@@ -51,19 +51,24 @@ pub fn try_quantize_activations_int8_per_token(
     }
     let mut q = vec![0i8; x.len()];
     let mut s = vec![0f32; n_tokens];
-    for t in 0..n_tokens {
-        let row = &x[t * cols..(t + 1) * cols];
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if amax == 0.0 || !amax.is_finite() {
-            continue;
-        }
-        let scale = amax / 127.0;
-        s[t] = scale;
-        let inv = 1.0 / scale;
-        for (d, &v) in q[t * cols..(t + 1) * cols].iter_mut().zip(row) {
-            *d = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-        }
+    if cols == 0 {
+        return Ok((q, s));
     }
+    q.par_chunks_mut(cols)
+        .zip(s.par_iter_mut())
+        .zip(x.par_chunks(cols))
+        .for_each(|((qr, sc), row)| {
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if amax == 0.0 || !amax.is_finite() {
+                return;
+            }
+            let scale = amax / 127.0;
+            *sc = scale;
+            let inv = 1.0 / scale;
+            for (d, &v) in qr.iter_mut().zip(row) {
+                *d = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+        });
     Ok((q, s))
 }
 
@@ -191,14 +196,13 @@ impl W8A8Linear {
         let vnni = isa == Isa::Avx512 && isa::has_avx512_vnni();
         // padded activations: signed for AVX2/scalar, +128 (as u8 bits) for VNNI
         let mut xp = vec![if vnni { -128i8 } else { 0 }; n_tokens * self.kp];
-        for t in 0..n_tokens {
-            for (d, &v) in xp[t * self.kp..t * self.kp + self.cols]
-                .iter_mut()
-                .zip(&xq[t * self.cols..])
-            {
-                *d = if vnni { (v as u8 ^ 0x80) as i8 } else { v };
-            }
-        }
+        xp.par_chunks_mut(self.kp)
+            .zip(xq.par_chunks(self.cols.max(1)))
+            .for_each(|(d, src)| {
+                for (d, &v) in d.iter_mut().zip(src) {
+                    *d = if vnni { (v as u8 ^ 0x80) as i8 } else { v };
+                }
+            });
         let ntiles = self.rows.div_ceil(TR);
         let threads = rayon::current_num_threads().max(1);
         let per = ntiles.div_ceil(threads * 4).max(1);

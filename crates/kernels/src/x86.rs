@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use crate::isa::Isa;
-use crate::packed::{PackedLinear, Store, Vals, CHUNK, HDR, TB, TILE_ROWS};
+use crate::packed::{PackedLinear, Store, Vals, CHUNK, TB, TILE_ROWS};
 
 /// Fully unroll a 4-iteration loop with a literal index, so accumulator arrays indexed by it
 /// are promoted to registers (LLVM does not always unroll the generic loops itself).
@@ -168,6 +168,7 @@ unsafe fn tile2<const K: u8, const NT: usize>(
     out: &mut [[f32; TILE_ROWS]; TB],
 ) {
     let cb = pk.store.chunk_bytes();
+    let hdr = pk.hdr;
     let nseg = pk.segs.len();
     let pcols = pk.pcols;
     debug_assert!(
@@ -185,6 +186,7 @@ unsafe fn tile2<const K: u8, const NT: usize>(
     let mut vacc = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
     let mut bias = [[0f32; TILE_ROWS]; NT];
     for (k, seg) in pk.segs.iter().enumerate() {
+        let hoff = tile * pk.tile_bytes + seg.byte_off;
         // SAFETY: segment headers and chunks lie inside the tile (layout built by PackedLinear::new).
         let h = unsafe { base.add(seg.byte_off) };
         let mut g = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
@@ -204,7 +206,7 @@ unsafe fn tile2<const K: u8, const NT: usize>(
             unroll4!(r => {
                 // SAFETY: chunk (j, r) of this segment is inside the tile.
                 let (lo, hi) =
-                    unsafe { dec2::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut_lo, lut_hi) };
+                    unsafe { dec2::<K>(h.add(hdr + (j * TILE_ROWS + r) * cb), lut_lo, lut_hi) };
                 unroll4!(t => {
                     if t < NT {
                         g[t][r] = _mm256_fmadd_ps(lo, xl[t], g[t][r]);
@@ -214,13 +216,7 @@ unsafe fn tile2<const K: u8, const NT: usize>(
             });
         }
         for r in 0..TILE_ROWS {
-            // SAFETY: the 32-byte header is inside the tile.
-            let (s, b) = unsafe {
-                (
-                    (h.add(4 * r) as *const f32).read_unaligned(),
-                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
-                )
-            };
+            let (s, b) = pk.sb(hoff, r);
             let sv = _mm256_set1_ps(s);
             for t in 0..NT {
                 vacc[t][r] = _mm256_fmadd_ps(g[t][r], sv, vacc[t][r]);
@@ -240,6 +236,7 @@ unsafe fn tile2<const K: u8, const NT: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequant2<const K: u8>(pk: &PackedLinear, tile: usize, w: &mut [f32]) {
     let cb = pk.store.chunk_bytes();
+    let hdr = pk.hdr;
     assert!(tile < pk.ntiles && w.len() >= TILE_ROWS * pk.pcols);
     // SAFETY: as in tile2.
     let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
@@ -251,21 +248,16 @@ unsafe fn dequant2<const K: u8>(pk: &PackedLinear, tile: usize, w: &mut [f32]) {
         )
     };
     for seg in &pk.segs {
+        let hoff = tile * pk.tile_bytes + seg.byte_off;
         // SAFETY: inside the tile.
         let h = unsafe { base.add(seg.byte_off) };
         for r in 0..TILE_ROWS {
-            // SAFETY: header inside the tile.
-            let (s, b) = unsafe {
-                (
-                    (h.add(4 * r) as *const f32).read_unaligned(),
-                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
-                )
-            };
+            let (s, b) = pk.sb(hoff, r);
             let (sv, bv) = (_mm256_set1_ps(s), _mm256_set1_ps(b));
             for j in 0..seg.chunks {
                 // SAFETY: chunk inside the tile; destination r*pcols + col0 + j*16 + 16 <= 4*pcols.
                 unsafe {
-                    let (lo, hi) = dec2::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut_lo, lut_hi);
+                    let (lo, hi) = dec2::<K>(h.add(hdr + (j * TILE_ROWS + r) * cb), lut_lo, lut_hi);
                     let d = w.as_mut_ptr().add(r * pk.pcols + seg.col0 + j * CHUNK);
                     _mm256_storeu_ps(d, _mm256_fmadd_ps(lo, sv, bv));
                     _mm256_storeu_ps(d.add(8), _mm256_fmadd_ps(hi, sv, bv));
@@ -342,6 +334,7 @@ unsafe fn tile5<const K: u8, const NT: usize>(
     out: &mut [[f32; TILE_ROWS]; TB],
 ) {
     let cb = pk.store.chunk_bytes();
+    let hdr = pk.hdr;
     let nseg = pk.segs.len();
     let pcols = pk.pcols;
     debug_assert!(
@@ -354,6 +347,7 @@ unsafe fn tile5<const K: u8, const NT: usize>(
     let mut vacc = [[_mm512_setzero_ps(); TILE_ROWS]; NT];
     let mut bias = [[0f32; TILE_ROWS]; NT];
     for (k, seg) in pk.segs.iter().enumerate() {
+        let hoff = tile * pk.tile_bytes + seg.byte_off;
         // SAFETY: inside the tile.
         let h = unsafe { base.add(seg.byte_off) };
         let mut g = [[_mm512_setzero_ps(); TILE_ROWS]; NT];
@@ -369,7 +363,7 @@ unsafe fn tile5<const K: u8, const NT: usize>(
             });
             unroll4!(r => {
                 // SAFETY: chunk inside the tile.
-                let v = unsafe { dec5::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut) };
+                let v = unsafe { dec5::<K>(h.add(hdr + (j * TILE_ROWS + r) * cb), lut) };
                 unroll4!(t => {
                     if t < NT {
                         g[t][r] = _mm512_fmadd_ps(v, xv[t], g[t][r]);
@@ -378,13 +372,7 @@ unsafe fn tile5<const K: u8, const NT: usize>(
             });
         }
         for r in 0..TILE_ROWS {
-            // SAFETY: header inside the tile.
-            let (s, b) = unsafe {
-                (
-                    (h.add(4 * r) as *const f32).read_unaligned(),
-                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
-                )
-            };
+            let (s, b) = pk.sb(hoff, r);
             let sv = _mm512_set1_ps(s);
             for t in 0..NT {
                 vacc[t][r] = _mm512_fmadd_ps(g[t][r], sv, vacc[t][r]);
@@ -404,27 +392,23 @@ unsafe fn tile5<const K: u8, const NT: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn dequant5<const K: u8>(pk: &PackedLinear, tile: usize, w: &mut [f32]) {
     let cb = pk.store.chunk_bytes();
+    let hdr = pk.hdr;
     assert!(tile < pk.ntiles && w.len() >= TILE_ROWS * pk.pcols);
     // SAFETY: tile < ntiles.
     let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
     // SAFETY: vtab has 256 entries.
     let lut = unsafe { _mm512_loadu_ps(pk.vtab.as_ptr()) };
     for seg in &pk.segs {
+        let hoff = tile * pk.tile_bytes + seg.byte_off;
         // SAFETY: inside the tile.
         let h = unsafe { base.add(seg.byte_off) };
         for r in 0..TILE_ROWS {
-            // SAFETY: header inside the tile.
-            let (s, b) = unsafe {
-                (
-                    (h.add(4 * r) as *const f32).read_unaligned(),
-                    (h.add(16 + 4 * r) as *const f32).read_unaligned(),
-                )
-            };
+            let (s, b) = pk.sb(hoff, r);
             let (sv, bv) = (_mm512_set1_ps(s), _mm512_set1_ps(b));
             for j in 0..seg.chunks {
                 // SAFETY: chunk inside the tile; destination inside w (checked above).
                 unsafe {
-                    let v = dec5::<K>(h.add(HDR + (j * TILE_ROWS + r) * cb), lut);
+                    let v = dec5::<K>(h.add(hdr + (j * TILE_ROWS + r) * cb), lut);
                     let d = w.as_mut_ptr().add(r * pk.pcols + seg.col0 + j * CHUNK);
                     _mm512_storeu_ps(d, _mm512_fmadd_ps(v, sv, bv));
                 }
