@@ -8,12 +8,18 @@
 
 pub mod config;
 pub mod error;
+pub mod eval;
+pub mod generate;
 pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod rope;
+pub mod sampling;
 pub mod weights;
 pub mod gguf;
+pub mod tokenizer;
+pub mod hf;
+pub mod resolve;
 pub mod ct;
 pub mod quantize;
 

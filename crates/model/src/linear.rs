@@ -197,7 +197,7 @@ impl Linear {
             None => x,
         };
         let w = self.weight_f32();
-        if n_tokens == 1 {
+        if n_tokens == 1 && std::env::var_os("LOWBIT_GEMV_GEMM").is_none() {
             gemv(w, x, y, self.out, self.inp);
         } else {
             lowbit_kernels::dense::matmul_wt(x, w, y, n_tokens, self.inp, self.out)?;

@@ -201,33 +201,83 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     model_from_gguf(&file)
 }
 
-/// Load a model from a path: a `.gguf` file, or a Hugging Face folder (`config.json` plus
-/// safetensors) once the safetensors reader is available.
-pub fn load_model(path: &Path) -> Result<Model> {
-    if path.is_file() {
-        let mut magic = [0u8; 4];
-        use std::io::Read;
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .map_err(|e| Error::io(path, e))?;
-        if &magic == b"GGUF" {
-            return load_gguf(path);
+/// [`TensorSource`] over a Hugging Face safetensors folder (f32/f16/bf16 tensors, HF names).
+pub struct HfSource<'a> {
+    folder: &'a crate::hf::SafetensorsFolder,
+}
+
+impl<'a> HfSource<'a> {
+    /// Wrap an open folder.
+    pub fn new(folder: &'a crate::hf::SafetensorsFolder) -> Self {
+        HfSource { folder }
+    }
+}
+
+impl TensorSource for HfSource<'_> {
+    fn get_f32(&mut self, name: &str) -> Result<Option<Vec<f32>>> {
+        if !self.folder.contains(name) {
+            return Ok(None);
         }
-        return Err(Error::Resolve(format!(
-            "{}: not a GGUF file (expected a .gguf file or a Hugging Face model folder)",
-            path.display()
-        )));
+        let (_, v) = self.folder.tensor_f32(name)?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "tensor `{name}` element {i} is {}",
+                v[i]
+            )));
+        }
+        Ok(Some(v))
     }
-    if path.is_dir() {
-        return Err(Error::Resolve(format!(
-            "{}: loading Hugging Face safetensors folders is not wired yet; pass a .gguf file",
-            path.display()
-        )));
+}
+
+/// Load a model from a Hugging Face folder (`config.json` + safetensors, single or sharded).
+pub fn load_hf_folder(dir: &Path) -> Result<Model> {
+    let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    let folder = crate::hf::SafetensorsFolder::open(dir)?;
+    build_model(config, &mut HfSource::new(&folder))
+}
+
+/// Load a model from a path: a GGUF file or a Hugging Face folder.
+pub fn load_model(path: &Path) -> Result<Model> {
+    Ok(load(&path.to_string_lossy(), false)?.0)
+}
+
+/// Resolve `spec` (a `.gguf` file, a Hugging Face folder, or a repo id in the HF cache; see
+/// [`crate::resolve::resolve_model`]) and load the model, and its tokenizer when `tokenizer` is
+/// true (from GGUF metadata, or the folder's `tokenizer.json`).
+pub fn load(spec: &str, tokenizer: bool) -> Result<(Model, Option<crate::tokenizer::Tokenizer>)> {
+    use crate::resolve::{resolve_model, ModelSource};
+    match resolve_model(spec, None)? {
+        ModelSource::Gguf(p) => {
+            let file = GgufFile::open(&p)?;
+            let model = model_from_gguf(&file)?;
+            let tok = if tokenizer {
+                Some(crate::tokenizer::Tokenizer::from_gguf(&file)?)
+            } else {
+                None
+            };
+            Ok((model, tok))
+        }
+        ModelSource::HfFolder(dir) => {
+            // compressed-tensors folders (lowbit / llm-compressor output) keep their quantized
+            // tensors; a lowbit folder made from a GGUF carries its tokenizer as a vocab-only GGUF.
+            let model = if crate::quantize::checkpoint::is_compressed_tensors(&dir) {
+                crate::quantize::load_ct_model(&dir)?
+            } else {
+                load_hf_folder(&dir)?
+            };
+            let gguf_tok = dir.join("lowbit-tokenizer.gguf");
+            let tok = if !tokenizer {
+                None
+            } else if gguf_tok.is_file() && !dir.join("tokenizer.json").is_file() {
+                Some(crate::tokenizer::Tokenizer::from_gguf(&GgufFile::open(&gguf_tok)?)?)
+            } else {
+                Some(crate::tokenizer::Tokenizer::from_hf_file(
+                    &dir.join("tokenizer.json"),
+                )?)
+            };
+            Ok((model, tok))
+        }
     }
-    Err(Error::Resolve(format!(
-        "{}: no such file or folder",
-        path.display()
-    )))
 }
 
 #[cfg(test)]

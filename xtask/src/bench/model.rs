@@ -1,0 +1,143 @@
+//! `cargo xtask bench model`: prefill tokens/s (one prompt of `--prompt` tokens, logits of the
+//! last token only, as llama-bench's pp test) and decode tokens/s (`--gen` tokens one at a time
+//! from an empty cache, as llama-bench's tg test), per thread count, each in its own rayon pool.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lowbit_model::llama::Logits;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `cargo xtask bench model`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a .gguf file (default: SHARED/models/smollm2-135m-instruct-q4_1.gguf).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Comma-separated thread counts (default: 1 and all cores).
+    #[arg(long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Prompt length of the prefill test.
+    #[arg(long, default_value_t = 512)]
+    pub prompt: usize,
+    /// Tokens of the decode test.
+    #[arg(long, default_value_t = 128)]
+    pub gen: usize,
+    /// Repetitions per setting; the median is reported.
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
+    /// KV-cache policy.
+    #[arg(long, default_value = "f32")]
+    pub kv: String,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Run the benchmark.
+pub fn run(args: Args) -> Result<()> {
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => crate::shared::shared_dir()?.join("models/smollm2-135m-instruct-q4_1.gguf"),
+    };
+    let model = lowbit_model::load::load_model(&path)
+        .with_context(|| format!("loading {} (pass --model FILE.gguf)", path.display()))?;
+    let vocab = model.config.vocab_size as u64;
+    // Deterministic pseudo-random tokens (content does not change the cost).
+    let mut s = 0x9e3779b97f4a7c15u64;
+    let tokens: Vec<u32> = (0..args.prompt.max(1))
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab) as u32
+        })
+        .collect();
+    let threads = if args.threads.is_empty() {
+        let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if all > 1 {
+            vec![1, all]
+        } else {
+            vec![1]
+        }
+    } else {
+        args.threads.clone()
+    };
+    let reps = args.reps.max(1);
+    let pb = ProgressBar::new((threads.len() * reps) as u64);
+    pb.set_style(ProgressStyle::with_template(
+        "bench model [{bar:30}] {pos}/{len} {elapsed} {msg}",
+    )?);
+    if !args.json {
+        println!(
+            "model: {} ({} layers, hidden {})",
+            path.display(),
+            model.config.n_layers,
+            model.config.hidden_size
+        );
+        println!(
+            "| threads | pp{} tok/s | tg{} tok/s | decode GB/s (f32 weights) |",
+            args.prompt, args.gen
+        );
+        println!("|---|---|---|---|");
+    }
+    // Bytes of weights streamed per decoded token: every linear + the LM head (f32).
+    let c = &model.config;
+    let per_layer =
+        c.hidden_size * (2 * c.q_dim() + 2 * c.kv_dim()) + 3 * c.hidden_size * c.intermediate_size;
+    let weight_bytes = 4.0 * (c.n_layers * per_layer + c.vocab_size * c.hidden_size) as f64;
+    for &t in &threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build()?;
+        let (mut pp, mut tg) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            pb.set_message(format!("{t} thread(s)"));
+            let (p, g) = pool.install(|| -> Result<(f64, f64)> {
+                let mut cache = model.new_cache(&args.kv)?;
+                let t0 = Instant::now();
+                model.forward(&tokens, cache.as_mut(), Logits::Last)?;
+                let pp = tokens.len() as f64 / t0.elapsed().as_secs_f64();
+                let mut cache = model.new_cache(&args.kv)?;
+                let mut tok = tokens[0];
+                let t0 = Instant::now();
+                for _ in 0..args.gen {
+                    let l = model.forward(&[tok], cache.as_mut(), Logits::Last)?;
+                    tok = l
+                        .iter()
+                        .enumerate()
+                        .fold(
+                            (0, f32::NEG_INFINITY),
+                            |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
+                        )
+                        .0 as u32;
+                }
+                Ok((pp, args.gen as f64 / t0.elapsed().as_secs_f64()))
+            })?;
+            pp.push(p);
+            tg.push(g);
+            pb.inc(1);
+        }
+        let (pp, tg) = (median(pp), median(tg));
+        pb.suspend(|| {
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"bench": "model", "model": path, "threads": t, "prompt_tokens": args.prompt,
+                           "gen_tokens": args.gen, "prefill_tok_s": pp, "decode_tok_s": tg,
+                           "decode_gb_s": tg * weight_bytes / 1e9, "kv": args.kv, "reps": reps})
+                );
+            } else {
+                println!("| {t} | {pp:.1} | {tg:.2} | {:.2} |", tg * weight_bytes / 1e9);
+            }
+        });
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
