@@ -1,16 +1,449 @@
-//! `cargo xtask quantize`.
+//! `cargo xtask quantize`: quantize a model layer by layer and write a compressed-tensors folder.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use lowbit_model::ct::{self, WriteOptions};
+use lowbit_model::quantize::{
+    self, model_to_checkpoint, quantize_model, read_calibration_files, sample_windows, CalibConfig,
+    Event, Method, ModelToCheckpoint, PipelineOptions, Recipe,
+};
+use lowbit_model::Model;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const AFTER_HELP: &str = "\
+SCHEMES (--scheme):
+  int4-g128-sym   INT4, groups of 128 input columns, symmetric (absmax/7), f16 scales
+  int4-g128-asym  INT4, groups of 128, asymmetric (min/max, integer zero point)
+  int3-g128-sym   INT3, groups of 128, symmetric
+  int2-g64-asym   INT2, groups of 64, asymmetric
+  int8-pc         INT8 per output channel, symmetric
+  fp8-pc          FP8 E4M3 per output channel
+  fp8-b128        FP8 E4M3 with 128x128 block scales
+  nvfp4           NVFP4: FP4 E2M1, blocks of 16, E4M3 scales + f32 global scale
+  mxfp4           MXFP4: FP4 E2M1, blocks of 32, E8M0 scales
+  nf4-g64         bitsandbytes NF4, blocks of 64
+  w8a8-int8       INT8 per-channel weights + per-token dynamic INT8 activations
+  w8a8-fp8        FP8 per-channel weights + per-token dynamic FP8 activations
+  (any other name lowbit_numerics::Scheme::from_name accepts, e.g. int4-g32-asym, works too)
+
+RECIPE (--config FILE, JSON): {\"scheme\": ..., \"targets\": [globs], \"ignore\": [globs],
+  \"overrides\": [{\"layers\": [0, 1, -2, -1], \"scheme\": \"int8-pc\"}, {\"modules\": \"*.k_proj\", \"skip\": true}]}
+  Embeddings and lm_head are kept unquantized by default. The recipe is saved as lowbit-recipe.json.
+
+OUTPUT: a compressed-tensors folder (config.json with quantization_config, model.safetensors,
+  tokenizer, lowbit-report.json); `cargo xtask eval --model OUT` loads it. See docs/checkpoints.md.
+
+EXAMPLE:
+  cargo xtask quantize --model ../shared/models/smollm2-135m-instruct-q4_1.gguf --method gptq \\
+      --scheme int4-g128-sym --calib ../shared/data/calib/en_sherlock_holmes.txt --out out/smollm-gptq";
 
 /// Arguments of `cargo xtask quantize`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = AFTER_HELP)]
 pub struct Args {
-    /// Emit machine-readable JSON.
+    /// The model: a .gguf file or a Hugging Face folder (config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Algorithm: rtn, gptq, awq, smoothquant, hqq.
+    #[arg(long, default_value = "gptq")]
+    pub method: String,
+    /// Weight scheme (see the list below).
+    #[arg(long, default_value = "int4-g128-sym")]
+    pub scheme: String,
+    /// Calibration text files (UTF-8). Never the evaluation text.
+    #[arg(long, num_args = 1..)]
+    pub calib: Vec<PathBuf>,
+    /// Output folder (written atomically: a temporary sibling renamed at the end).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub seqlen: usize,
+    /// Seed of the window sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// JSON recipe: targets, ignore patterns, per-layer / per-module overrides.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The evaluation text you will measure on: calibration files equal to it are refused.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// GPTQ column order: static (llm-compressor default), group (g_idx stored), off.
+    #[arg(long, default_value = "static")]
+    pub act_order: String,
+    /// GPTQ relative damping.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
+    /// RTN clipping: absmax or mse.
+    #[arg(long, default_value = "absmax")]
+    pub clip: String,
+    /// SmoothQuant migration strength.
+    #[arg(long, default_value_t = 0.8)]
+    pub alpha: f32,
+    /// One capture pass per layer for all seven linears instead of q/k/v -> o -> gate/up -> down
+    /// stages (about twice as fast, slightly less accurate).
+    #[arg(long)]
+    pub layer_sequential: bool,
+    /// Emit the summary as one JSON object on the last stdout line.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The tokenizer of a model file or folder: a GGUF's embedded tokenizer, a folder's
+/// `lowbit-tokenizer.gguf` (lowbit checkpoints made from a GGUF), or its `tokenizer.json`.
+pub struct Tok(lowbit_model::tokenizer::Tokenizer);
+
+impl Tok {
+    /// The tokenizer of a model file or folder.
+    pub fn from_model_path(path: &Path) -> Result<Self> {
+        use lowbit_model::gguf::GgufFile;
+        use lowbit_model::tokenizer::Tokenizer;
+        if path.is_file() {
+            return Ok(Tok(Tokenizer::from_gguf(&GgufFile::open(path)?)?));
+        }
+        let g = path.join("lowbit-tokenizer.gguf");
+        if g.is_file() {
+            return Ok(Tok(Tokenizer::from_gguf(&GgufFile::open(&g)?)?));
+        }
+        let j = path.join("tokenizer.json");
+        if j.is_file() {
+            return Ok(Tok(Tokenizer::from_hf_file(&j)?));
+        }
+        bail!(
+            "{}: no tokenizer (expected tokenizer.json or lowbit-tokenizer.gguf)",
+            path.display()
+        )
+    }
+
+    /// Token ids of `text` as one piece, no BOS added (the evaluation protocol).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.0.encode(text)?)
+    }
+}
+
+/// A loaded source model with what is needed to tokenize and to re-ship its tokenizer.
+pub struct Source {
+    /// The model.
+    pub model: Model,
+    /// Tokenizer.
+    pub tokenizer: Tok,
+    /// Files to copy into a quantized checkpoint so it can tokenize on its own.
+    pub tokenizer_files: Vec<(String, Vec<u8>)>,
+}
+
+/// Load a model (GGUF file or HF folder) with its tokenizer.
+pub fn load_source(path: &Path) -> Result<Source> {
+    if !path.exists() {
+        bail!(
+            "model {} not found: pass a .gguf file or a Hugging Face folder \
+             (the default model lives in $LOWBIT_SHARED/models/smollm2-135m-instruct-q4_1.gguf)",
+            path.display()
+        );
+    }
+    let model = lowbit_model::load::load_model(path)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let tokenizer = Tok::from_model_path(path)
+        .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+            "lowbit-tokenizer.gguf",
+        ] {
+            let p = path.join(f);
+            if p.is_file() {
+                files.push((f.to_string(), std::fs::read(&p)?));
+            }
+        }
+    } else {
+        files.push(("lowbit-tokenizer.gguf".to_string(), vocab_only_gguf(path)?));
+    }
+    Ok(Source {
+        model,
+        tokenizer,
+        tokenizer_files: files,
+    })
+}
+
+/// A vocab-only GGUF holding the source GGUF's `general.architecture` and every `tokenizer.*`
+/// key, so a quantized folder made from a GGUF can tokenize exactly like its source.
+pub fn vocab_only_gguf(path: &Path) -> Result<Vec<u8>> {
+    use lowbit_model::gguf::{GgufFile, GgufValue, GgufWriter};
+    let g = GgufFile::open(path)?;
+    let mut w = GgufWriter::new();
+    for (k, v) in g.metadata() {
+        if k.starts_with("tokenizer.") || k == "general.architecture" || k == "general.name" {
+            w.add_kv(k.clone(), v.clone());
+        }
+    }
+    w.add_kv("general.type", GgufValue::String("vocab".into()));
+    Ok(w.to_bytes()?)
+}
+
+fn style(t: &str) -> ProgressStyle {
+    ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// Everything one quantization run produced, for the summary and the demo.
+pub struct RunOutput {
+    /// The quantized model (still in memory).
+    pub model: Model,
+    /// The summary object (also saved as lowbit-report.json).
+    pub summary: Value,
+}
+
+/// Quantize with `args`, write the folder, return the summary.
+pub fn quantize_to_folder(args: &Args, quiet: bool) -> Result<RunOutput> {
+    let t_all = Instant::now();
+    let method = Method::parse(&args.method)?;
+    let (_, act) = quantize::parse_scheme(&args.scheme)?;
+    let recipe = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Recipe::from_json(&text, &args.scheme)?
+        }
+        None => Recipe::new(&args.scheme),
+    };
+    if method == Method::SmoothQuant && act.is_none() {
+        eprintln!("note: smoothquant with a weight-only scheme; use --scheme w8a8-int8 for W8A8");
+    }
+    let t_load = Instant::now();
+    let src = load_source(&args.model)?;
+    let load_secs = t_load.elapsed().as_secs_f64();
+    // Calibration windows.
+    let needs = !args.calib.is_empty() || !matches!(method, Method::Rtn | Method::Hqq);
+    let (windows, sources) = if needs {
+        let files = read_calibration_files(&args.calib, args.eval.as_deref())?;
+        let mut toks = Vec::new();
+        let mut srcs = Vec::new();
+        for (text, s) in &files {
+            let ids = src
+                .tokenizer
+                .encode(text)
+                .with_context(|| format!("tokenizing {}", s.path.display()))?;
+            srcs.push(
+                json!({"path": s.path, "sha256": s.sha256, "bytes": s.bytes, "tokens": ids.len()}),
+            );
+            toks.extend(ids);
+        }
+        let cfg = CalibConfig {
+            samples: args.samples,
+            seqlen: args.seqlen,
+            seed: args.seed,
+        };
+        (sample_windows(&toks, &cfg)?, srcs)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut opts = PipelineOptions::new(method, recipe.clone());
+    opts.gptq.damp_percent = args.damp;
+    opts.gptq.act_order = match args.act_order.as_str() {
+        "static" => lowbit_calibration::ActOrder::Static,
+        "group" => lowbit_calibration::ActOrder::Group,
+        "off" => lowbit_calibration::ActOrder::Off,
+        o => bail!("--act-order {o}: choose static, group or off"),
+    };
+    opts.rtn_clipping = match args.clip.as_str() {
+        "absmax" => lowbit_calibration::Clipping::AbsMax,
+        "mse" => lowbit_calibration::Clipping::Mse {
+            grid: 20,
+            min_ratio: 0.5,
+        },
+        o => bail!("--clip {o}: choose absmax or mse"),
+    };
+    opts.true_sequential = !args.layer_sequential;
+    opts.smooth_alpha = args.alpha;
+    // Progress bars: layers, and the current pass over the windows.
+    let mp = MultiProgress::new();
+    if quiet {
+        mp.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let n_layers = src.model.config.n_layers;
+    let lb = mp.add(ProgressBar::new(n_layers as u64));
+    lb.set_style(style(
+        "{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} layers {msg}",
+    ));
+    lb.set_prefix(method.name());
+    let pb = mp.add(ProgressBar::new(windows.len().max(1) as u64));
+    pb.set_style(style("{prefix:>9} {bar:30} {pos}/{len} {msg}"));
+    let mut model = src.model;
+    let mut on_event = |e: &Event| match e {
+        Event::LayerStart { layer, .. } => lb.set_message(format!("layer {layer}")),
+        Event::Pass {
+            layer,
+            what,
+            done,
+            total,
+        } => {
+            pb.set_length(*total as u64);
+            pb.set_position(*done as u64);
+            pb.set_prefix(format!("L{layer}"));
+            pb.set_message(*what);
+        }
+        Event::Module(m) => {
+            let e = m
+                .rel_error
+                .map_or(String::new(), |e| format!(" err {e:.4}"));
+            pb.set_message(format!("{}{e}", m.name.rsplit('.').next().unwrap_or("")));
+        }
+        Event::LayerDone(_) => lb.inc(1),
+        _ => {}
+    };
+    let report = quantize_model(&mut model, &windows, &opts, &mut on_event)?;
+    pb.finish_and_clear();
+    lb.finish_and_clear();
+    // Summary / report.
+    let layers: Vec<Value> = report
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "layer": l.layer, "mean_rel_error": l.mean_rel_error, "secs": l.secs,
+                "modules": l.modules,
+            })
+        })
+        .collect();
+    let errs: Vec<f64> = report
+        .layers
+        .iter()
+        .filter_map(|l| l.mean_rel_error)
+        .collect();
+    let mut summary = json!({
+        "command": "quantize",
+        "model": args.model,
+        "method": method.name(),
+        "scheme": args.scheme,
+        "activations": act.map(|a| format!("{a:?}")),
+        "calibration": {
+            "files": sources, "samples": windows.len(), "seqlen": args.seqlen, "seed": args.seed,
+            "tokens": report.calib_tokens,
+        },
+        "options": {
+            "act_order": args.act_order, "damp": args.damp, "clip": args.clip,
+            "true_sequential": !args.layer_sequential, "alpha": args.alpha,
+        },
+        "recipe": recipe.to_json(),
+        "mean_rel_error": if errs.is_empty() { Value::Null } else { json!(errs.iter().sum::<f64>() / errs.len() as f64) },
+        "layers": layers,
+        "timings": { "load_secs": load_secs, "quantize_secs": report.secs },
+        "threads": rayon::current_num_threads(),
+    });
+    // Write the checkpoint.
+    let t_write = Instant::now();
+    let mut extra = src.tokenizer_files.clone();
+    extra.push((
+        "lowbit-recipe.json".into(),
+        serde_json::to_vec_pretty(&recipe.to_json())?,
+    ));
+    let mut ck = model_to_checkpoint(
+        &model,
+        &ModelToCheckpoint {
+            input_activations: act,
+            extra_files: extra,
+        },
+    )?;
+    summary["timings"]["total_secs_before_write"] = json!(t_all.elapsed().as_secs_f64());
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    ck.extra_files.push((
+        "lowbit-report.json".into(),
+        serde_json::to_vec_pretty(&summary)?,
+    ));
+    ct::write_checkpoint(&args.out, &ck, &WriteOptions::default())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    summary["timings"]["write_secs"] = json!(t_write.elapsed().as_secs_f64());
+    summary["timings"]["total_secs"] = json!(t_all.elapsed().as_secs_f64());
+    summary["out"] = json!(args.out);
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    Ok(RunOutput { model, summary })
+}
+
+/// Print the per-layer table of a run.
+pub fn print_table(summary: &Value) {
+    println!(
+        "{} {} on {} -> {}",
+        summary["method"].as_str().unwrap_or(""),
+        summary["scheme"].as_str().unwrap_or(""),
+        summary["model"].as_str().unwrap_or(""),
+        summary["out"].as_str().unwrap_or("")
+    );
+    println!(
+        "{:>5}  {:>9}  {:>9}  {:>9}  {:>9}  {:>7}",
+        "layer", "mean err", "attn max", "mlp max", "worst", "secs"
+    );
+    if let Some(ls) = summary["layers"].as_array() {
+        for l in ls {
+            let mods = l["modules"].as_array().cloned().unwrap_or_default();
+            let max_of = |pat: &str| {
+                mods.iter()
+                    .filter(|m| m["name"].as_str().unwrap_or("").contains(pat))
+                    .filter_map(|m| m["rel_error"].as_f64())
+                    .fold(f64::NAN, f64::max)
+            };
+            let worst = mods
+                .iter()
+                .filter(|m| m["rel_error"].is_f64())
+                .max_by(|a, b| {
+                    a["rel_error"]
+                        .as_f64()
+                        .partial_cmp(&b["rel_error"].as_f64())
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                })
+                .and_then(|m| {
+                    m["name"]
+                        .as_str()
+                        .map(|s| s.rsplit('.').next().unwrap_or(s).to_string())
+                })
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{:>5}  {:>9.5}  {:>9.5}  {:>9.5}  {:>9}  {:>7.1}",
+                l["layer"],
+                l["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
+                max_of("self_attn"),
+                max_of("mlp"),
+                worst,
+                l["secs"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    println!(
+        "mean relative output error {:.5}; quantize {:.1} s, total {:.1} s; peak RSS {:.0} MiB",
+        summary["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
+        summary["timings"]["quantize_secs"].as_f64().unwrap_or(0.0),
+        summary["timings"]["total_secs"].as_f64().unwrap_or(0.0),
+        summary["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+    );
+}
+
 /// Run the command.
-pub fn run(_args: Args) -> Result<()> {
-    bail!("quantize: not implemented yet")
+pub fn run(args: Args) -> Result<()> {
+    let out = quantize_to_folder(&args, false)?;
+    print_table(&out.summary);
+    if args.json {
+        let mut s = out.summary.clone();
+        // Keep the JSON line compact: per-module details stay in lowbit-report.json.
+        if let Some(ls) = s["layers"].as_array_mut() {
+            for l in ls {
+                l.as_object_mut().map(|o| o.remove("modules"));
+            }
+        }
+        println!("{}", serde_json::to_string(&s)?);
+    }
+    Ok(())
 }

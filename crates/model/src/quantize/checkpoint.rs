@@ -174,6 +174,20 @@ impl TensorSource for CtSource {
     }
 }
 
+/// Whether `dir` holds a compressed-tensors checkpoint (a `quantization_config` with
+/// `quant_method = compressed-tensors`, or lowbit's sidecar).
+pub fn is_compressed_tensors(dir: &Path) -> bool {
+    if dir.join(crate::ct::config::SCHEMES_FILE).is_file() {
+        return true;
+    }
+    crate::ct::read_config(dir).is_ok_and(|c| {
+        c.get("quantization_config")
+            .and_then(|q| q.get("quant_method"))
+            .and_then(Value::as_str)
+            == Some("compressed-tensors")
+    })
+}
+
 /// Load a compressed-tensors folder (written by lowbit or llm-compressor) as a [`Model`] whose
 /// linears keep their quantized tensors; W8A8 checkpoints get the per-token activation
 /// quantizer on every quantized linear.

@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::llama::{rms_norm, Model};
 use lowbit_calibration::sensitivity::relative_output_error_h;
 use lowbit_calibration::{
-    gptq_prepared, prepare_hessian, rtn, ActOrder, Clipping, GptqConfig, HessianAccumulator,
-    RtnConfig,
+    awq, gptq_prepared, hqq, prepare_hessian, rtn, smoothquant_scales, ActOrder, AwqConfig,
+    Clipping, GptqConfig, HqqConfig, InputStats, LinearWeight, RtnConfig, SqConfig,
 };
 use lowbit_numerics::{QuantizedTensor, Scheme};
 use std::collections::BTreeMap;
@@ -204,46 +204,8 @@ fn input_key(module: &str) -> &'static str {
         .expect("layer linear")
 }
 
-/// Statistics of one input group.
-struct Stats {
-    h: HessianAccumulator,
-    abs_max: Vec<f32>,
-    /// SmoothQuant scales applied after accumulation: the Hessian of the smoothed inputs is
-    /// `S⁻¹ H S⁻¹`.
-    smooth: Option<Vec<f32>>,
-}
-
-impl Stats {
-    fn new(cols: usize) -> Self {
-        Stats {
-            h: HessianAccumulator::new(cols),
-            abs_max: vec![0.0; cols],
-            smooth: None,
-        }
-    }
-    fn add(&mut self, x: &[f32], n: usize) -> Result<()> {
-        self.h.add_rows(x, n)?;
-        let c = self.abs_max.len();
-        for row in x.chunks_exact(c) {
-            for (m, v) in self.abs_max.iter_mut().zip(row) {
-                *m = m.max(v.abs());
-            }
-        }
-        Ok(())
-    }
-    fn hessian(&self) -> Result<Vec<f64>> {
-        let mut hm = self.h.hessian()?;
-        if let Some(s) = &self.smooth {
-            let n = s.len();
-            for i in 0..n {
-                for j in 0..n {
-                    hm[i * n + j] /= s[i] as f64 * s[j] as f64;
-                }
-            }
-        }
-        Ok(hm)
-    }
-}
+/// Statistics of one input group (Gram matrix / Hessian, mean and max |x| per channel).
+type Stats = InputStats;
 
 /// Quantize `model` in place with calibration windows `samples` (token ids). Returns the
 /// per-layer report; the quantized linears carry their [`QuantizedTensor`]s (and the per-token
@@ -264,16 +226,6 @@ pub fn quantize_model(
             "method {} needs calibration data (--calib FILE)",
             opts.method.name()
         )));
-    }
-    match opts.method {
-        Method::Awq | Method::Hqq => {
-            return Err(Error::Quantize(format!(
-                "method {} is not available in this build yet (lowbit-calibration does not \
-                 provide it); use rtn, gptq or smoothquant",
-                opts.method.name()
-            )))
-        }
-        _ => {}
     }
     let use_calib = !samples.is_empty();
     let c = model.config.clone();
@@ -311,7 +263,19 @@ pub fn quantize_model(
                 }
             }
         }
-        let stages: Vec<Vec<&'static str>> = if opts.true_sequential {
+        // AWQ folds scales into producers (norms, up_proj rows), which must still be dense:
+        // one capture pass per layer, down_proj first (its scales go into up_proj).
+        let stages: Vec<Vec<&'static str>> = if opts.method == Method::Awq {
+            vec![vec![
+                "mlp.down_proj",
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+            ]]
+        } else if opts.true_sequential {
             INPUTS.iter().map(|(_, ms)| ms.to_vec()).collect()
         } else {
             vec![INPUTS
@@ -352,7 +316,7 @@ pub fn quantize_model(
                         stats
                             .get_mut("attn_in")
                             .expect("inserted")
-                            .add(&x, seqlen)?;
+                            .add_rows(&x, seqlen)?;
                         on_event(&Event::Pass {
                             layer: li,
                             what: "q/k/v inputs",
@@ -376,8 +340,8 @@ pub fn quantize_model(
                                 _ => return,
                             };
                             if let Some(s) = stats.get_mut(k) {
-                                if let Err(e) = s.add(x, n) {
-                                    err.get_or_insert(e);
+                                if let Err(e) = s.add_rows(x, n) {
+                                    err.get_or_insert(e.into());
                                 }
                             }
                         };
@@ -416,11 +380,20 @@ pub fn quantize_model(
             }
             // Quantize the stage's modules; linears sharing an input share GPTQ's factorization.
             for &k in &keys {
+                if opts.method == Method::Awq && k != "o_in" {
+                    if let Some(st) = stats.get(k) {
+                        for rep in awq_group(model, li, k, st, &plan, &todo)? {
+                            on_event(&Event::Module(rep.clone()));
+                            modules.push(rep);
+                        }
+                        continue;
+                    }
+                }
                 let hmat = match stats.get(k) {
-                    Some(s) => Some(s.hessian()?),
+                    Some(s) => Some(s.hessian.hessian()?),
                     None => None,
                 };
-                let cols = stats.get(k).map_or(0, |s| s.h.cols());
+                let cols = stats.get(k).map_or(0, |s| s.cols());
                 let prep = match (&hmat, opts.method) {
                     (Some(hm), Method::Gptq | Method::SmoothQuant) => {
                         Some(prepare_hessian(hm, cols, &gptq_cfg(opts, &plan, &todo))?)
@@ -456,17 +429,24 @@ pub fn quantize_model(
                                 p.dead.len(),
                             )
                         }
+                        None if opts.method == Method::Hqq => {
+                            let r = hqq(&w, rows, cols, &scheme, &HqqConfig::default())
+                                .map_err(|e| Error::Quantize(format!("{full}: HQQ: {e}")))?;
+                            (r.tensor, r.dequantized, None, None, 0)
+                        }
                         None => {
-                            let q = rtn(
-                                &w,
-                                rows,
-                                cols,
-                                &scheme,
-                                &RtnConfig {
-                                    clipping: opts.rtn_clipping,
-                                },
-                            )
-                            .map_err(|e| Error::Quantize(format!("{full}: {e}")))?;
+                            // AWQ cannot fold o_proj's scales into v_proj under GQA (AutoAWQ
+                            // skips it too): plain rounding with an MSE clipping search.
+                            let clipping = if opts.method == Method::Awq {
+                                Clipping::Mse {
+                                    grid: 20,
+                                    min_ratio: 0.5,
+                                }
+                            } else {
+                                opts.rtn_clipping
+                            };
+                            let q = rtn(&w, rows, cols, &scheme, &RtnConfig { clipping })
+                                .map_err(|e| Error::Quantize(format!("{full}: {e}")))?;
                             let d = q.dequantize()?;
                             (q, d, None, None, 0)
                         }
@@ -546,58 +526,161 @@ fn gptq_cfg(
     cfg
 }
 
-/// SmoothQuant for the linears reading `key` (`attn_in` after `input_layernorm`, `mlp_in` after
-/// `post_attention_layernorm`): `s_j = max|X_j|^α / max|W_j|^(1-α)`, the norm weight divided
-/// by `s`, the weights' columns multiplied by `s`; the statistics are rescaled to match
-/// (`H' = S⁻¹ H S⁻¹`, `max|X'| = max|X| / s`).
-fn smooth_group(model: &mut Model, li: usize, key: &str, st: &mut Stats, alpha: f32) -> Result<()> {
-    let names: &[&str] = INPUTS.iter().find(|(k, _)| *k == key).expect("key").1;
-    let layer = &mut model.layers[li];
-    let cols = st.abs_max.len();
-    let mut wmax = vec![0f32; cols];
-    for n in names {
-        let l = layer.linear(n).expect("linear");
-        for row in l.weight_f32().chunks_exact(cols) {
-            for (m, v) in wmax.iter_mut().zip(row) {
-                *m = m.max(v.abs());
-            }
-        }
-    }
-    let s: Vec<f32> = st
-        .abs_max
+type Plan = BTreeMap<&'static str, (String, Scheme, Option<ActivationQuant>)>;
+
+/// The linears of `key` that the stage quantizes, their weights and the group's one scheme.
+fn group_weights(
+    model: &Model,
+    li: usize,
+    key: &str,
+    plan: &Plan,
+    todo: &[&str],
+) -> Result<(Vec<&'static str>, Vec<Vec<f32>>, Vec<usize>)> {
+    let names: Vec<&'static str> = INPUTS
         .iter()
-        .zip(&wmax)
-        .map(|(&a, &w)| {
-            let v = a.max(1e-5).powf(alpha) / w.max(1e-5).powf(1.0 - alpha);
-            if v.is_finite() && v > 0.0 {
-                v
-            } else {
-                1.0
-            }
-        })
+        .find(|(k, _)| *k == key)
+        .expect("key")
+        .1
+        .iter()
+        .copied()
+        .filter(|m| todo.contains(m) && plan.contains_key(m))
         .collect();
-    let norm = if key == "attn_in" {
-        &mut layer.attn_norm
-    } else {
-        &mut layer.mlp_norm
-    };
-    for (g, f) in norm.iter_mut().zip(&s) {
-        *g /= f;
-    }
-    for n in names {
-        let l = layer.linear_mut(n).expect("linear");
-        let mut w = l.weight_f32().to_vec();
-        for row in w.chunks_exact_mut(cols) {
-            for (x, f) in row.iter_mut().zip(&s) {
-                *x *= f;
-            }
+    if let Some(first) = names.first() {
+        if names.iter().any(|n| plan[n].1 != plan[first].1) {
+            return Err(Error::Quantize(format!(
+                "layer {li}: {} share an input and must share one scheme for AWQ",
+                names.join(", ")
+            )));
         }
+    }
+    let layer = &model.layers[li];
+    let ws: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| layer.linear(n).expect("linear").weight_f32().to_vec())
+        .collect();
+    let rows: Vec<usize> = names
+        .iter()
+        .map(|n| layer.linear(n).expect("linear").out)
+        .collect();
+    Ok((names, ws, rows))
+}
+
+/// Divide the producer of input `key` by `s` (norm weight, or `up_proj`'s rows for `down_in`).
+fn fold_into_producer(model: &mut Model, li: usize, key: &str, s: &[f32]) -> Result<()> {
+    let layer = &mut model.layers[li];
+    match key {
+        "attn_in" => lowbit_calibration::fold::divide_norm_weight(&mut layer.attn_norm, s)?,
+        "mlp_in" => lowbit_calibration::fold::divide_norm_weight(&mut layer.mlp_norm, s)?,
+        "down_in" => {
+            let up = &mut layer.up_proj;
+            if up.is_quantized() {
+                return Err(Error::Quantize(format!(
+                    "layer {li}: cannot fold down_proj scales into an already quantized up_proj"
+                )));
+            }
+            let (rows, cols) = (up.out, up.inp);
+            let mut w = up.weight_f32().to_vec();
+            let mut b = up.bias.clone();
+            lowbit_calibration::fold::divide_rows(&mut w, rows, cols, b.as_deref_mut(), s)?;
+            up.set_dense(w)?;
+            up.bias = b;
+        }
+        _ => {
+            return Err(Error::Quantize(format!(
+                "no producer to fold scales into for {key}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// AWQ of the linears reading `key`: scale search + clipping (not for q/k), scales folded into
+/// the producer, scaled-space tensors installed.
+fn awq_group(
+    model: &mut Model,
+    li: usize,
+    key: &str,
+    st: &Stats,
+    plan: &Plan,
+    todo: &[&str],
+) -> Result<Vec<ModuleReport>> {
+    let t = Instant::now();
+    let (names, ws, rows) = group_weights(model, li, key, plan, todo)?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (sname, scheme, act) = plan[names[0]].clone();
+    let lws: Vec<LinearWeight> = ws
+        .iter()
+        .zip(&rows)
+        .map(|(w, &r)| LinearWeight { w, rows: r })
+        .collect();
+    let clip: Vec<bool> = names
+        .iter()
+        .map(|n| !(n.ends_with("q_proj") || n.ends_with("k_proj")))
+        .collect();
+    let r = awq(&lws, st, &scheme, &clip, &AwqConfig::default())
+        .map_err(|e| Error::Quantize(format!("layer {li} {key}: AWQ: {e}")))?;
+    fold_into_producer(model, li, key, &r.scales.scales)?;
+    let secs = t.elapsed().as_secs_f64() / names.len() as f64;
+    let mut reps = Vec::new();
+    for (n, l) in names.iter().zip(r.linears) {
+        let full = format!("model.layers.{li}.{n}");
+        let lin = model.linear_mut(&full).expect("linear");
+        let bpw = l.tensor.bits_per_weight();
+        let deq = l.dequantized;
+        lin.set_quantized(l.tensor, move |_| Ok(deq))?;
+        if let Some(a) = act {
+            lin.act_quant = Some(act_quant_fn(a));
+        }
+        reps.push(ModuleReport {
+            name: full,
+            scheme: sname.clone(),
+            method: "awq".into(),
+            rel_error: Some(l.rel_error),
+            gptq_loss: None,
+            damp: None,
+            dead_channels: 0,
+            bits_per_weight: bpw,
+            secs,
+        });
+    }
+    Ok(reps)
+}
+
+/// SmoothQuant for the linears reading `key` (`attn_in` after `input_layernorm`, `mlp_in` after
+/// `post_attention_layernorm`): migration scales from the activation and weight maxima, the norm
+/// weight divided by `s`, the weights' columns multiplied by `s`, and the statistics rescaled to
+/// the smoothed inputs.
+fn smooth_group(model: &mut Model, li: usize, key: &str, st: &mut Stats, alpha: f32) -> Result<()> {
+    let names: Vec<&'static str> = INPUTS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .expect("key")
+        .1
+        .to_vec();
+    let layer = &model.layers[li];
+    let ws: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| layer.linear(n).expect("linear").weight_f32().to_vec())
+        .collect();
+    let rows: Vec<usize> = names
+        .iter()
+        .map(|n| layer.linear(n).expect("linear").out)
+        .collect();
+    let lws: Vec<LinearWeight> = ws
+        .iter()
+        .zip(&rows)
+        .map(|(w, &r)| LinearWeight { w, rows: r })
+        .collect();
+    let s = smoothquant_scales(&lws, &st.abs_max()?, &SqConfig { alpha })?;
+    fold_into_producer(model, li, key, &s)?;
+    let cols = s.len();
+    for (n, mut w) in names.iter().zip(ws) {
+        let l = model.layers[li].linear_mut(n).expect("linear");
+        lowbit_calibration::fold::scale_columns(&mut w, l.out, cols, &s)?;
         l.set_dense(w)?;
     }
-    // Rescale the statistics to the smoothed inputs X' = X diag(1/s).
-    for (m, f) in st.abs_max.iter_mut().zip(&s) {
-        *m /= f;
-    }
-    st.smooth = Some(s);
+    st.divide_channels(&s)?;
     Ok(())
 }
