@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lowbit_kernels::{dense, membw, PackedLinear, W8A8Linear};
-use lowbit_numerics::{ElemFormat, FloatFormat, QuantizedTensor, Scheme};
+use lowbit_numerics::{ElemFormat, FloatFormat, QuantizedTensor, ScaleDtype, Scheme};
 
 /// Arguments of `cargo xtask bench gemv`.
 #[derive(clap::Args, Debug)]
@@ -78,7 +78,22 @@ fn random_tensor(scheme: Scheme, rows: usize, cols: usize, rng: &mut Rng) -> Qua
         rows,
         cols,
         data,
-        scales: (0..gr * gc).map(|_| 0.5 + rng.f().abs()).collect(),
+        // scales take values of the scheme's scale dtype, as a real quantizer's would (this
+        // decides the packed header: E8M0/E4M3 scales pack as one-byte codes)
+        scales: (0..gr * gc)
+            .map(|_| {
+                let v = 0.5 + rng.f().abs();
+                match scheme.scale_dtype {
+                    ScaleDtype::E8M0 => 2f32.powi(-((rng.next() % 8) as i32)),
+                    ScaleDtype::E4M3 => {
+                        lowbit_kernels::codes::e4m3(0x08 + (rng.next() % 0x70) as u8)
+                    }
+                    ScaleDtype::F16 => half::f16::from_f32(v).to_f32(),
+                    ScaleDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+                    _ => v,
+                }
+            })
+            .collect(),
         zero_points: scheme.asymmetric.then(|| {
             (0..gr * gc)
                 .map(|_| (rng.next() % (1 << bits)) as u8)
