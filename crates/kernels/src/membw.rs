@@ -44,7 +44,7 @@ fn scalar(buf: &[u8]) -> u64 {
 #[target_feature(enable = "avx2")]
 unsafe fn sum_avx2(buf: &[u8]) -> u64 {
     use std::arch::x86_64::*;
-    debug_assert!(buf.len() % 128 == 0);
+    debug_assert!(buf.len().is_multiple_of(128));
     let mut a = [_mm256_setzero_si256(); 4];
     let p = buf.as_ptr();
     let mut i = 0;

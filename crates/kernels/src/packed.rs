@@ -590,6 +590,7 @@ impl PackedLinear {
     }
 
     /// The scalar reference kernel.
+    #[allow(clippy::needless_range_loop)]
     pub(crate) fn tile_scalar(
         &self,
         tile: usize,

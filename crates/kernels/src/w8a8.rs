@@ -268,7 +268,12 @@ fn dot_tile(
     nt: usize,
     acc: &mut [[i32; TR]; 4],
 ) {
-    assert!(w.len() == TR * kp && x.len() == nt * kp && kp % KPAD == 0 && (1..=4).contains(&nt));
+    assert!(
+        w.len() == TR * kp
+            && x.len() == nt * kp
+            && kp.is_multiple_of(KPAD)
+            && (1..=4).contains(&nt)
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if vnni {
@@ -295,6 +300,7 @@ fn dot_tile(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // index loops over register arrays are deliberate
 mod x86w {
     use super::{KPAD, TR};
     use std::arch::x86_64::*;
@@ -340,7 +346,7 @@ mod x86w {
             }
             k += 32;
         }
-        debug_assert!(kp % KPAD == 0);
+        debug_assert!(kp.is_multiple_of(KPAD));
         for t in 0..nt {
             for r in 0..TR {
                 acc[t][r] = hsum_i32_256(a[t][r]);

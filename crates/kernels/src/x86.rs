@@ -6,6 +6,8 @@
 //! at the end. Only the summation order differs from the scalar path.
 
 #![allow(clippy::too_many_arguments)]
+// Index loops over register arrays are deliberate (they unroll into named registers).
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 

@@ -454,7 +454,7 @@ fn tolerance_detects_a_single_wrong_code() {
     );
     let pk = PackedLinear::new(&q).unwrap();
     let mut q2 = q.clone();
-    q2.data[1 * q.row_bytes() + 100] ^= 0x04; // row 1, column 200, code +-4
+    q2.data[q.row_bytes() + 100] ^= 0x04; // row 1, column 200, code +-4
     let (w, mag) = dequant(&q2);
     let x: Vec<f32> = (0..q.cols)
         .map(|c| if c == 200 { 1.0 } else { rng.f() })

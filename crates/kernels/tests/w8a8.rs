@@ -1,5 +1,6 @@
 //! W8A8: activation quantization and integer GEMV/GEMM, every path against the exact integer
 //! reference (integer sums are exact, so results must match bit for bit).
+#![allow(clippy::needless_range_loop)]
 
 use lowbit_kernels::w8a8::{try_quantize_activations_int8_per_token, W8A8Linear};
 use lowbit_kernels::{quantize_activations_int8_per_token, Isa};
