@@ -18,7 +18,7 @@ use rayon::prelude::*;
 /// Panel width of the blocked algorithms.
 const NB: usize = 64;
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -39,7 +39,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// `out[k] = dot(x, ws[k])` for four rows at once (one pass over `x`).
-#[inline]
+#[inline(always)]
 fn dot4(x: &[f64], w0: &[f64], w1: &[f64], w2: &[f64], w3: &[f64]) -> [f64; 4] {
     let n = x.len();
     let (w0, w1, w2, w3) = (&w0[..n], &w1[..n], &w2[..n], &w3[..n]);
@@ -47,17 +47,19 @@ fn dot4(x: &[f64], w0: &[f64], w1: &[f64], w2: &[f64], w3: &[f64]) -> [f64; 4] {
     let mut a1 = [0f64; 4];
     let mut a2 = [0f64; 4];
     let mut a3 = [0f64; 4];
-    let m = n / 4 * 4;
-    let mut p = 0;
-    while p < m {
+    let it = x
+        .chunks_exact(4)
+        .zip(w0.chunks_exact(4))
+        .zip(w1.chunks_exact(4))
+        .zip(w2.chunks_exact(4))
+        .zip(w3.chunks_exact(4));
+    for ((((xv, v0), v1), v2), v3) in it {
         for k in 0..4 {
-            let xv = x[p + k];
-            a0[k] += xv * w0[p + k];
-            a1[k] += xv * w1[p + k];
-            a2[k] += xv * w2[p + k];
-            a3[k] += xv * w3[p + k];
+            a0[k] += xv[k] * v0[k];
+            a1[k] += xv[k] * v1[k];
+            a2[k] += xv[k] * v2[k];
+            a3[k] += xv[k] * v3[k];
         }
-        p += 4;
     }
     let mut out = [
         (a0[0] + a0[2]) + (a0[1] + a0[3]),
@@ -65,7 +67,7 @@ fn dot4(x: &[f64], w0: &[f64], w1: &[f64], w2: &[f64], w3: &[f64]) -> [f64; 4] {
         (a2[0] + a2[2]) + (a2[1] + a2[3]),
         (a3[0] + a3[2]) + (a3[1] + a3[3]),
     ];
-    for q in m..n {
+    for q in n / 4 * 4..n {
         out[0] += x[q] * w0[q];
         out[1] += x[q] * w1[q];
         out[2] += x[q] * w2[q];
@@ -75,7 +77,18 @@ fn dot4(x: &[f64], w0: &[f64], w1: &[f64], w2: &[f64], w3: &[f64]) -> [f64; 4] {
 }
 
 /// `row[k0 + t] -= dot(row[..k0], panel[t])` for every panel row `t < tmax`.
-fn panel_update(row: &mut [f64], panel: &[f64], k0: usize, width: usize, tmax: usize) {
+///
+/// Runs under `pulp`'s runtime dispatch so the dot products are compiled for the best
+/// instruction set the CPU has (AVX2+FMA / AVX-512) instead of the baseline SSE2.
+fn panel_update(row: &mut [f64], panel: &[f64], k0: usize, tmax: usize) {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || panel_update_impl(row, panel, k0, tmax),
+    )
+}
+
+#[inline(always)]
+fn panel_update_impl(row: &mut [f64], panel: &[f64], k0: usize, tmax: usize) {
     let (left, right) = row.split_at_mut(k0);
     let left = &*left;
     let mut t = 0;
@@ -96,7 +109,6 @@ fn panel_update(row: &mut [f64], panel: &[f64], k0: usize, width: usize, tmax: u
         right[t] -= dot(left, &panel[t * k0..(t + 1) * k0]);
         t += 1;
     }
-    let _ = width;
 }
 
 /// In-place lower Cholesky factorisation `A = L Lᵀ` of a symmetric positive-definite `n x n`
@@ -123,7 +135,7 @@ pub fn cholesky_in_place(a: &mut [f64], n: usize) -> Result<()> {
         // 1. Left-looking update of the diagonal block rows.
         for t in 0..w {
             let i = k0 + t;
-            panel_update(&mut a[i * n..i * n + k1], &panel, k0, w, t + 1);
+            panel_update(&mut a[i * n..i * n + k1], &panel, k0, t + 1);
         }
         // 2. Unblocked factorisation of the diagonal block.
         for j in k0..k1 {
@@ -159,14 +171,16 @@ pub fn cholesky_in_place(a: &mut [f64], n: usize) -> Result<()> {
         // 3. Rows below: left-looking update, then triangular solve against the block.
         let (_, below) = a.split_at_mut(k1 * n);
         below.par_chunks_mut(n).for_each(|row| {
-            panel_update(&mut row[..k1], &panel, k0, w, w);
-            for t in 0..w {
-                let mut s = row[k0 + t];
-                for u in 0..t {
-                    s -= row[k0 + u] * diag[t * w + u];
-                }
-                row[k0 + t] = s / diag[t * w + t];
-            }
+            pulp::Arch::new().dispatch(
+                #[inline(always)]
+                || {
+                    panel_update_impl(&mut row[..k1], &panel, k0, w);
+                    for t in 0..w {
+                        let s = row[k0 + t] - dot(&row[k0..k0 + t], &diag[t * w..t * w + t]);
+                        row[k0 + t] = s / diag[t * w + t];
+                    }
+                },
+            )
         });
         k0 = k1;
     }
@@ -200,30 +214,46 @@ pub fn lower_inverse_transposed(l: &[f64], n: usize) -> Result<Vec<f64>> {
     out.par_chunks_mut(n * CB)
         .enumerate()
         .for_each(|(blk, outb)| {
-            let j0 = blk * CB;
-            let nb = outb.len() / n;
-            // xs[c][i - j0] for column j0 + c.
-            let len = n - j0;
-            let mut xs = vec![0f64; nb * len];
-            for i in j0..n {
-                let lrow = &l[i * n + j0..i * n + i];
-                let inv = 1.0 / l[i * n + i];
-                for c in 0..nb {
-                    let j = j0 + c;
-                    if i < j {
-                        continue;
-                    }
-                    let xc = &xs[c * len..c * len + (i - j0)];
-                    let s = dot(lrow, xc);
-                    let delta = if i == j { 1.0 } else { 0.0 };
-                    xs[c * len + i - j0] = (delta - s) * inv;
-                }
-            }
-            for c in 0..nb {
-                outb[c * n + j0..c * n + n].copy_from_slice(&xs[c * len..(c + 1) * len]);
-            }
+            pulp::Arch::new().dispatch(
+                #[inline(always)]
+                || inverse_block(l, n, blk * CB, outb),
+            )
         });
     Ok(out)
+}
+
+/// Columns `j0 .. j0 + outb.len() / n` of `L⁻¹`, written as rows of `outb`.
+#[inline(always)]
+fn inverse_block(l: &[f64], n: usize, j0: usize, outb: &mut [f64]) {
+    let nb = outb.len() / n;
+    // xs[c][i - j0] for column j0 + c; entries above the diagonal stay 0, so every dot product
+    // can start at j0.
+    let len = n - j0;
+    let mut xs = vec![0f64; nb * len];
+    let mut s = [0f64; 8];
+    for i in j0..n {
+        let ii = i - j0;
+        let lrow = &l[i * n + j0..i * n + i];
+        let inv = 1.0 / l[i * n + i];
+        if nb == 8 {
+            let x = |c: usize| &xs[c * len..c * len + ii];
+            let a = dot4(lrow, x(0), x(1), x(2), x(3));
+            let b = dot4(lrow, x(4), x(5), x(6), x(7));
+            s[..4].copy_from_slice(&a);
+            s[4..].copy_from_slice(&b);
+        } else {
+            for (c, sc) in s.iter_mut().enumerate().take(nb) {
+                *sc = dot(lrow, &xs[c * len..c * len + ii]);
+            }
+        }
+        for (c, &sc) in s.iter().enumerate().take(nb.min(ii + 1)) {
+            let delta = if c == ii { 1.0 } else { 0.0 };
+            xs[c * len + ii] = (delta - sc) * inv;
+        }
+    }
+    for c in 0..nb {
+        outb[c * n + j0..c * n + n].copy_from_slice(&xs[c * len..(c + 1) * len]);
+    }
 }
 
 /// The upper-triangular `U` with `H⁻¹ = Uᵀ U` for a symmetric positive-definite `H`

@@ -60,3 +60,29 @@ fn gemm_shapes() {
         }
     }
 }
+
+#[test]
+#[ignore]
+fn linalg_1536() {
+    let n = 1536;
+    let mut rng = Rng::new(11);
+    let x: Vec<f32> = (0..4096 * n).map(|_| rng.normal()).collect();
+    let mut h = HessianAccumulator::new(n);
+    h.add_rows(&x, 4096).unwrap();
+    let hm = h.hessian().unwrap();
+    for round in 0..2 {
+        let mut a = hm.clone();
+        let t = Instant::now();
+        linalg::cholesky_in_place(&mut a, n).unwrap();
+        let tc = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = linalg::lower_inverse_transposed(&a, n).unwrap();
+        let ti = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = linalg::inverse_cholesky_upper(&hm, n).unwrap();
+        let tu = t.elapsed().as_secs_f64();
+        eprintln!(
+            "n={n} round {round}: cholesky {tc:.3}s, tri-inverse {ti:.3}s, full factor {tu:.3}s"
+        );
+    }
+}
