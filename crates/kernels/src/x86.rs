@@ -82,12 +82,7 @@ unsafe fn dec2<const K: u8>(p: *const u8, lut_lo: __m256, lut_hi: __m256) -> (__
             if K == K_B4_INT {
                 (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
             } else {
-                let f = |i: __m256i| {
-                    let a = _mm256_permutevar8x32_ps(lut_lo, i);
-                    let b = _mm256_permutevar8x32_ps(lut_hi, i);
-                    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
-                };
-                (f(lo), f(hi))
+                (lut16(lut_lo, lut_hi, lo), lut16(lut_lo, lut_hi, hi))
             }
         }
         K_B2_INT | K_B3_INT => {
@@ -146,6 +141,16 @@ unsafe fn dec2<const K: u8>(p: *const u8, lut_lo: __m256, lut_hi: __m256) -> (__
             )
         }
     }
+}
+
+/// 16-entry table lookup for 8 codes in `0..16`: two 8-entry `vpermps` and a blend on bit 3.
+/// (A plain function, not a closure: closures do not inherit `target_feature`.)
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn lut16(lut_lo: __m256, lut_hi: __m256, i: __m256i) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lut_lo, i);
+    let b = _mm256_permutevar8x32_ps(lut_hi, i);
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
