@@ -145,6 +145,7 @@ pub fn shared_exponent(amax: f32, emax: i32, max_norm: f32, rule: MxScaleRule) -
 
 /// E2M1 code of `y` (already divided by the block scale), round-to-nearest-even with saturation
 /// to ±6. `neg` gives the sign bit. Branch-free so that loops over it vectorize.
+#[cfg(test)]
 #[inline(always)]
 pub(crate) fn e2m1_even(y: f32, neg: bool) -> u8 {
     let a = y.abs();
@@ -159,6 +160,7 @@ pub(crate) fn e2m1_even(y: f32, neg: bool) -> u8 {
 }
 
 /// E2M1 code of `y`, round-to-nearest with ties away from zero, saturating.
+#[cfg(test)]
 #[inline(always)]
 pub(crate) fn e2m1_away(y: f32, neg: bool) -> u8 {
     let a = y.abs();
@@ -170,6 +172,68 @@ pub(crate) fn e2m1_away(y: f32, neg: bool) -> u8 {
         + (a >= 3.5) as u8
         + (a >= 5.0) as u8;
     m | (neg as u8) << 3
+}
+
+const fn pred(x: f32) -> f32 {
+    f32::from_bits(x.to_bits() - 1)
+}
+
+/// E2M1 magnitude code = number of these thresholds strictly below `|y|` (ties to even).
+pub(crate) const E2M1_EVEN_T: [f32; 7] = [0.25, pred(0.75), 1.25, pred(1.75), 2.5, pred(3.5), 5.0];
+/// E2M1 magnitude code thresholds for ties away from zero.
+pub(crate) const E2M1_AWAY_T: [f32; 7] = [
+    pred(0.25),
+    pred(0.75),
+    pred(1.25),
+    pred(1.75),
+    pred(2.5),
+    pred(3.5),
+    pred(5.0),
+];
+
+/// How the E2M1 sign bit is chosen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SignRule {
+    /// The f32 sign bit (ml_dtypes / OCP: `-0.0` and negatives rounding to 0 give `-0`).
+    Bit,
+    /// `y < 0` (compressed-tensors: `-0.0` gives `+0`).
+    Less,
+}
+
+/// Vectorizable E2M1 encoding of a block: `y = f(x)`, code = `#(thr < |y|) | sign << 3`.
+/// Works in chunks of 64 with the threshold loop outermost so that the compiler vectorizes the
+/// comparisons across elements.
+#[inline(always)]
+pub(crate) fn e2m1_encode_block(
+    xs: &[f32],
+    codes: &mut [u8],
+    f: impl Fn(f32) -> f32,
+    thr: &[f32; 7],
+    sign: SignRule,
+) {
+    const CH: usize = 64;
+    let mut a = [0f32; CH];
+    let mut s = [0u32; CH];
+    for (xc, cc) in xs.chunks(CH).zip(codes.chunks_mut(CH)) {
+        let n = xc.len();
+        let (a, s) = (&mut a[..n], &mut s[..n]);
+        for ((a, s), &x) in a.iter_mut().zip(s.iter_mut()).zip(xc) {
+            let y = f(x);
+            *a = y.abs();
+            *s = match sign {
+                SignRule::Bit => y.to_bits() >> 31,
+                SignRule::Less => u32::from(y < 0.0),
+            } << 3;
+        }
+        for &t in thr {
+            for (s, &a) in s.iter_mut().zip(a.iter()) {
+                *s += u32::from(a > t);
+            }
+        }
+        for (c, &s) in cc.iter_mut().zip(s.iter()) {
+            *c = s as u8;
+        }
+    }
 }
 
 /// The [`Scheme`] of an MX format with 32-blocks: `elem` is a float element (E4M3, E5M2, E2M3,
@@ -281,6 +345,18 @@ mod tests {
             }
             assert_eq!(e2m1_away(y, false) as usize, away, "y = {y}");
             assert_eq!(e2m1_even(-y, true), best as u8 | 8);
+            // the chunked block encoder agrees, also just beside every threshold
+            for v in [
+                y,
+                f32::from_bits(y.to_bits() + 1),
+                f32::from_bits(y.to_bits().max(1) - 1),
+            ] {
+                let mut c = [0u8; 2];
+                e2m1_encode_block(&[v, -v], &mut c, |x| x, &E2M1_EVEN_T, SignRule::Bit);
+                assert_eq!(c, [e2m1_even(v, false), e2m1_even(v, true)], "{v}");
+                e2m1_encode_block(&[v, -v], &mut c, |x| x, &E2M1_AWAY_T, SignRule::Less);
+                assert_eq!(c, [e2m1_away(v, false), e2m1_away(v, v != 0.0)], "{v}");
+            }
             y += 0.125;
         }
     }

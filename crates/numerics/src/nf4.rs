@@ -78,8 +78,8 @@ impl BnbType {
 /// Encoder for one 16-entry table: sorted values with their codes and f32 midpoints.
 #[derive(Debug, Clone)]
 pub(crate) struct TableEncoder {
-    mids: [f32; 15],
-    code_of_rank: [u8; 16],
+    pub(crate) mids: [f32; 15],
+    pub(crate) code_of_rank: [u8; 16],
 }
 
 impl TableEncoder {
@@ -157,8 +157,25 @@ pub(crate) fn encode_table_block(enc: &TableEncoder, xs: &[f32], m: f32, codes: 
         codes.fill(z);
         return;
     }
-    for (c, &x) in codes.iter_mut().zip(xs) {
-        *c = enc.encode(x / m);
+    // chunked with the threshold loop outermost, so the comparisons vectorize
+    const CH: usize = 64;
+    let mut y = [0f32; CH];
+    let mut r = [0u32; CH];
+    for (xc, cc) in xs.chunks(CH).zip(codes.chunks_mut(CH)) {
+        let n = xc.len();
+        let (y, r) = (&mut y[..n], &mut r[..n]);
+        for (y, &x) in y.iter_mut().zip(xc) {
+            *y = x / m;
+        }
+        r.fill(0);
+        for &t in &enc.mids {
+            for (r, &y) in r.iter_mut().zip(y.iter()) {
+                *r += u32::from(y > t);
+            }
+        }
+        for (c, &r) in cc.iter_mut().zip(r.iter()) {
+            *c = enc.code_of_rank[(r & 15) as usize];
+        }
     }
 }
 

@@ -294,12 +294,32 @@ struct Stats {
 }
 
 fn stats(xs: &[f32], kind: Kind) -> Stats {
-    let (mut mn, mut mx_, mut nan) = (f32::INFINITY, f32::NEG_INFINITY, false);
-    for &x in xs {
-        nan |= x.is_nan();
-        mn = mn.min(x);
-        mx_ = mx_.max(x);
+    // 8 independent lanes of compare-select (NaN never selected, flagged separately) so that
+    // the reduction vectorizes; the result is the same as a sequential min/max
+    let mut mnv = [f32::INFINITY; 8];
+    let mut mxv = [f32::NEG_INFINITY; 8];
+    let mut nanv = [0u32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            let v = c[j];
+            mnv[j] = if v < mnv[j] { v } else { mnv[j] };
+            mxv[j] = if v > mxv[j] { v } else { mxv[j] };
+            nanv[j] |= u32::from(v.is_nan());
+        }
     }
+    for (j, &v) in chunks.remainder().iter().enumerate() {
+        mnv[j] = if v < mnv[j] { v } else { mnv[j] };
+        mxv[j] = if v > mxv[j] { v } else { mxv[j] };
+        nanv[j] |= u32::from(v.is_nan());
+    }
+    let mn = mnv
+        .iter()
+        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+    let mx_ = mxv
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let nan = nanv.iter().any(|&b| b != 0);
     let (lo, hi) = if xs.is_empty() { (0.0, 0.0) } else { (mn, mx_) };
     // abs(): max(-0.0, 0.0) may be -0.0, which would make a -0 scale
     let amax = if nan { f32::NAN } else { (-lo).max(hi).abs() };
@@ -473,15 +493,20 @@ pub(crate) fn encode_block(
             if let Some(seed) = ctx.seed {
                 for (i, (c, &x)) in codes.iter_mut().zip(xs).enumerate() {
                     let r = round_stochastic_f32(x / s, sr_bits(seed, idx0 + i as u64));
-                    *c = (r.max(lo).min(hi) + zpf) as u8;
+                    *c = (r.max(lo).min(hi) + zpf) as i32 as u8;
                 }
             } else if rounding == Rounding::NearestEven {
+                // x/s clamped to [-zp, qmax-zp], rounded to even by adding 1.5 * 2^23; the
+                // integer is then read from the low mantissa bits (no saturating cast, so
+                // the loop vectorizes)
+                let zpi = zp as i32;
                 for (c, &x) in codes.iter_mut().zip(xs) {
-                    *c = (rne_small((x / s).max(lo).min(hi)) + zpf) as u8;
+                    let v = (x / s).max(lo).min(hi) + 12_582_912.0;
+                    *c = ((v.to_bits() as i32 - 0x4B40_0000) + zpi) as u8;
                 }
             } else {
                 for (c, &x) in codes.iter_mut().zip(xs) {
-                    *c = ((x / s).max(lo).min(hi).round() + zpf) as u8;
+                    *c = ((x / s).max(lo).min(hi).round() + zpf) as i32 as u8;
                 }
             }
         }
@@ -528,22 +553,20 @@ pub(crate) fn encode_block(
                     *c = fmt.encode_stochastic(scaled(x), r, Overflow::Saturate);
                 }
             } else if fmt == FloatFormat::E2M1 {
-                match rounding {
-                    Rounding::NearestEven => {
-                        // compressed-tensors' cast (its MXFP4 scale rule) packs -0.0 as +0
-                        let ct = ctx.mx_rule == MxScaleRule::RoundUp175;
-                        for (c, &x) in codes.iter_mut().zip(xs) {
-                            let y = scaled(x);
-                            let neg = if ct { y < 0.0 } else { y.is_sign_negative() };
-                            *c = mx::e2m1_even(y, neg);
-                        }
-                    }
-                    Rounding::NearestAway => {
-                        for (c, &x) in codes.iter_mut().zip(xs) {
-                            let y = scaled(x);
-                            *c = mx::e2m1_away(y, y.is_sign_negative());
-                        }
-                    }
+                let thr = match rounding {
+                    Rounding::NearestEven => &mx::E2M1_EVEN_T,
+                    Rounding::NearestAway => &mx::E2M1_AWAY_T,
+                };
+                // compressed-tensors' cast (its MXFP4 scale rule) packs -0.0 as +0
+                let sign = if ctx.mx_rule == MxScaleRule::RoundUp175 {
+                    mx::SignRule::Less
+                } else {
+                    mx::SignRule::Bit
+                };
+                if pow2 {
+                    mx::e2m1_encode_block(xs, codes, |x| x * inv, thr, sign);
+                } else {
+                    mx::e2m1_encode_block(xs, codes, |x| x / s, thr, sign);
                 }
             } else {
                 for (c, &x) in codes.iter_mut().zip(xs) {
@@ -571,10 +594,21 @@ pub(crate) fn encode_block(
                 }
             } else if fmt == FloatFormat::E2M1 && rounding == Rounding::NearestEven {
                 // compressed-tensors packs -0.0 as +0; TE keeps the sign bit
-                let te = mul.is_some();
-                for (c, &x) in codes.iter_mut().zip(xs) {
-                    let y = scaled(x);
-                    *c = mx::e2m1_even(y, y < 0.0 || (te && y.is_sign_negative()));
+                match mul {
+                    None => mx::e2m1_encode_block(
+                        xs,
+                        codes,
+                        |x| x / d,
+                        &mx::E2M1_EVEN_T,
+                        mx::SignRule::Less,
+                    ),
+                    Some(m) => mx::e2m1_encode_block(
+                        xs,
+                        codes,
+                        |x| (x * m).clamp(-maxf, maxf),
+                        &mx::E2M1_EVEN_T,
+                        mx::SignRule::Bit,
+                    ),
                 }
             } else {
                 for (c, &x) in codes.iter_mut().zip(xs) {
@@ -613,6 +647,188 @@ pub(crate) fn encode_block(
     }
 }
 
+/// Row-level encoders for the threshold formats (E2M1, NF4): same codes as [`encode_block`].
+enum RowMode {
+    E2m1 {
+        thr: &'static [f32; 7],
+        sign: mx::SignRule,
+    },
+    Table,
+}
+
+fn row_mode(kind: Kind, ctx: &Ctx) -> Option<RowMode> {
+    if ctx.seed.is_some() {
+        return None;
+    }
+    let thr = match ctx.rounding {
+        Rounding::NearestEven => &mx::E2M1_EVEN_T,
+        Rounding::NearestAway => &mx::E2M1_AWAY_T,
+    };
+    match kind {
+        Kind::FloatPow2 {
+            fmt: FloatFormat::E2M1,
+        } => {
+            let sign = if ctx.mx_rule == MxScaleRule::RoundUp175 {
+                mx::SignRule::Less
+            } else {
+                mx::SignRule::Bit
+            };
+            Some(RowMode::E2m1 { thr, sign })
+        }
+        Kind::Float {
+            fmt: FloatFormat::E2M1,
+            ..
+        } => Some(RowMode::E2m1 {
+            thr,
+            sign: mx::SignRule::Bit,
+        }),
+        Kind::FloatE4m3 {
+            fmt: FloatFormat::E2M1,
+        } if ctx.rounding == Rounding::NearestEven => {
+            let sign = match ctx.nvfp4 {
+                Nvfp4Formula::CompressedTensors => mx::SignRule::Less,
+                Nvfp4Formula::TransformerEngine => mx::SignRule::Bit,
+            };
+            Some(RowMode::E2m1 { thr, sign })
+        }
+        Kind::Nf4 { .. } => Some(RowMode::Table),
+        _ => None,
+    }
+}
+
+/// Per-thread buffers of the row encoders.
+#[derive(Default)]
+struct RowScratch {
+    y: Vec<f32>,
+    acc: Vec<u32>,
+}
+
+impl RowScratch {
+    fn prepare(&mut self, cols: usize) {
+        self.y.resize(cols, 0.0);
+        self.acc.resize(cols, 0);
+    }
+
+    /// Scaled values (and sign bits for E2M1) of one group.
+    #[allow(clippy::too_many_arguments)]
+    fn scale_group(
+        &mut self,
+        mode: &RowMode,
+        kind: Kind,
+        xs: &[f32],
+        c0: usize,
+        p: &BlockParams,
+        gs: f32,
+        ctx: &Ctx,
+    ) {
+        let y = &mut self.y[c0..c0 + xs.len()];
+        let acc = &mut self.acc[c0..c0 + xs.len()];
+        let s = p.scale;
+        match mode {
+            RowMode::Table => {
+                if s == 0.0 || !s.is_finite() {
+                    y.fill(0.0);
+                } else {
+                    for (y, &x) in y.iter_mut().zip(xs) {
+                        *y = x / s;
+                    }
+                }
+                acc.fill(0);
+            }
+            RowMode::E2m1 { sign, .. } => {
+                let f = |y: &mut [f32], acc: &mut [u32], g: &dyn Fn(f32) -> f32| {
+                    for ((y, a), &x) in y.iter_mut().zip(acc.iter_mut()).zip(xs) {
+                        let v = g(x);
+                        *a = match sign {
+                            mx::SignRule::Bit => v.to_bits() >> 31,
+                            mx::SignRule::Less => u32::from(v < 0.0),
+                        } << 3;
+                        *y = v.abs();
+                    }
+                };
+                match kind {
+                    Kind::FloatE4m3 { fmt } => match ctx.nvfp4 {
+                        Nvfp4Formula::CompressedTensors => {
+                            let d = s / gs;
+                            scale_abs_sign(y, acc, xs, *sign, |x| x / d);
+                        }
+                        Nvfp4Formula::TransformerEngine => {
+                            let m = (1.0 / (s * (1.0 / gs))).min(f32::MAX);
+                            let maxf = fmt.max_finite();
+                            scale_abs_sign(y, acc, xs, *sign, |x| (x * m).clamp(-maxf, maxf));
+                        }
+                    },
+                    _ if !s.is_finite() => {
+                        // MX NaN block: every code 0 (decodes to NaN through the scale)
+                        y.fill(0.0);
+                        acc.fill(0);
+                    }
+                    _ if s == 0.0 => f(y, acc, &|x| x),
+                    Kind::FloatPow2 { .. } => {
+                        let inv = 1.0 / s;
+                        scale_abs_sign(y, acc, xs, *sign, |x| x * inv);
+                    }
+                    _ => scale_abs_sign(y, acc, xs, *sign, |x| x / s),
+                }
+            }
+        }
+    }
+
+    /// Threshold counts over the whole row -> codes.
+    fn finish(&mut self, mode: &RowMode, codes: &mut [u8]) {
+        let (y, acc) = (&self.y[..codes.len()], &mut self.acc[..codes.len()]);
+        match mode {
+            RowMode::E2m1 { thr, .. } => {
+                for &t in thr.iter() {
+                    for (a, &v) in acc.iter_mut().zip(y) {
+                        *a += u32::from(v > t);
+                    }
+                }
+                for (c, &a) in codes.iter_mut().zip(acc.iter()) {
+                    *c = a as u8;
+                }
+            }
+            RowMode::Table => {
+                let enc = nf4_encoder();
+                for &t in enc.mids.iter() {
+                    for (a, &v) in acc.iter_mut().zip(y) {
+                        *a += u32::from(v > t);
+                    }
+                }
+                for (c, &a) in codes.iter_mut().zip(acc.iter()) {
+                    *c = enc.code_of_rank[(a & 15) as usize];
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn scale_abs_sign(
+    y: &mut [f32],
+    acc: &mut [u32],
+    xs: &[f32],
+    sign: mx::SignRule,
+    g: impl Fn(f32) -> f32,
+) {
+    match sign {
+        mx::SignRule::Bit => {
+            for ((y, a), &x) in y.iter_mut().zip(acc.iter_mut()).zip(xs) {
+                let v = g(x);
+                *a = (v.to_bits() >> 31) << 3;
+                *y = v.abs();
+            }
+        }
+        mx::SignRule::Less => {
+            for ((y, a), &x) in y.iter_mut().zip(acc.iter_mut()).zip(xs) {
+                let v = g(x);
+                *a = u32::from(v < 0.0) << 3;
+                *y = v.abs();
+            }
+        }
+    }
+}
+
 fn check_shape(w: &[f32], rows: usize, cols: usize) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Err(Error::Shape(format!("empty tensor {rows}x{cols}")));
@@ -634,7 +850,7 @@ fn check_finite(w: &[f32], kind: Kind) -> Result<()> {
         return Ok(());
     }
     // chunked all() is cheap and vectorizes; locate only on failure
-    if w.chunks(4096)
+    if w.par_chunks(1 << 16)
         .all(|c| c.iter().fold(true, |a, x| a & x.is_finite()))
     {
         return Ok(());
@@ -702,9 +918,23 @@ pub(crate) fn quantize_ctx(
             .zip(zps.par_chunks_mut(gc))
             .enumerate()
             .for_each_init(
-                || (vec![0u8; cols], Vec::new()),
-                |(codes, scratch), (r, ((drow, srow), zrow))| {
+                || (vec![0u8; cols], Vec::new(), RowScratch::default()),
+                |(codes, scratch, rs), (r, ((drow, srow), zrow))| {
                     let x = &w[r * cols..(r + 1) * cols];
+                    if let Some(mode) = row_mode(kind, ctx) {
+                        // fit every group, scale the row, then one long threshold pass
+                        rs.prepare(cols);
+                        for j in 0..gc {
+                            let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
+                            let p = fit_ctx(kind, &x[c0..c1], g, ctx, scratch);
+                            rs.scale_group(&mode, kind, &x[c0..c1], c0, &p, g, ctx);
+                            srow[j] = p.scale;
+                            zrow[j] = 0;
+                        }
+                        rs.finish(&mode, codes);
+                        crate::pack::pack_row_unchecked(codes, bits, drow);
+                        return;
+                    }
                     for j in 0..gc {
                         let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
                         let xs = &x[c0..c1];
@@ -1006,7 +1236,7 @@ impl QuantizedTensor {
         if self.cols == 0 {
             return Ok(out);
         }
-        let lut = lut256(kind);
+        let lut = lut256(kind, self.scheme.elem.bits());
         out.par_chunks_mut(self.cols)
             .enumerate()
             .try_for_each_init(
@@ -1070,7 +1300,7 @@ impl QuantizedTensor {
                 });
             }
         }
-        let lut = lut256(kind);
+        let lut = lut256(kind, self.scheme.elem.bits());
         let mut codes = vec![0u8; self.cols];
         self.dequant_row_impl(kind, &lut, row, out, &mut codes)
     }
@@ -1140,8 +1370,13 @@ impl QuantizedTensor {
     }
 }
 
-fn lut256(kind: Kind) -> [f32; 256] {
-    std::array::from_fn(|c| kind.decode(c as u8))
+/// Decoded element values of the `2^bits` codes (the rest of the table is 0).
+fn lut256(kind: Kind, bits: u32) -> [f32; 256] {
+    let mut t = [0f32; 256];
+    for (c, v) in t.iter_mut().enumerate().take(1 << bits) {
+        *v = kind.decode(c as u8);
+    }
+    t
 }
 
 const KNOWN_SCHEMES: &str = "int8-pc, int4-g128-sym, int4-g128-asym, int4-g64-sym, int4-g32-asym, \

@@ -11,7 +11,7 @@
 //! (`MxScaleRule::Floor`) and `ceil_amax_over_6_rne` (`MxScaleRule::Ceil`); their codes are the
 //! compressed-tensors ones where `agrees_with_compressed_tensors` is true.
 
-use super::mx_block::{e8m0_code, i64s};
+use super::mx_block::e8m0_code;
 use super::{f32s, hex, same_f32, u64s, Report};
 use anyhow::{bail, Context, Result};
 use half::bf16;
@@ -229,7 +229,6 @@ pub fn check(v: &Value) -> Result<Report> {
                 compare_codes(&mut rep, &tag, &qv, &vs, &ve, kind)?;
             }
         }
-        let _ = i64s; // shared helper
     }
     rep.note = format!("compressed-tensors formula + {variants_checked} variant case(s)");
     Ok(rep)
