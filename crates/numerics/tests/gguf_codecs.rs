@@ -411,3 +411,86 @@ fn extreme_finite_inputs_do_not_panic() {
         }
     }
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> ProptestConfig {
+        ProptestConfig {
+            cases: 48,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// A codec type and a whole number of its blocks (1..=2 super-blocks' worth).
+    fn ty_and_len() -> impl Strategy<Value = (GgmlType, usize)> {
+        (0..CODEC_TYPES.len(), 1usize..3).prop_map(|(i, k)| {
+            let ty = CODEC_TYPES[i];
+            (ty, k * 256usize.max(ty.block_size()))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(cfg())]
+
+        /// Any bytes of the right length decode without panicking.
+        #[test]
+        fn arbitrary_bytes_decode((ty, n) in ty_and_len(), seed in any::<u64>()) {
+            let mut r = Rng(seed | 1);
+            let bytes: Vec<u8> = (0..ty.row_bytes(n).unwrap()).map(|_| r.u64() as u8).collect();
+            let mut out = vec![0.0f32; n];
+            prop_assert!(dequantize(ty, &bytes, &mut out).is_ok());
+        }
+
+        /// Any f32 bit patterns (NaN, Inf, subnormals, huge) either quantize or give the
+        /// typed NonFinite error; never a panic, and what quantizes also decodes.
+        #[test]
+        fn arbitrary_floats_quantize_or_error((ty, n) in ty_and_len(), seed in any::<u64>(), finite in any::<bool>()) {
+            let mut r = Rng(seed | 1);
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let v = f32::from_bits(r.u64() as u32);
+                    if finite && !v.is_finite() { 1.0 } else { v }
+                })
+                .collect();
+            let mut q = Vec::new();
+            match quantize(ty, &x, &mut q) {
+                Ok(()) => {
+                    let mut y = vec![0.0f32; n];
+                    prop_assert!(dequantize(ty, &q, &mut y).is_ok());
+                }
+                Err(Error::NonFinite { index, .. }) => {
+                    prop_assert!(!x[index].is_finite());
+                    prop_assert!(q.is_empty());
+                }
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
+
+        /// Q8_0 and MXFP4 bounds on random data at random magnitudes (within the f16 range of
+        /// Q8_0's scale: amax/127 must stay below 65504).
+        #[test]
+        fn q8_0_and_mxfp4_bounds(seed in any::<u64>(), mag in -24i32..16) {
+            let mut r = Rng(seed | 1);
+            let s = 2f32.powi(mag);
+            let x: Vec<f32> = (0..256).map(|_| r.weight(s)).collect();
+            let (q, y) = roundtrip(GgmlType::Q8_0, &x);
+            for (blk, b) in q.chunks(34).enumerate() {
+                let xb = &x[blk * 32..blk * 32 + 32];
+                let d = amax(xb) / 127.0;
+                let lim = d / 2.0 + 127.0 * (d - h(b, 0)).abs() + ulps(amax(xb));
+                for i in 0..32 {
+                    prop_assert!((xb[i] - y[blk * 32 + i]).abs() <= lim);
+                }
+            }
+            let (q, y) = roundtrip(GgmlType::MXFP4, &x);
+            for (blk, b) in q.chunks(17).enumerate() {
+                let s = 2f32.powi(b[0] as i32 - 127);
+                for i in 0..32 {
+                    prop_assert!((x[blk * 32 + i] - y[blk * 32 + i]).abs() <= 2.0 * s);
+                }
+            }
+        }
+    }
+}

@@ -73,6 +73,10 @@ fn min_max(x: &[f32; QK]) -> (f32, f32) {
 /// without the libm call: `v - trunc(v)` is exact there. Saturates like `as` outside it.
 #[inline(always)]
 fn round_half_away(v: f32) -> i32 {
+    if v.is_nan() || v.abs() >= 8_388_608.0 {
+        // Already integral (or NaN / out of range): saturate like `as`.
+        return v as i32;
+    }
     let t = v as i32;
     let frac = v - t as f32;
     t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
