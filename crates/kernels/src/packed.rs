@@ -159,7 +159,7 @@ pub struct PackedLinear {
     /// Bias multiplier for `Scale`/`Coded` headers (`-zero_point` of symmetric integers, else 0).
     bmul: f32,
     /// Scale table of `Coded` headers.
-    stab: Vec<f32>,
+    stab: Box<[f32; 256]>,
     pub(crate) data: Vec<u8>,
     /// `v(code)` for all 256 codes (scalar path).
     pub(crate) vtab: Box<[f32; 256]>,
@@ -305,11 +305,12 @@ impl PackedLinear {
             HdrMode::Scale
         };
         let hdr = hmode.bytes();
-        let stab: Vec<f32> = if hmode == HdrMode::Coded {
-            distinct.iter().map(|&b| f32::from_bits(b)).collect()
-        } else {
-            Vec::new()
-        };
+        let mut stab = Box::new([0f32; 256]);
+        if hmode == HdrMode::Coded {
+            for (d, &b) in stab.iter_mut().zip(&distinct) {
+                *d = f32::from_bits(b);
+            }
+        }
         let cb = store.chunk_bytes();
         let mut segs = Vec::with_capacity(gc);
         let (mut col0, mut byte_off) = (0usize, 0usize);
@@ -583,10 +584,33 @@ impl PackedLinear {
                 (s, s * self.bmul)
             }
             HdrMode::Coded => {
-                let s = self.stab[self.data[h + rr] as usize];
+                let s = self.stab[self.data[h + rr] as usize]; // u8 index: in bounds
                 (s, s * self.bmul)
             }
         }
+    }
+
+    /// Scales of the 4 rows of the segment whose header starts at byte `h`.
+    #[inline]
+    pub(crate) fn scales4(&self, h: usize) -> [f32; TILE_ROWS] {
+        match self.hmode {
+            HdrMode::Coded => {
+                let c: [u8; 4] = self.data[h..h + 4].try_into().expect("4 bytes");
+                [
+                    self.stab[c[0] as usize],
+                    self.stab[c[1] as usize],
+                    self.stab[c[2] as usize],
+                    self.stab[c[3] as usize],
+                ]
+            }
+            _ => std::array::from_fn(|r| rd_f32(&self.data, h + 4 * r)),
+        }
+    }
+
+    /// Whether weights carry a bias term (integers: zero points), i.e. `b != 0` is possible.
+    #[inline]
+    pub(crate) fn has_bias(&self) -> bool {
+        self.hmode == HdrMode::ScaleBias || self.bmul != 0.0
     }
 
     /// The scalar reference kernel.

@@ -70,18 +70,16 @@ unsafe fn dec2<const K: u8>(p: *const u8, lut_lo: __m256, lut_hi: __m256) -> (__
         K_B4_INT | K_B4_LUT => {
             // SAFETY: the caller guarantees 8 readable bytes at p (one 4-bit chunk).
             let q = _mm256_set1_epi64x(unsafe { (p as *const i64).read_unaligned() });
-            let m = _mm256_set1_epi32(15);
-            let lo = _mm256_and_si256(
-                _mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12)),
-                m,
-            );
-            let hi = _mm256_and_si256(
-                _mm256_srlv_epi32(q, _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28)),
-                m,
-            );
+            let lo = _mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12));
+            let hi = _mm256_srlv_epi32(q, _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28));
             if K == K_B4_INT {
-                (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
+                let m = _mm256_set1_epi32(15);
+                (
+                    _mm256_cvtepi32_ps(_mm256_and_si256(lo, m)),
+                    _mm256_cvtepi32_ps(_mm256_and_si256(hi, m)),
+                )
             } else {
+                // unmasked: vpermps uses index bits 0..2, the blend bit 3 (moved to the sign)
                 (lut16(lut_lo, lut_hi, lo), lut16(lut_lo, lut_hi, hi))
             }
         }
@@ -176,6 +174,7 @@ unsafe fn tile2<const K: u8, const NT: usize>(
 ) {
     let cb = pk.store.chunk_bytes();
     let hdr = pk.hdr;
+    let with_bias = pk.has_bias();
     let nseg = pk.segs.len();
     let pcols = pk.pcols;
     debug_assert!(
@@ -222,12 +221,21 @@ unsafe fn tile2<const K: u8, const NT: usize>(
                 });
             });
         }
-        for r in 0..TILE_ROWS {
-            let (s, b) = pk.sb(hoff, r);
-            let sv = _mm256_set1_ps(s);
-            for t in 0..NT {
-                vacc[t][r] = _mm256_fmadd_ps(g[t][r], sv, vacc[t][r]);
-                bias[t][r] += b * xs[(t0 + t) * nseg + k];
+        let sc = pk.scales4(hoff);
+        unroll4!(r => {
+            let sv = _mm256_set1_ps(sc[r]);
+            unroll4!(t => {
+                if t < NT {
+                    vacc[t][r] = _mm256_fmadd_ps(g[t][r], sv, vacc[t][r]);
+                }
+            });
+        });
+        if with_bias {
+            for r in 0..TILE_ROWS {
+                let (_, b) = pk.sb(hoff, r);
+                for t in 0..NT {
+                    bias[t][r] += b * xs[(t0 + t) * nseg + k];
+                }
             }
         }
     }
@@ -285,12 +293,10 @@ unsafe fn dec5<const K: u8>(p: *const u8, lut: __m512) -> __m512 {
             // SAFETY: 8 readable bytes at p.
             let q = _mm512_set1_epi64(unsafe { (p as *const i64).read_unaligned() });
             let sh = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-            let i = _mm512_and_si512(_mm512_srlv_epi32(q, sh), _mm512_set1_epi32(15));
-            if K == K_B4_INT {
-                _mm512_cvtepi32_ps(i)
-            } else {
-                _mm512_permutexvar_ps(i, lut)
-            }
+            // No mask needed: `vpermps zmm` only looks at the low 4 bits of each index, and the
+            // table (vtab[0..16]) is the code value itself for INT, so one shuffle replaces
+            // mask + convert (port 5 instead of two port-0 uops).
+            _mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh), lut)
         }
         K_B2_INT | K_B3_INT => {
             // SAFETY: 4 (or 6) readable bytes at p.
@@ -342,6 +348,7 @@ unsafe fn tile5<const K: u8, const NT: usize>(
 ) {
     let cb = pk.store.chunk_bytes();
     let hdr = pk.hdr;
+    let with_bias = pk.has_bias();
     let nseg = pk.segs.len();
     let pcols = pk.pcols;
     debug_assert!(
@@ -378,12 +385,21 @@ unsafe fn tile5<const K: u8, const NT: usize>(
                 });
             });
         }
-        for r in 0..TILE_ROWS {
-            let (s, b) = pk.sb(hoff, r);
-            let sv = _mm512_set1_ps(s);
-            for t in 0..NT {
-                vacc[t][r] = _mm512_fmadd_ps(g[t][r], sv, vacc[t][r]);
-                bias[t][r] += b * xs[(t0 + t) * nseg + k];
+        let sc = pk.scales4(hoff);
+        unroll4!(r => {
+            let sv = _mm512_set1_ps(sc[r]);
+            unroll4!(t => {
+                if t < NT {
+                    vacc[t][r] = _mm512_fmadd_ps(g[t][r], sv, vacc[t][r]);
+                }
+            });
+        });
+        if with_bias {
+            for r in 0..TILE_ROWS {
+                let (_, b) = pk.sb(hoff, r);
+                for t in 0..NT {
+                    bias[t][r] += b * xs[(t0 + t) * nseg + k];
+                }
             }
         }
     }
