@@ -163,6 +163,59 @@ mod tests {
         assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F81_8000)), 0x3F82);
     }
 
+    /// Independent RNE reference for f16: binary search over the ordered positive codes, then
+    /// nearest in f64 (ties to the even code); 0x7C00 stands for the virtual value 65536, so a
+    /// value rounding to it overflows to Inf as IEEE specifies.
+    fn f16_ref(x: f32) -> u16 {
+        let sign = if x.is_sign_negative() { 0x8000 } else { 0 };
+        let ax = (x as f64).abs();
+        let val = |c: u16| {
+            if c == 0x7C00 {
+                65536.0
+            } else {
+                f16_bits_to_f32(c) as f64
+            }
+        };
+        if ax >= 65536.0 {
+            return sign | 0x7C00;
+        }
+        let (mut lo, mut hi) = (0u16, 0x7C00u16); // val(lo) <= ax < val(hi)
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if val(mid) <= ax {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let (dl, dh) = (ax - val(lo), val(hi) - ax);
+        sign | if dl < dh || (dl == dh && lo & 1 == 0) {
+            lo
+        } else {
+            hi
+        }
+    }
+
+    #[test]
+    fn f16_matches_f64_reference_on_a_sweep() {
+        let mut b: u32 = 0;
+        while b < 0x7F80_0000 {
+            for s in [0u32, 0x8000_0000] {
+                let x = f32::from_bits(b | s);
+                assert_eq!(f32_to_f16_bits(x), f16_ref(x), "{:#x}", b | s);
+            }
+            b += 0x1FFF;
+        }
+        // ties at every f16 midpoint in [1, 2) and in the subnormal range
+        for c in [0x3C00u16, 0x3C01, 0x0001, 0x0002, 0x03FF, 0x7BFE] {
+            let m = (f16_bits_to_f32(c) as f64 + f16_bits_to_f32(c + 1) as f64) / 2.0;
+            let x = m as f32;
+            assert_eq!(x as f64, m);
+            assert_eq!(f32_to_f16_bits(x), f16_ref(x));
+            assert_eq!(f32_to_f16_bits(x), if c & 1 == 0 { c } else { c + 1 });
+        }
+    }
+
     #[test]
     fn nan_policies() {
         assert_eq!(f32_to_bf16_bits(f32::from_bits(0x7F80_0001)), 0x7FC0);

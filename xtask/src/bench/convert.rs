@@ -303,7 +303,8 @@ pub fn run(args: Args) -> Result<()> {
                     se += ((a - y) as f64).powi(2);
                     ss += (*a as f64).powi(2);
                 }
-                if !(se <= 0.0625 * ss) {
+                let plausible = se <= 0.0625 * ss; // false for NaN too
+                if !plausible {
                     bail!(
                         "{fmt}: round trip relative RMS error {:.3} is implausible",
                         (se / ss).sqrt()
