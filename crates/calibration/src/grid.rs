@@ -123,10 +123,12 @@ impl Grid {
 
     /// Fit every block of `w` (natural order) and return the parameters in block-grid order.
     pub fn fit_all(&self, w: &[f32]) -> Result<Vec<BlockParams>> {
-        let mut out = Vec::with_capacity(self.num_blocks());
-        let mut buf = Vec::new();
-        for br in 0..self.rows.div_ceil(self.block_rows) {
-            for bc in 0..self.grid_cols {
+        use rayon::prelude::*;
+        let n_br = self.rows.div_ceil(self.block_rows);
+        (0..n_br * self.grid_cols)
+            .into_par_iter()
+            .map_init(Vec::new, |buf, b| {
+                let (br, bc) = (b / self.grid_cols, b % self.grid_cols);
                 buf.clear();
                 let r1 = ((br + 1) * self.block_rows).min(self.rows);
                 let c0 = bc * self.block_cols;
@@ -134,37 +136,45 @@ impl Grid {
                 for r in br * self.block_rows..r1 {
                     buf.extend_from_slice(&w[r * self.cols + c0..r * self.cols + c1]);
                 }
-                out.push(self.fit(&buf)?);
-            }
-        }
-        Ok(out)
+                self.fit(buf)
+            })
+            .collect()
     }
 
     /// Quantize-dequantize a whole matrix with per-block parameters (`g_idx` maps a column to
-    /// its block column when given).
-    pub fn fake_quant(&self, w: &[f32], params: &[BlockParams], g_idx: Option<&[u32]>) -> Vec<f32> {
-        use rayon::prelude::*;
-        let mut out = vec![0f32; w.len()];
-        out.par_chunks_mut(self.cols)
-            .enumerate()
-            .for_each(|(r, orow)| {
-                let wrow = &w[r * self.cols..(r + 1) * self.cols];
-                let rb = (r / self.block_rows) * self.grid_cols;
-                for (c, (o, &x)) in orow.iter_mut().zip(wrow).enumerate() {
-                    let b = match g_idx {
-                        Some(g) => rb + g[c] as usize,
-                        None => rb + c / self.block_cols,
-                    };
-                    *o = self.quant(x, &params[b]);
-                }
-            });
-        out
+    /// its block column when given), through the numerics batch path.
+    pub fn fake_quant(
+        &self,
+        w: &[f32],
+        params: &[BlockParams],
+        g_idx: Option<&[u32]>,
+    ) -> Result<Vec<f32>> {
+        let qt = self.finish(w, params, g_idx.map(|g| g.to_vec()))?;
+        Ok(qt.dequantize()?)
     }
 
     /// Round-to-nearest of `w` with this grid's clipping: the dequantized weight and parameters.
     pub fn rtn(&self, w: &[f32]) -> Result<(Vec<f32>, Vec<BlockParams>)> {
-        let p = self.fit_all(w)?;
-        Ok((self.fake_quant(w, &p, None), p))
+        let opts = QuantOptions {
+            scale_search: self.clipping,
+            ..Default::default()
+        };
+        let qt = nq::quantize(w, self.rows, self.cols, &self.scheme, &opts)?;
+        if qt.global_scale != self.global_scale {
+            // `w` is not the weight this grid was built for: fit with this grid's global scale.
+            let p = self.fit_all(w)?;
+            return Ok((self.fake_quant(w, &p, None)?, p));
+        }
+        let params = qt
+            .scales
+            .iter()
+            .enumerate()
+            .map(|(b, &scale)| BlockParams {
+                scale,
+                zero_point: qt.zero_points.as_ref().map(|z| z[b]),
+            })
+            .collect();
+        Ok((qt.dequantize()?, params))
     }
 
     /// Pack a weight whose values were produced by [`Grid::quant`] with `params` into a

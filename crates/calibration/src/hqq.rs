@@ -252,8 +252,8 @@ pub fn hqq(
             )
         })
         .collect();
-    let dequantized = grid.fake_quant(w, &params, None);
-    let tensor = grid.finish(&dequantized, &params, None)?;
+    let tensor = grid.finish(w, &params, None)?;
+    let dequantized = tensor.dequantize()?;
     Ok(HqqResult {
         tensor,
         dequantized,

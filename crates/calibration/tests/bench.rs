@@ -86,3 +86,30 @@ fn linalg_1536() {
         );
     }
 }
+
+#[test]
+#[ignore]
+fn awq_and_hqq_shapes() {
+    let mut rng = Rng::new(12);
+    let (cols, tokens) = (576usize, 4096usize);
+    let x: Vec<f32> = (0..tokens * cols).map(|_| rng.normal()).collect();
+    let mut st = InputStats::new(cols);
+    st.add_rows(&x, tokens).unwrap();
+    let g: Vec<f32> = (0..1536 * cols).map(|_| 0.05 * rng.normal()).collect();
+    let u: Vec<f32> = (0..1536 * cols).map(|_| 0.05 * rng.normal()).collect();
+    let lin = [
+        LinearWeight { w: &g, rows: 1536 },
+        LinearWeight { w: &u, rows: 1536 },
+    ];
+    let s = scheme("int4-g128-asym");
+    let t = Instant::now();
+    let r = awq(&lin, &st, &s, &[true, true], &AwqConfig::default()).unwrap();
+    eprintln!(
+        "awq gate/up 2x1536x576: {:.2}s alpha {:?}",
+        t.elapsed().as_secs_f64(),
+        r.scales.alpha
+    );
+    let t = Instant::now();
+    hqq(&g, 1536, cols, &s, &HqqConfig::default()).unwrap();
+    eprintln!("hqq 1536x576: {:.2}s", t.elapsed().as_secs_f64());
+}
