@@ -158,29 +158,39 @@ fn search_k_asym_ref(
     (scales, mins, l)
 }
 
-/// The same search, eight sub-blocks side by side ([`lanes::qkx2_search`]).
+/// The same search with sub-blocks side by side in SIMD lanes ([`lanes::qkx2_search`]), four
+/// at a time.
 fn search_k_asym(
     x: &[f32; QK_K],
     nmax: i32,
     rmin: f32,
     nstep: i32,
 ) -> ([f32; 8], [f32; 8], [u8; QK_K]) {
-    let mut xt = [[0.0f32; 8]; 32];
-    let mut wt = [[0.0f32; 8]; 32];
-    for j in 0..8 {
-        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
-        let w = k_weights(xs);
-        for i in 0..32 {
-            xt[i][j] = xs[i];
-            wt[i][j] = w[i];
-        }
-    }
-    let mut lt = [[0.0f32; 8]; 32];
-    let (scales, mins) = lanes::qkx2_search(nmax as f32, &xt, &wt, &mut lt, rmin, 0.1, nstep);
+    const G: usize = 8;
+    let mut scales = [0.0f32; 8];
+    let mut mins = [0.0f32; 8];
     let mut l = [0u8; QK_K];
-    for j in 0..8 {
-        for i in 0..32 {
-            l[32 * j + i] = lt[i][j] as u8;
+    for g in 0..8 / G {
+        let mut xt = [[0.0f32; G]; 32];
+        let mut wt = [[0.0f32; G]; 32];
+        for k in 0..G {
+            let j = g * G + k;
+            let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
+            let w = k_weights(xs);
+            for i in 0..32 {
+                xt[i][k] = xs[i];
+                wt[i][k] = w[i];
+            }
+        }
+        let mut lt = [[0.0f32; G]; 32];
+        let (s, m) = lanes::qkx2_search(nmax as f32, &xt, &wt, &mut lt, rmin, 0.1, nstep);
+        for k in 0..G {
+            let j = g * G + k;
+            scales[j] = s[k];
+            mins[j] = m[k];
+            for i in 0..32 {
+                l[32 * j + i] = lt[i][k] as u8;
+            }
         }
     }
     (scales, mins, l)
