@@ -158,8 +158,8 @@ fn search_k_asym_ref(
     (scales, mins, l)
 }
 
-/// The same search with sub-blocks side by side in SIMD lanes ([`lanes::qkx2_search`]), four
-/// at a time.
+/// The same search with the sub-blocks side by side in SIMD lanes ([`lanes::qkx2_search`]),
+/// `G` at a time.
 fn search_k_asym(
     x: &[f32; QK_K],
     nmax: i32,
