@@ -13,7 +13,11 @@ pub struct F32Cache {
 impl F32Cache {
     /// An empty cache for `shape`.
     pub fn new(shape: KvShape) -> Self {
-        Self { shape, k: vec![Vec::new(); shape.n_layers], v: vec![Vec::new(); shape.n_layers] }
+        Self {
+            shape,
+            k: vec![Vec::new(); shape.n_layers],
+            v: vec![Vec::new(); shape.n_layers],
+        }
     }
 
     fn row(&self) -> usize {
@@ -22,7 +26,10 @@ impl F32Cache {
 
     fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.shape.n_layers {
-            return Err(Error::Layer { layer, n_layers: self.shape.n_layers });
+            return Err(Error::Layer {
+                layer,
+                n_layers: self.shape.n_layers,
+            });
         }
         Ok(())
     }
@@ -53,7 +60,9 @@ pub fn check_attend_args(
         )));
     }
     if n_q > len {
-        return Err(Error::Shape(format!("{n_q} queries but only {len} cached tokens")));
+        return Err(Error::Shape(format!(
+            "{n_q} queries but only {len} cached tokens"
+        )));
     }
     Ok(())
 }
@@ -64,7 +73,12 @@ pub fn check_attend_args(
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
@@ -149,7 +163,10 @@ impl KvCache for F32Cache {
     }
 
     fn clear(&mut self) {
-        self.k.iter_mut().chain(self.v.iter_mut()).for_each(Vec::clear);
+        self.k
+            .iter_mut()
+            .chain(self.v.iter_mut())
+            .for_each(Vec::clear);
     }
 
     fn policy_name(&self) -> String {
@@ -163,18 +180,27 @@ mod tests {
 
     #[test]
     fn single_token_attends_to_itself() {
-        let shape = KvShape { n_layers: 1, n_kv_heads: 1, head_dim: 2 };
+        let shape = KvShape {
+            n_layers: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
         let mut c = F32Cache::new(shape);
         c.append(0, &[1.0, 0.0], &[3.0, -4.0], 1).unwrap();
         let mut out = [0f32; 4];
         // two query heads share the single KV head (GQA).
-        c.attend(0, &[0.5, 0.5, -1.0, 2.0], 1, 2, 1.0, &mut out).unwrap();
+        c.attend(0, &[0.5, 0.5, -1.0, 2.0], 1, 2, 1.0, &mut out)
+            .unwrap();
         assert_eq!(out, [3.0, -4.0, 3.0, -4.0]);
     }
 
     #[test]
     fn causal_mask_and_softmax_weights() {
-        let shape = KvShape { n_layers: 2, n_kv_heads: 1, head_dim: 1 };
+        let shape = KvShape {
+            n_layers: 2,
+            n_kv_heads: 1,
+            head_dim: 1,
+        };
         let mut c = F32Cache::new(shape);
         c.append(1, &[1.0, 2.0], &[10.0, 20.0], 2).unwrap();
         let mut out = [0f32; 2];

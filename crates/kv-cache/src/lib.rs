@@ -6,11 +6,19 @@
 //! [`F32Cache`] is the plain reference implementation.
 #![warn(missing_docs)]
 
+pub mod codec;
 mod error;
 mod f32_cache;
+pub mod kivi;
+pub mod policy;
+mod quant;
+#[cfg(test)]
+mod tests;
 
 pub use error::{Error, Result};
 pub use f32_cache::{check_attend_args, F32Cache};
+pub use policy::Policy;
+pub use quant::QuantCache;
 
 /// Shape of the cache of one model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +85,27 @@ pub trait KvCache: Send {
 /// assert!(build("nonsense", KvShape { n_layers: 1, n_kv_heads: 1, head_dim: 8 }).is_err());
 /// ```
 pub fn build(policy: &str, shape: KvShape) -> Result<Box<dyn KvCache>> {
-    match policy.trim() {
-        "f32" => Ok(Box::new(F32Cache::new(shape))),
-        other => Err(Error::Policy {
-            policy: other.to_string(),
-            reason: "unknown policy; supported: f32".into(),
-        }),
+    build_with_context(policy, shape, None)
+}
+
+/// [`build`], also checking the full-precision windows (sink + residual) against the model
+/// context `max_ctx` when it is given.
+///
+/// ```
+/// use lowbit_kv_cache::{build_with_context, KvShape};
+/// let s = KvShape { n_layers: 1, n_kv_heads: 1, head_dim: 64 };
+/// assert!(build_with_context("kivi2", s, Some(8192)).is_ok());
+/// let e = build_with_context("kivi2", s, Some(64)).err().unwrap();
+/// assert!(e.to_string().contains("larger than the context"));
+/// ```
+pub fn build_with_context(
+    policy: &str,
+    shape: KvShape,
+    max_ctx: Option<usize>,
+) -> Result<Box<dyn KvCache>> {
+    if policy.trim() == "f32" {
+        return Ok(Box::new(F32Cache::new(shape)));
     }
+    let p = Policy::parse(policy, shape, max_ctx)?;
+    Ok(Box::new(QuantCache::new(shape, p)))
 }

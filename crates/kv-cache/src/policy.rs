@@ -1,0 +1,305 @@
+//! Policy strings: presets (`f32`, `f16`, `bf16`, `fp8`, `fp8e5m2`, `int8`, `int4`, `kivi2`,
+//! `kivi4`) or comma-separated items `k=CODEC`, `v=CODEC`, `sink=S`, `g=G` (KIVI key group),
+//! `r=R` (residual window). A bare codec name sets both K and V.
+//!
+//! Codecs: `f32`, `f16`, `bf16`, `fp8` (= `fp8e4m3`), `fp8e5m2`, `int8`, `int4`, `int2`
+//! (one group = `head_dim`), `intBgG` (e.g. `int4g32`), `kivi2` / `kivi4` (on K: per-channel
+//! over G tokens; on V: per-token INT over `head_dim`). `int4` alone means `int4g32`.
+
+use crate::codec::{Fp8Kind, TokenCodec};
+use crate::{Error, KvShape, Result};
+
+/// How one side (K or V) is stored once it leaves the full-precision regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// One record per (token, head).
+    Token(TokenCodec),
+    /// KIVI keys: per channel over groups of `g` tokens.
+    KiviChannel {
+        /// 2 or 4.
+        bits: u8,
+    },
+}
+
+/// A parsed KV-cache policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The string as given (trimmed), used as the policy name.
+    pub name: String,
+    /// Key storage.
+    pub k: Side,
+    /// Value storage.
+    pub v: Side,
+    /// First tokens kept in f32 (attention sinks).
+    pub sink: usize,
+    /// Most recent tokens kept in f32 (KIVI residual window).
+    pub residual: usize,
+    /// Tokens per KIVI key group (also the flush granularity when K is KIVI).
+    pub group: usize,
+}
+
+fn bad(policy: &str, reason: impl Into<String>) -> Error {
+    Error::Policy {
+        policy: policy.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// What a codec token means for K and for V, and whether it is KIVI.
+fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
+    let tok = |c| Ok((Side::Token(c), Side::Token(c), false));
+    match s {
+        "f32" => tok(TokenCodec::F32),
+        "f16" => tok(TokenCodec::F16),
+        "bf16" => tok(TokenCodec::Bf16),
+        "fp8" | "fp8e4m3" | "e4m3" => tok(TokenCodec::Fp8(Fp8Kind::E4M3)),
+        "fp8e5m2" | "e5m2" => tok(TokenCodec::Fp8(Fp8Kind::E5M2)),
+        "kivi2" | "kivi4" => {
+            let bits = if s == "kivi2" { 2 } else { 4 };
+            Ok((
+                Side::KiviChannel { bits },
+                Side::Token(TokenCodec::Int { bits, group: d }),
+                true,
+            ))
+        }
+        _ if s.starts_with("int") => {
+            let rest = &s[3..];
+            let (b, g) = match rest.split_once('g') {
+                Some((b, g)) => (b, Some(g)),
+                None => (rest, None),
+            };
+            let bits: u8 = b.parse().map_err(|_| {
+                bad(
+                    policy,
+                    format!("`{s}`: expected intB or intBgG, e.g. int4g32"),
+                )
+            })?;
+            if ![2u8, 4, 8].contains(&bits) {
+                return Err(bad(
+                    policy,
+                    format!("`{s}`: integer codecs have 2, 4 or 8 bits"),
+                ));
+            }
+            let group = match g {
+                Some(g) => g
+                    .parse::<usize>()
+                    .map_err(|_| bad(policy, format!("`{s}`: group `{g}` is not a number")))?,
+                None if bits == 4 => 32.min(d),
+                None => d,
+            };
+            if group == 0 || d % group != 0 {
+                return Err(bad(
+                    policy,
+                    format!("`{s}`: group {group} does not divide head_dim {d}"),
+                ));
+            }
+            if group * bits as usize % 8 != 0 {
+                return Err(bad(
+                    policy,
+                    format!("`{s}`: group {group} is not a whole number of bytes"),
+                ));
+            }
+            tok(TokenCodec::Int { bits, group })
+        }
+        _ => Err(bad(
+            policy,
+            format!(
+                "unknown codec `{s}`; known: f32, f16, bf16, fp8, fp8e5m2, int8, int4, int2, \
+                 intBgG (e.g. int4g32), kivi2, kivi4"
+            ),
+        )),
+    }
+}
+
+fn parse_num(policy: &str, key: &str, v: &str) -> Result<usize> {
+    v.parse().map_err(|_| {
+        bad(
+            policy,
+            format!("`{key}={v}`: `{v}` is not a non-negative integer"),
+        )
+    })
+}
+
+impl Policy {
+    /// Parse `policy` for a cache of `shape`; `max_ctx` (when known) bounds the full-precision
+    /// windows.
+    pub fn parse(policy: &str, shape: KvShape, max_ctx: Option<usize>) -> Result<Policy> {
+        let p = policy.trim().to_ascii_lowercase();
+        if p.is_empty() {
+            return Err(bad(policy, "empty policy string"));
+        }
+        let d = shape.head_dim;
+        if d == 0 || shape.n_kv_heads == 0 || shape.n_layers == 0 {
+            return Err(bad(policy, format!("degenerate cache shape {shape:?}")));
+        }
+        let (mut k, mut v) = (None, None);
+        let (mut sink, mut residual, mut group) = (0usize, None, None);
+        let mut kivi = false;
+        for item in p.split(',').map(str::trim) {
+            if item.is_empty() {
+                return Err(bad(policy, "empty item (two commas in a row?)"));
+            }
+            match item.split_once('=') {
+                None => {
+                    let (a, b, kv) = parse_codec(policy, item, d)?;
+                    if k.is_some() || v.is_some() {
+                        return Err(bad(policy, format!("`{item}`: K/V codec given twice")));
+                    }
+                    (k, v) = (Some(a), Some(b));
+                    kivi |= kv;
+                }
+                Some((key, val)) => match key.trim() {
+                    "k" | "v" => {
+                        let (a, b, kv) = parse_codec(policy, val.trim(), d)?;
+                        let slot = if key.trim() == "k" { &mut k } else { &mut v };
+                        if slot.is_some() {
+                            return Err(bad(policy, format!("`{key}` given twice")));
+                        }
+                        *slot = Some(if key.trim() == "k" { a } else { b });
+                        kivi |= kv;
+                    }
+                    "sink" | "s" => sink = parse_num(policy, key, val.trim())?,
+                    "r" | "residual" => residual = Some(parse_num(policy, key, val.trim())?),
+                    "g" | "group" => {
+                        let g = parse_num(policy, key, val.trim())?;
+                        if g == 0 {
+                            return Err(bad(policy, "KIVI group g must be at least 1"));
+                        }
+                        group = Some(g);
+                    }
+                    other => {
+                        return Err(bad(
+                            policy,
+                            format!("unknown key `{other}`; known: k, v, sink, r, g"),
+                        ))
+                    }
+                },
+            }
+        }
+        let (k, v) = match (k, v) {
+            (Some(k), Some(v)) => (k, v),
+            _ => {
+                return Err(bad(
+                    policy,
+                    "both K and V codecs are needed (e.g. `k=fp8,v=int4g32`)",
+                ))
+            }
+        };
+        let group = group.unwrap_or(32);
+        if let Side::KiviChannel { bits } = k {
+            if group * bits as usize % 8 != 0 {
+                return Err(bad(
+                    policy,
+                    format!("KIVI group {group} is not a whole number of bytes"),
+                ));
+            }
+        }
+        let residual = residual.unwrap_or(if kivi { 128 } else { 0 });
+        if let Some(ctx) = max_ctx {
+            if sink + residual > ctx {
+                return Err(bad(
+                    policy,
+                    format!(
+                        "full-precision window larger than the context: sink {sink} + residual \
+                         {residual} > {ctx}"
+                    ),
+                ));
+            }
+        }
+        Ok(Policy {
+            name: p,
+            k,
+            v,
+            sink,
+            residual,
+            group,
+        })
+    }
+
+    /// Tokens moved out of the residual window at once (KIVI keys need whole groups).
+    pub fn flush_tokens(&self) -> usize {
+        match self.k {
+            Side::KiviChannel { .. } => self.group,
+            Side::Token(_) => 1,
+        }
+    }
+
+    /// True when nothing is ever rounded (f32 on both sides).
+    pub fn lossless(&self) -> bool {
+        self.k == Side::Token(TokenCodec::F32) && self.v == Side::Token(TokenCodec::F32)
+    }
+
+    /// Bytes one quantized token costs in steady state over all layers and heads, K and V,
+    /// metadata included (KIVI key groups amortized over their `g` tokens). Tokens in the sink
+    /// or the residual window cost `2 * 4 * n_kv_heads * head_dim` bytes per layer instead.
+    pub fn bytes_per_token(&self, shape: KvShape) -> f64 {
+        let d = shape.head_dim;
+        let side = |s: Side| match s {
+            Side::Token(c) => c.record_bytes(d) as f64,
+            Side::KiviChannel { bits } => {
+                crate::kivi::group_bytes(d, self.group, bits) as f64 / self.group as f64
+            }
+        };
+        (side(self.k) + side(self.v)) * (shape.n_kv_heads * shape.n_layers) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: KvShape = KvShape {
+        n_layers: 30,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+
+    #[test]
+    fn presets_and_items() {
+        let p = Policy::parse("kivi2", S, None).unwrap();
+        assert_eq!((p.residual, p.group, p.sink), (128, 32, 0));
+        assert_eq!(p.k, Side::KiviChannel { bits: 2 });
+        assert_eq!(p.v, Side::Token(TokenCodec::Int { bits: 2, group: 64 }));
+        let p = Policy::parse("k=fp8, v=int4g32, sink=4", S, None).unwrap();
+        assert_eq!(p.k, Side::Token(TokenCodec::Fp8(Fp8Kind::E4M3)));
+        assert_eq!(p.v, Side::Token(TokenCodec::Int { bits: 4, group: 32 }));
+        assert_eq!((p.sink, p.residual), (4, 0));
+        let p = Policy::parse("int4", S, None).unwrap();
+        assert_eq!(p.k, Side::Token(TokenCodec::Int { bits: 4, group: 32 }));
+        let p = Policy::parse("kivi4,sink=4,r=64,g=16", S, Some(8192)).unwrap();
+        assert_eq!(
+            (p.residual, p.group, p.sink, p.flush_tokens()),
+            (64, 16, 4, 16)
+        );
+    }
+
+    #[test]
+    fn bad_strings_name_the_problem() {
+        let err = |s: &str, ctx| match Policy::parse(s, S, ctx) {
+            Err(Error::Policy { reason, .. }) => reason,
+            other => panic!("{s}: expected a policy error, got {other:?}"),
+        };
+        assert!(err("nonsense", None).contains("unknown codec `nonsense`"));
+        assert!(err("int4g48", None).contains("does not divide head_dim 64"));
+        assert!(err("int3", None).contains("2, 4 or 8 bits"));
+        assert!(err("k=fp8", None).contains("both K and V"));
+        assert!(err("fp8,sink=x", None).contains("not a non-negative integer"));
+        assert!(err("kivi2", Some(100)).contains("larger than the context"));
+        assert!(err("fp8,sink=9000", Some(8192)).contains("larger than the context"));
+        assert!(err("fp8,,sink=1", None).contains("empty item"));
+        assert!(err("fp8,q=3", None).contains("unknown key `q`"));
+        assert!(err("", None).contains("empty"));
+        assert!(err("fp8,int8", None).contains("twice"));
+    }
+
+    #[test]
+    fn steady_state_bytes_per_token() {
+        let f16 = Policy::parse("f16", S, None).unwrap().bytes_per_token(S);
+        assert_eq!(f16, (2 * 2 * 64 * 3 * 30) as f64);
+        let fp8 = Policy::parse("fp8", S, None).unwrap().bytes_per_token(S);
+        assert_eq!(fp8, (2 * 65 * 3 * 30) as f64);
+        // KIVI-2: K = 64 channels x (4 + 8) bytes per 32 tokens, V = 16 + 4 bytes per token-head.
+        let k2 = Policy::parse("kivi2", S, None).unwrap().bytes_per_token(S);
+        assert_eq!(k2, (64.0 * 12.0 / 32.0 + 20.0) * 90.0);
+    }
+}

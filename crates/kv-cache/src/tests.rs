@@ -1,0 +1,405 @@
+//! Attention of the quantized caches against the f32 reference.
+
+use crate::codec::TokenCodec;
+use crate::policy::{Policy, Side};
+use crate::{build, kivi, F32Cache, KvCache, KvShape, QuantCache};
+
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * amp).collect()
+    }
+}
+
+/// Feed the same K/V (in chunks of `chunks`) to both caches; return the attention outputs of
+/// `n_q` final queries.
+fn run_pair(
+    a: &mut dyn KvCache,
+    b: &mut dyn KvCache,
+    kv: &(Vec<f32>, Vec<f32>),
+    chunks: &[usize],
+    q: &[f32],
+    n_q: usize,
+    n_heads: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let row = a.shape().n_kv_heads * a.shape().head_dim;
+    let mut t = 0;
+    for &c in chunks {
+        for layer in 0..a.shape().n_layers {
+            let (k, v) = (&kv.0[t * row..(t + c) * row], &kv.1[t * row..(t + c) * row]);
+            a.append(layer, k, v, c).unwrap();
+            b.append(layer, k, v, c).unwrap();
+        }
+        t += c;
+    }
+    let layer = a.shape().n_layers - 1;
+    let scale = 1.0 / (a.shape().head_dim as f32).sqrt();
+    let mut oa = vec![0f32; q.len()];
+    let mut ob = vec![0f32; q.len()];
+    a.attend(layer, q, n_q, n_heads, scale, &mut oa).unwrap();
+    b.attend(layer, q, n_q, n_heads, scale, &mut ob).unwrap();
+    (oa, ob)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Round-trip K and V the way a cache with `p` stores `len` tokens (sink and residual window
+/// in f32, the body through the codecs), computed independently of `QuantCache`.
+fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (Vec<f32>, Vec<f32>) {
+    let (d, nh) = (shape.head_dim, shape.n_kv_heads);
+    let row = nh * d;
+    let f = p.flush_tokens();
+    let after_sink = len.saturating_sub(p.sink);
+    let nq = if after_sink >= p.residual {
+        (after_sink - p.residual) / f * f
+    } else {
+        0
+    };
+    let (mut k2, mut v2) = (k.to_vec(), v.to_vec());
+    let mut tmp = vec![0u16; d];
+    let tok = |c: TokenCodec, x: &[f32], y: &mut [f32], tmp: &mut [u16]| {
+        let mut rec = vec![0u8; c.record_bytes(d)];
+        c.encode(x, &mut rec);
+        c.decode(&rec, y, tmp);
+    };
+    for t in p.sink..p.sink + nq {
+        for h in 0..nh {
+            let o = t * row + h * d;
+            if let Side::Token(c) = p.k {
+                tok(c, &k[o..o + d], &mut k2[o..o + d], &mut tmp);
+            }
+            if let Side::Token(c) = p.v {
+                tok(c, &v[o..o + d], &mut v2[o..o + d], &mut tmp);
+            }
+        }
+    }
+    if let Side::KiviChannel { bits } = p.k {
+        let g = p.group;
+        for grp in 0..nq / g {
+            for h in 0..nh {
+                let rows: Vec<f32> = (0..g)
+                    .flat_map(|t| k[(p.sink + grp * g + t) * row + h * d..][..d].to_vec())
+                    .collect();
+                let mut rec = vec![0u8; kivi::group_bytes(d, g, bits)];
+                kivi::encode_group(&rows, d, bits, &mut rec);
+                let mut out = vec![0f32; g * d];
+                kivi::decode_group(&rec, d, g, bits, &mut out, &mut vec![0f32; g]);
+                for t in 0..g {
+                    k2[(p.sink + grp * g + t) * row + h * d..][..d]
+                        .copy_from_slice(&out[t * d..][..d]);
+                }
+            }
+        }
+    }
+    (k2, v2)
+}
+
+const POLICIES: &[&str] = &[
+    "f16",
+    "bf16",
+    "fp8",
+    "fp8e5m2",
+    "int8",
+    "int4",
+    "k=int2g4,v=int4g4",
+    "kivi2,r=8,g=8",
+    "kivi4,r=5,g=4,sink=3",
+    "k=fp8,v=int4g4,sink=4",
+    "k=kivi2,v=fp8,g=16,r=0",
+];
+
+/// Every policy's attention equals the f32 attention over the K/V it stores (round-tripped by
+/// an independent model of the regions), up to f32 summation-order noise.
+#[test]
+fn attention_matches_f32_over_roundtripped_kv() {
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    for (si, &(nh, d, n_heads)) in [(1usize, 8usize, 2usize), (3, 16, 9), (2, 12, 4)]
+        .iter()
+        .enumerate()
+    {
+        let shape = KvShape {
+            n_layers: 2,
+            n_kv_heads: nh,
+            head_dim: d,
+        };
+        for pol in POLICIES {
+            let p = match Policy::parse(pol, shape, None) {
+                Ok(p) => p,
+                Err(_) => continue, // e.g. a group that does not divide this head_dim
+            };
+            for (len, chunks, n_q) in [
+                (70usize, vec![70usize], 70usize),
+                (75, vec![40, 1, 1, 33], 1),
+                (37, vec![30, 7], 7),
+            ] {
+                let k = r.vec(len * nh * d, 2.0);
+                let v = r.vec(len * nh * d, 1.0);
+                let q = r.vec(n_q * n_heads * d, 1.0);
+                let mut qc = QuantCache::new(shape, p.clone());
+                let mut f = F32Cache::new(shape);
+                let kv = roundtrip(&p, shape, &k, &v, len);
+                // Feed the quantized cache the raw K/V and the reference the round-tripped K/V.
+                let row = nh * d;
+                let mut t = 0;
+                for &c in &chunks {
+                    for layer in 0..2 {
+                        let s = t * row..(t + c) * row;
+                        qc.append(layer, &k[s.clone()], &v[s.clone()], c).unwrap();
+                        f.append(layer, &kv.0[s.clone()], &kv.1[s], c).unwrap();
+                    }
+                    t += c;
+                }
+                let scale = 1.0 / (d as f32).sqrt();
+                let mut oa = vec![0f32; q.len()];
+                let mut ob = vec![0f32; q.len()];
+                qc.attend(1, &q, n_q, n_heads, scale, &mut oa).unwrap();
+                f.attend(1, &q, n_q, n_heads, scale, &mut ob).unwrap();
+                let err = max_abs_diff(&oa, &ob);
+                assert!(
+                    err < 2e-5,
+                    "shape {si} {pol} len {len} n_q {n_q}: max diff {err}"
+                );
+                assert_eq!(qc.len(1), len);
+            }
+        }
+    }
+}
+
+/// Against the *unquantized* f32 attention, with a tolerance derived from each codec's step:
+/// a value error `ev` moves the output by at most `ev` (a convex combination), a key error
+/// `ek` moves every score by at most `scale * |q|_1 * ek`, which moves the softmax weights by
+/// at most `exp(2 * ds) - 1` in L1 and the output by that times `max |v|`.
+#[test]
+fn attention_within_step_derived_tolerance_of_f32() {
+    let mut r = Rng(0x0123_4567_89ab_cdef);
+    let (nh, d, n_heads) = (3usize, 64usize, 9usize);
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: nh,
+        head_dim: d,
+    };
+    let ka = 1.0f32;
+    let va = 1.0f32;
+    let qa = 0.25f32;
+    // Per-element error bounds (amplitude a): fp8 E4M3 relative 2^-4, E5M2 2^-3; INT half a
+    // step over the range 2a plus f16 rounding of scale and minimum (3 a 2^-11).
+    let f16r = 3.0 * 2f32.powi(-11);
+    let cases: &[(&str, f32, f32)] = &[
+        ("f16", ka * 2f32.powi(-11), va * 2f32.powi(-11)),
+        ("fp8", ka / 16.0, va / 16.0),
+        ("fp8e5m2", ka / 8.0, va / 8.0),
+        ("int8", ka * (1.0 / 255.0 + f16r), va * (1.0 / 255.0 + f16r)),
+        ("int4", ka * (1.0 / 15.0 + f16r), va * (1.0 / 15.0 + f16r)),
+    ];
+    let len = 300;
+    let k = r.vec(len * nh * d, ka);
+    let v = r.vec(len * nh * d, va);
+    for n_q in [1usize, 5] {
+        let q = r.vec(n_q * n_heads * d, qa);
+        let q1 = q
+            .chunks(d)
+            .map(|x| x.iter().map(|y| y.abs()).sum::<f32>())
+            .fold(0.0, f32::max);
+        for &(pol, ek, ev) in cases {
+            let mut a = build(pol, shape).unwrap();
+            let mut b = F32Cache::new(shape);
+            let (oa, ob) = run_pair(
+                a.as_mut(),
+                &mut b,
+                &(k.clone(), v.clone()),
+                &[len],
+                &q,
+                n_q,
+                n_heads,
+            );
+            let ds = q1 * ek / (d as f32).sqrt();
+            let tol = ev + ((2.0 * ds).exp() - 1.0) * va;
+            let err = max_abs_diff(&oa, &ob);
+            assert!(
+                tol < 0.5 * va,
+                "{pol}: tolerance {tol} too loose to mean anything"
+            );
+            assert!(err <= tol, "{pol} n_q {n_q}: max diff {err} > tol {tol}");
+            assert!(
+                err > 0.0,
+                "{pol}: a lossy codec gave exactly the f32 result"
+            );
+        }
+    }
+}
+
+/// Lossless cases are bit-exact: all tokens still in the KIVI residual window, or in the sink,
+/// give exactly what the f32-through-the-same-kernel policy gives; and that kernel agrees with
+/// the reference [`F32Cache`] up to summation order.
+#[test]
+fn lossless_windows_are_exact() {
+    let mut r = Rng(42);
+    let (nh, d, n_heads) = (3usize, 64usize, 9usize);
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: nh,
+        head_dim: d,
+    };
+    let len = 128;
+    let k = r.vec(len * nh * d, 1.0);
+    let v = r.vec(len * nh * d, 1.0);
+    let q = r.vec(n_heads * d, 1.0);
+    let run = |pol: &str| {
+        let mut c = build(pol, shape).unwrap();
+        c.append(0, &k, &v, len).unwrap();
+        let mut o = vec![0f32; q.len()];
+        c.attend(0, &q, 1, n_heads, 0.125, &mut o).unwrap();
+        (o, c.bytes())
+    };
+    let (exact, bytes) = run("k=f32,v=f32");
+    assert_eq!(bytes, len * nh * d * 8);
+    for pol in [
+        "kivi2",
+        "kivi4",
+        "fp8,sink=128",
+        "int4,sink=128",
+        "k=fp8,v=int2,r=128",
+    ] {
+        let (o, b) = run(pol);
+        assert_eq!(
+            o, exact,
+            "{pol} must be lossless while every token is full precision"
+        );
+        assert_eq!(
+            b, bytes,
+            "{pol}: full-precision tokens cost 8 bytes per value pair"
+        );
+    }
+    let (reference, _) = {
+        let mut c = F32Cache::new(shape);
+        c.append(0, &k, &v, len).unwrap();
+        let mut o = vec![0f32; q.len()];
+        c.attend(0, &q, 1, n_heads, 0.125, &mut o).unwrap();
+        (o, ())
+    };
+    assert!(max_abs_diff(&exact, &reference) < 1e-6);
+    // One more token pushes the oldest KIVI group out of the window: no longer exact.
+    let mut c = build("kivi2", shape).unwrap();
+    c.append(0, &k, &v, len).unwrap();
+    let (k1, v1) = (r.vec(nh * d, 1.0), r.vec(nh * d, 1.0));
+    for _ in 0..32 {
+        c.append(0, &k1, &v1, 1).unwrap();
+    }
+    assert!(c.bytes() < (len + 32) * nh * d * 8);
+}
+
+/// The AVX2 build of the attention kernel agrees with the portable one on ragged shapes.
+#[test]
+fn simd_path_matches_portable_path() {
+    let mut r = Rng(7);
+    for &(nh, d, n_heads, len, n_q) in &[
+        (1usize, 12usize, 3usize, 45usize, 1usize),
+        (2, 20, 4, 67, 13),
+        (3, 64, 9, 129, 40),
+        (1, 4, 1, 3, 3),
+    ] {
+        let shape = KvShape {
+            n_layers: 1,
+            n_kv_heads: nh,
+            head_dim: d,
+        };
+        for pol in [
+            "fp8",
+            "int8",
+            "f16",
+            "bf16",
+            "kivi2,r=8,g=4,sink=2",
+            "k=fp8e5m2,v=int2g4",
+        ] {
+            let Ok(p) = Policy::parse(pol, shape, None) else {
+                continue;
+            };
+            let mut a = QuantCache::new(shape, p.clone());
+            let k = r.vec(len * nh * d, 1.0);
+            let v = r.vec(len * nh * d, 1.0);
+            a.append(0, &k, &v, len).unwrap();
+            let mut b = a.clone();
+            b.set_force_scalar(true);
+            let q = r.vec(n_q * n_heads * d, 1.0);
+            let mut oa = vec![0f32; q.len()];
+            let mut ob = vec![0f32; q.len()];
+            a.attend(0, &q, n_q, n_heads, 0.3, &mut oa).unwrap();
+            b.attend(0, &q, n_q, n_heads, 0.3, &mut ob).unwrap();
+            let err = max_abs_diff(&oa, &ob);
+            assert!(err < 1e-5, "{pol} d={d}: simd vs portable {err}");
+        }
+    }
+}
+
+/// `bytes()` counts exactly what the regions hold, metadata included.
+#[test]
+fn byte_accounting_is_exact() {
+    let (nh, d) = (3usize, 64usize);
+    let shape = KvShape {
+        n_layers: 2,
+        n_kv_heads: nh,
+        head_dim: d,
+    };
+    let len = 1000;
+    let k = vec![0.5f32; len * nh * d];
+    for (pol, sink, body_k, body_v, res) in [
+        // (policy, sink tokens, K body bytes, V body bytes, residual tokens)
+        ("fp8", 0usize, 1000 * nh * 65, 1000 * nh * 65, 0usize),
+        ("int4", 0, 1000 * nh * (32 + 8), 1000 * nh * (32 + 8), 0),
+        ("fp8,sink=4", 4, 996 * nh * 65, 996 * nh * 65, 0),
+        // KIVI-2: 1000 - 128 = 872 -> 27 groups of 32 (864 tokens), 136 in the window.
+        ("kivi2", 0, 27 * nh * 64 * (4 + 8), 864 * nh * (16 + 4), 136),
+        (
+            "kivi2,sink=4",
+            4,
+            27 * nh * 64 * (4 + 8),
+            864 * nh * (16 + 4),
+            132,
+        ),
+    ] {
+        let mut c = build(pol, shape).unwrap();
+        for l in 0..2 {
+            for chunk in k.chunks(nh * d * 100) {
+                c.append(l, chunk, chunk, 100).unwrap();
+            }
+        }
+        let want = 2 * ((sink + res) * nh * d * 8 + body_k + body_v);
+        assert_eq!(c.bytes(), want, "{pol}");
+        assert_eq!(c.len(1), len);
+        c.clear();
+        assert_eq!((c.bytes(), c.len(0)), (0, 0));
+        assert!(c.is_empty());
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: 2,
+        head_dim: 8,
+    };
+    let mut c = build("fp8", shape).unwrap();
+    assert!(c.append(1, &[0.0; 16], &[0.0; 16], 1).is_err());
+    assert!(c.append(0, &[0.0; 15], &[0.0; 16], 1).is_err());
+    c.append(0, &[0.0; 16], &[0.0; 16], 1).unwrap();
+    assert!(c.attend(0, &[0.0; 24], 1, 3, 1.0, &mut [0.0; 24]).is_err());
+    assert!(c.attend(0, &[0.0; 32], 2, 2, 1.0, &mut [0.0; 32]).is_err());
+    assert!(c.attend(3, &[0.0; 16], 1, 2, 1.0, &mut [0.0; 16]).is_err());
+    assert!(build("int4g3", shape).is_err());
+    assert_eq!(
+        build("kivi2,sink=4", shape).unwrap().policy_name(),
+        "kivi2,sink=4"
+    );
+}
