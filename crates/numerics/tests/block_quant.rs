@@ -305,3 +305,111 @@ fn stochastic_rounding_mean_converges() {
     });
     assert_eq!(q1.data, q.data);
 }
+
+#[test]
+fn bnb_packing_puts_first_element_high() {
+    let w: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) / 31.5).collect();
+    let q = lowbit_numerics::nf4::quantize_bnb(&w, 1, 64, 64, false).unwrap();
+    let p = q.to_bnb_packed().unwrap();
+    for (k, &b) in p.iter().enumerate() {
+        assert_eq!(b >> 4, q.code(0, 2 * k).unwrap());
+        assert_eq!(b & 15, q.code(0, 2 * k + 1).unwrap());
+        assert_eq!(q.data[k] & 15, q.code(0, 2 * k).unwrap());
+    }
+    // -1 and +1 are exact table entries
+    assert_eq!(q.code(0, 0).unwrap(), 0);
+    assert_eq!(q.code(0, 63).unwrap(), 15);
+    assert!(matches!(
+        lowbit_numerics::nf4::quantize_bnb(&w, 2, 32, 64, false),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
+fn quantize_with_params_rejects_bad_parameters() {
+    let w = vec![0.5f32; 64];
+    let s = Scheme::from_name("int4-g32-asym").unwrap();
+    let ok = quantize_with_params(&w, 1, 64, &s, &[0.1, 0.1], Some(&[3, 4]), None, None);
+    assert!(ok.is_ok());
+    assert!(matches!(
+        quantize_with_params(&w, 1, 64, &s, &[0.1], Some(&[3]), None, None),
+        Err(Error::BufferSize { .. })
+    ));
+    assert!(quantize_with_params(&w, 1, 64, &s, &[0.1, 0.1], Some(&[3, 16]), None, None).is_err());
+    assert!(quantize_with_params(&w, 1, 64, &s, &[0.1, 0.1], None, None, None).is_err());
+    assert!(
+        quantize_with_params(&w, 1, 64, &s, &[0.1, f32::NAN], Some(&[3, 4]), None, None).is_err()
+    );
+    let mx = Scheme::from_name("mxfp4").unwrap();
+    assert!(quantize_with_params(&w, 1, 64, &mx, &[0.5, 0.3], None, None, None).is_err());
+    assert!(quantize_with_params(&w, 1, 64, &mx, &[0.5, 0.25], None, None, None).is_ok());
+    let nv = Scheme::from_name("nvfp4").unwrap();
+    assert!(quantize_with_params(&w, 1, 64, &nv, &[1.0; 4], None, None, None).is_err());
+    assert!(quantize_with_params(&w, 1, 64, &nv, &[1.0; 4], None, Some(448.0), None).is_ok());
+}
+
+#[test]
+fn unknown_names_list_the_known_ones() {
+    match Scheme::from_name("int4-g128-symmetric") {
+        Err(Error::UnknownFormat { name, known }) => {
+            assert_eq!(name, "int4-g128-symmetric");
+            for n in [
+                "int4-g128-sym",
+                "nvfp4",
+                "mxfp4",
+                "nf4-g64",
+                "fp8-b128",
+                "ternary",
+                "mxint8",
+            ] {
+                assert!(known.contains(n), "{n} missing from {known}");
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn percentile_clipping_shrinks_scales_of_outlier_blocks() {
+    let mut w: Vec<f32> = (0..128)
+        .map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5)
+        .collect();
+    w[7] = 50.0;
+    let s = Scheme::from_name("int4-pc-sym").unwrap();
+    let base = quantize(&w, 1, 128, &s, &QuantOptions::default()).unwrap();
+    let pct = quantize(
+        &w,
+        1,
+        128,
+        &s,
+        &QuantOptions {
+            scale_search: ScaleSearch::Percentile(99.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(base.scales[0], 50.0 / 7.0);
+    // the 99th percentile (nearest rank 127 of 128) of |w| excludes the outlier
+    assert!(pct.scales[0] < 0.5 / 7.0 + 1e-6, "{}", pct.scales[0]);
+    // and the clipped outlier saturates at 7 * scale
+    assert_eq!(pct.dequantize().unwrap()[7], 7.0 * pct.scales[0]);
+}
+
+#[test]
+fn transformer_engine_nvfp4_keeps_zero_scales() {
+    use lowbit_numerics::nvfp4::{quantize_nvfp4, Nvfp4Formula};
+    let mut w = vec![0.0f32; 32];
+    for (i, v) in w.iter_mut().enumerate().skip(16) {
+        *v = i as f32 - 24.0;
+    }
+    let te = quantize_nvfp4(&w, 1, 32, Nvfp4Formula::TransformerEngine).unwrap();
+    let ct = quantize_nvfp4(&w, 1, 32, Nvfp4Formula::CompressedTensors).unwrap();
+    assert_eq!(te.scales[0], 0.0);
+    assert_eq!(ct.scales[0], 0.125);
+    assert_eq!(te.global_scale, Some(2688.0 / 8.0));
+    // the non-zero block agrees between the two formulas here (exact powers of two)
+    assert_eq!(
+        te.dequantize().unwrap()[16..],
+        ct.dequantize().unwrap()[16..]
+    );
+}
