@@ -86,3 +86,50 @@ fn smollm2_matches_hf_token_ids() {
         );
     }
 }
+
+/// The whole wikitext-2 test text (CRLF -> LF, no BOS) tokenized by our SmolLM2 tokenizer equals
+/// what the `tokenizers` crate (an independent implementation) gives for a tokenizer.json built
+/// from the same GGUF vocabulary and merges with SmolLM2's pre-tokenizer (Digits + ByteLevel).
+#[test]
+fn smollm2_wikitext_agrees_with_hf_tokenizers() {
+    let Some(sh) = shared() else { return };
+    let f = GgufFile::open(&sh.join("models/smollm2-135m-instruct-q4_1.gguf")).unwrap();
+    let ours = Tokenizer::from_gguf(&f).unwrap();
+    let strings = |k: &str| -> Vec<String> {
+        f.get(k)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let toks = strings("tokenizer.ggml.tokens");
+    let vocab: serde_json::Map<String, serde_json::Value> = toks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i.into()))
+        .collect();
+    let json = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+      "normalizer": null,
+      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true},
+          {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+      "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+      "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+          "vocab": vocab, "merges": strings("tokenizer.ggml.merges")}});
+    let hf = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
+    let text = std::fs::read_to_string(sh.join("data/eval/wikitext-2-raw-test.txt"))
+        .unwrap()
+        .replace("\r\n", "\n");
+    let t0 = std::time::Instant::now();
+    let ids = ours.encode(&text).unwrap();
+    eprintln!(
+        "wikitext-2 test: {} bytes -> {} tokens in {:.2?}",
+        text.len(),
+        ids.len(),
+        t0.elapsed()
+    );
+    let want = hf.encode(text.as_str(), false).unwrap();
+    assert_eq!(ids, want.get_ids());
+}
