@@ -11,6 +11,7 @@ mod float_conv;
 mod gguf_file;
 mod gguf_quant;
 mod mx_block;
+mod tokenizer;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -100,14 +101,22 @@ pub fn run(args: Args) -> Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
+    // Tokenizer vocabularies (llama.cpp test-tokenizer-0 layout): NAME.gguf + .inp + .out.
+    files.extend(
+        std::fs::read_dir(&args.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(".gguf.inp")),
+    );
     files.sort();
     if files.is_empty() {
-        bail!("no *.json golden files in {}", args.dir.display());
+        bail!("no *.json golden files or *.gguf.inp tokenizer tests in {}", args.dir.display());
     }
     let (mut passed, mut failed) = (0usize, 0usize);
     for f in &files {
         let name = f.file_name().unwrap_or_default().to_string_lossy();
-        match check_file(f) {
+        let result =
+            if name.ends_with(".gguf.inp") { tokenizer::check(f) } else { check_file(f) };
+        match result {
             Ok(r) if r.mismatches.is_empty() && r.checked > 0 => {
                 passed += 1;
                 println!("PASS {name}: {} checks{}", r.checked, fmt_note(&r.note));
