@@ -10,6 +10,9 @@ pub enum Error {
     /// A quantized format this kernel does not handle.
     #[error("unsupported format for this kernel: {0}")]
     Unsupported(String),
+    /// The CUDA backend is unavailable or a CUDA call failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// An error from the numerics crate.
     #[error(transparent)]
     Numerics(#[from] lowbit_numerics::Error),

@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod codes;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dense;
 mod error;
 pub mod isa;
