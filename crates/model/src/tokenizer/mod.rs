@@ -110,12 +110,12 @@ enum Fragment<'t> {
 }
 
 enum Model {
-    Bpe(bpe::Bpe),
-    Spm(spm::Spm),
+    Bpe(Box<bpe::Bpe>),
+    Spm(Box<spm::Spm>),
 }
 
 enum Inner {
-    Gguf { vocab: Vocab, model: Model },
+    Gguf { vocab: Box<Vocab>, model: Model },
     Hf(Box<tokenizers::Tokenizer>),
 }
 
@@ -225,13 +225,16 @@ impl Tokenizer {
                     .get("tokenizer.ggml.pre")
                     .and_then(GgufValue::as_str)
                     .unwrap_or("default");
-                (Model::Bpe(bpe::Bpe::new(&vocab, &merges, pre)?), false)
+                (
+                    Model::Bpe(Box::new(bpe::Bpe::new(&vocab, &merges, pre)?)),
+                    false,
+                )
             }
             "llama" => (
-                Model::Spm(spm::Spm::new(
+                Model::Spm(Box::new(spm::Spm::new(
                     &vocab,
                     flag("tokenizer.ggml.add_space_prefix", true),
-                )),
+                ))),
                 true,
             ),
             other => {
@@ -242,7 +245,10 @@ impl Tokenizer {
             }
         };
         Ok(Tokenizer {
-            inner: Inner::Gguf { vocab, model },
+            inner: Inner::Gguf {
+                vocab: Box::new(vocab),
+                model,
+            },
             bos,
             eos,
             add_bos: flag("tokenizer.ggml.add_bos_token", add_bos_default),
