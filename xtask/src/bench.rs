@@ -3,6 +3,7 @@
 
 mod convert;
 mod gemv;
+mod kv;
 mod model;
 
 use anyhow::{bail, Result};
@@ -16,6 +17,8 @@ pub enum BenchCmd {
     Gemv(gemv::Args),
     /// Model prefill and decode tokens/s.
     Model(model::Args),
+    /// KV-cache decode step (append + attention) per policy at a long context, vs f32.
+    Kv(kv::Args),
 }
 
 /// Dispatch a benchmark.
@@ -24,5 +27,6 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Convert(a) => convert::run(a),
         BenchCmd::Gemv(a) => gemv::run(a),
         BenchCmd::Model(a) => model::run(a),
+        BenchCmd::Kv(a) => kv::run(a),
     }
 }

@@ -1,0 +1,127 @@
+//! `cargo xtask bench kv`: decode-step cost of the KV cache alone (append one token + attend
+//! one query, every layer) after a prefill of `--ctx` tokens, per policy, against f32 in the
+//! same run. Shape: SmolLM2-135M (30 layers, 9 query heads, 3 KV heads, head_dim 64). K/V are
+//! random (speed does not depend on the values).
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lowbit_kv_cache::{build, KvShape, Policy};
+use serde_json::json;
+use std::time::Instant;
+
+/// Arguments of `cargo xtask bench kv`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Comma-separated policies (`f32` is always measured first, as the baseline).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,f16,fp8,int8,int4,kivi4,kivi2"
+    )]
+    pub kv: Vec<String>,
+    /// Tokens in the cache before the decode steps.
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Decode steps timed per policy (the median step is reported).
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// One JSON object per policy per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run the benchmark.
+pub fn run(args: Args) -> Result<()> {
+    let shape = KvShape {
+        n_layers: 30,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let n_heads = 9;
+    let row = shape.n_kv_heads * shape.head_dim;
+    let mut pols: Vec<String> = args.kv.iter().map(|s| s.trim().to_string()).collect();
+    pols.retain(|p| p != "f32");
+    pols.insert(0, "f32".into());
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    };
+    let chunk = 512.min(args.ctx.max(1));
+    let pre_k = rnd(chunk * row);
+    let pre_v = rnd(chunk * row);
+    let step_k = rnd(row);
+    let step_v = rnd(row);
+    let q = rnd(n_heads * shape.head_dim);
+    let mut out = vec![0f32; q.len()];
+    let pb = ProgressBar::new(pols.len() as u64);
+    pb.set_style(ProgressStyle::with_template(
+        "bench kv [{bar:30}] {pos}/{len} {elapsed} {msg}",
+    )?);
+    if !args.json {
+        println!(
+            "KV cache decode step at ctx {} (30 layers x append 1 + attend 1, SmolLM2-135M shape)",
+            args.ctx
+        );
+        println!(
+            "| policy | ms/token | tokens/s | vs f32 | KV bytes/token (steady) | bytes at ctx |"
+        );
+        println!("|---|---|---|---|---|---|");
+    }
+    let mut base = None;
+    for p in &pols {
+        pb.set_message(p.clone());
+        let mut cache = build(p, shape).with_context(|| format!("--kv {p}"))?;
+        let mut filled = 0;
+        while filled < args.ctx {
+            let n = chunk.min(args.ctx - filled);
+            for l in 0..shape.n_layers {
+                cache.append(l, &pre_k[..n * row], &pre_v[..n * row], n)?;
+            }
+            filled += n;
+        }
+        let mut times = Vec::new();
+        for _ in 0..args.steps.max(1) {
+            let t0 = Instant::now();
+            for l in 0..shape.n_layers {
+                cache.append(l, &step_k, &step_v, 1)?;
+                cache.attend(l, &q, 1, n_heads, 0.125, &mut out)?;
+            }
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2] * 1e3;
+        let tps = 1e3 / ms;
+        let base_tps = *base.get_or_insert(tps);
+        let steady = if p == "f32" {
+            (8 * row * shape.n_layers) as f64
+        } else {
+            Policy::parse(p, shape, None)?.bytes_per_token(shape)
+        };
+        let bytes = cache.bytes();
+        pb.inc(1);
+        pb.suspend(|| {
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"policy": p, "ctx": args.ctx, "ms_per_token": ms, "tokens_per_s": tps,
+                           "speedup_vs_f32": tps / base_tps, "bytes_per_token_steady": steady,
+                           "bytes_total": bytes})
+                );
+            } else {
+                println!(
+                    "| {p} | {ms:.2} | {tps:.1} | {:.2}x | {steady:.0} | {bytes} |",
+                    tps / base_tps
+                );
+            }
+        });
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
