@@ -5,13 +5,12 @@
 //! `[n_tokens][in]` -> `[n_tokens][out]`.
 //!
 //! A quantized weight is decoded to f32 once, when the layer is built, and then runs on the dense
-//! path (GEMM for prefill, [`gemv`] for single-token decode); the codes stay attached so that
+//! GEMM path (prefill and single-token decode alike); the codes stay attached so that
 //! exporters and reports see the quantized tensor. A fused quantized kernel slots in here
 //! without changing the model code.
 
 use crate::{Error, Result};
 use lowbit_numerics::QuantizedTensor;
-use rayon::prelude::*;
 
 /// A quantizer applied to a linear layer's input before the product (W8A8, rotations):
 /// called with the `[n_tokens][in]` input rows and `n_tokens`; it rewrites the rows in place.
@@ -196,9 +195,20 @@ impl Linear {
             }
             None => x,
         };
+        // One GEMM for every chunk length. For a single token the `gemm` crate's m = 1 path is
+        // fast on one thread but does not scale, so the rows are split over the rayon pool and
+        // each block runs serially (docs/benchmarks.md).
         let w = self.weight_f32();
-        if n_tokens == 1 && std::env::var_os("LOWBIT_GEMV_GEMM").is_none() {
-            gemv(w, x, y, self.out, self.inp);
+        let threads = rayon::current_num_threads();
+        if n_tokens == 1 && threads > 1 && self.out >= 256 {
+            use rayon::prelude::*;
+            let rows = self.out.div_ceil(4 * threads).max(64);
+            let inp = self.inp;
+            y.par_chunks_mut(rows).enumerate().try_for_each(|(c, yc)| {
+                let r0 = c * rows;
+                let wc = &w[r0 * inp..(r0 + yc.len()) * inp];
+                lowbit_kernels::dense::matmul_wt_serial(x, wc, yc, 1, inp, yc.len())
+            })?;
         } else {
             lowbit_kernels::dense::matmul_wt(x, w, y, n_tokens, self.inp, self.out)?;
         }
@@ -208,45 +218,6 @@ impl Linear {
             }
         }
         Ok(())
-    }
-}
-
-/// Dot product with 16 independent accumulators, so that the compiler keeps several SIMD
-/// registers in flight (f32 sums are not reassociated otherwise).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let ca = a.chunks_exact(16);
-    let cb = b.chunks_exact(16);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    for v in acc {
-        s += v;
-    }
-    s
-}
-
-/// `y[out] = W[out][in] · x[in]`: the single-token product, memory-bound, split over rayon
-/// threads by blocks of rows. Shapes must already be checked.
-pub fn gemv(w: &[f32], x: &[f32], y: &mut [f32], out: usize, inp: usize) {
-    debug_assert!(w.len() == out * inp && x.len() == inp && y.len() == out);
-    const ROWS: usize = 64;
-    if rayon::current_num_threads() > 1 && out * inp >= 1 << 16 {
-        y.par_chunks_mut(ROWS).enumerate().for_each(|(c, yc)| {
-            let r0 = c * ROWS;
-            for (j, v) in yc.iter_mut().enumerate() {
-                *v = dot(&w[(r0 + j) * inp..][..inp], x);
-            }
-        });
-    } else {
-        for (j, v) in y.iter_mut().enumerate() {
-            *v = dot(&w[j * inp..][..inp], x);
-        }
     }
 }
 
@@ -278,8 +249,14 @@ mod tests {
     }
 
     #[test]
-    fn gemv_and_gemm_paths_match_f64() {
-        for &(n, inp, out) in &[(1, 37, 5), (1, 576, 300), (3, 64, 17), (1, 1, 1)] {
+    fn products_match_f64() {
+        for &(n, inp, out) in &[
+            (1, 37, 5),
+            (1, 576, 300),
+            (1, 64, 1000),
+            (3, 64, 17),
+            (1, 1, 1),
+        ] {
             let w = data(out * inp, 1);
             let x = data(n * inp, 2);
             let b = data(out, 3);

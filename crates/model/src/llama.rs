@@ -14,7 +14,7 @@
 //! ..., `model.layers.{i}.mlp.down_proj`, `lm_head`), see [`Model::linear_mut`].
 
 use crate::config::ModelConfig;
-use crate::linear::{gemv, Linear};
+use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::{Error, Result};
 use lowbit_kv_cache::KvCache;
@@ -363,9 +363,6 @@ impl Model {
         let mut logits = vec![0f32; n_tokens * c.vocab_size];
         match &self.lm_head {
             Some(l) => l.forward(&x, n_tokens, &mut logits)?,
-            None if n_tokens == 1 => {
-                gemv(&self.embed, &x, &mut logits, c.vocab_size, c.hidden_size)
-            }
             None => lowbit_kernels::dense::matmul_wt(
                 &x,
                 &self.embed,

@@ -30,9 +30,35 @@ pub struct Args {
     /// KV-cache policy.
     #[arg(long, default_value = "f32")]
     pub kv: String,
+    /// Benchmark a random model of SmolLM2-135M's shape instead of loading a file (speed does not
+    /// depend on the weight values; for machines without the shared folder).
+    #[arg(long, conflicts_with = "model")]
+    pub random: bool,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// SmolLM2-135M's shape (shared/models/README.md).
+fn smollm2_config() -> lowbit_model::ModelConfig {
+    lowbit_model::ModelConfig {
+        arch: lowbit_model::Arch::Llama,
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        n_layers: 30,
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        rope_theta: 100000.0,
+        rope_scaling: lowbit_model::RopeScaling::None,
+        rms_eps: 1e-5,
+        max_ctx: 8192,
+        tie_embeddings: true,
+        qkv_bias: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -42,12 +68,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run the benchmark.
 pub fn run(args: Args) -> Result<()> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => crate::shared::shared_dir()?.join("models/smollm2-135m-instruct-q4_1.gguf"),
+    let (path, model) = if args.random {
+        (
+            PathBuf::from("random:smollm2-135m"),
+            lowbit_model::weights::random_model(smollm2_config(), 1)?,
+        )
+    } else {
+        let path = match &args.model {
+            Some(p) => p.clone(),
+            None => crate::shared::shared_dir()?.join("models/smollm2-135m-instruct-q4_1.gguf"),
+        };
+        let model = lowbit_model::load::load_model(&path)
+            .with_context(|| format!("loading {} (pass --model FILE.gguf)", path.display()))?;
+        (path, model)
     };
-    let model = lowbit_model::load::load_model(&path)
-        .with_context(|| format!("loading {} (pass --model FILE.gguf)", path.display()))?;
     let vocab = model.config.vocab_size as u64;
     // Deterministic pseudo-random tokens (content does not change the cost).
     let mut s = 0x9e3779b97f4a7c15u64;
