@@ -319,3 +319,19 @@ fn hf_tokenizer_json_agrees_with_the_gguf_bpe() {
     assert!(Tokenizer::from_hf_file(&dir.join("missing.json")).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn long_whitespace_runs_and_long_words_encode() {
+    let v = hello_vocab();
+    for pre in ["gpt-2", "llama-bpe", "qwen2", "smollm", "default"] {
+        let t = Tokenizer::from_gguf(&v.gguf(pre)).unwrap();
+        let text = format!(
+            "{}x{}\n{}",
+            " ".repeat(50_000),
+            "ab".repeat(2_000),
+            "\t \n".repeat(5_000)
+        );
+        let ids = t.encode(&text).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), text, "{pre}");
+    }
+}
