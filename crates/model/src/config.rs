@@ -145,8 +145,7 @@ impl ModelConfig {
         let n_kv_heads = get_usize(&v, "num_key_value_heads").unwrap_or(n_heads);
         let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
             Some(h) => h as usize,
-            None if n_heads > 0 => hidden_size / n_heads,
-            None => 0,
+            None => hidden_size.checked_div(n_heads).unwrap_or(0),
         };
         let rope_scaling = match v.get("rope_scaling").filter(|r| !r.is_null()) {
             None => RopeScaling::None,

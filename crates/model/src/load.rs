@@ -42,11 +42,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let n_kv_heads = opt_u("attention.head_count_kv").unwrap_or(n_heads);
     let head_dim = opt_u("attention.key_length")
         .or_else(|| opt_u("rope.dimension_count"))
-        .unwrap_or(if n_heads > 0 {
-            hidden_size / n_heads
-        } else {
-            0
-        });
+        .unwrap_or(hidden_size.checked_div(n_heads).unwrap_or(0));
     let embd = g.tensor_info("token_embd.weight")?;
     let vocab_size = match opt_u("vocab_size") {
         Some(v) => v,
