@@ -11,18 +11,23 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod actquant;
 pub mod awq;
 pub mod error;
 pub mod fold;
 pub mod gptq;
 pub mod grid;
+pub mod hadamard;
 pub mod hessian;
 pub mod hqq;
 pub mod linalg;
 pub mod method;
+pub mod quarot;
+pub mod rotation;
 pub mod rtn;
 pub mod sensitivity;
 pub mod smoothquant;
+pub mod spinquant;
 pub mod stats;
 
 pub use awq::{awq, awq_clip, awq_search_scales, AwqConfig, AwqResult, AwqScales, LinearWeight};
