@@ -104,6 +104,12 @@ impl GgufWriter {
         let align = self
             .alignment()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        if let Some((k, _)) = self.metadata.iter().find(|(_, v)| !homogeneous(v)) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("metadata key `{k}`: array elements must all have one type"),
+            ));
+        }
         let mut head = Vec::new();
         head.extend_from_slice(&GGUF_MAGIC.to_le_bytes());
         head.extend_from_slice(&3u32.to_le_bytes());
@@ -141,6 +147,16 @@ impl GgufWriter {
             w.write_all(&vec![0u8; (offset - pos) as usize])?;
         }
         Ok(())
+    }
+}
+
+/// Whether every array in `v` holds elements of a single type (GGUF arrays are typed).
+fn homogeneous(v: &GgufValue) -> bool {
+    match v {
+        GgufValue::Array(a) => {
+            a.iter().all(|x| x.type_id() == a[0].type_id()) && a.iter().all(homogeneous)
+        }
+        _ => true,
     }
 }
 
