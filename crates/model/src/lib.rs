@@ -14,6 +14,7 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod rope;
+pub mod rotate;
 pub mod sampling;
 pub mod weights;
 pub mod gguf;
