@@ -35,7 +35,7 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::minifloat::{FloatFormat, Overflow};
+use crate::minifloat::{encode_slice, FloatFormat, Overflow};
 use crate::mx::{self, MxScaleRule};
 use crate::nf4::{self, TableEncoder};
 use crate::nvfp4::{self, Nvfp4Formula};
@@ -46,6 +46,7 @@ use crate::tensor::{
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// How each block's clipping range (and so its scale) is chosen; see [`crate::scale_search`].
@@ -291,6 +292,8 @@ struct Stats {
     hi: f32,
     amax: f32,
     absmean: f32,
+    /// No NaN or infinity in the block.
+    finite: bool,
 }
 
 fn stats(xs: &[f32], kind: Kind) -> Stats {
@@ -323,6 +326,7 @@ fn stats(xs: &[f32], kind: Kind) -> Stats {
     let (lo, hi) = if xs.is_empty() { (0.0, 0.0) } else { (mn, mx_) };
     // abs(): max(-0.0, 0.0) may be -0.0, which would make a -0 scale
     let amax = if nan { f32::NAN } else { (-lo).max(hi).abs() };
+    let finite = !nan && lo != f32::NEG_INFINITY && hi != f32::INFINITY;
     let absmean = match kind {
         Kind::Ternary { .. } | Kind::Binary { .. } => crate::ternary::absmean(xs),
         _ => 0.0,
@@ -332,6 +336,7 @@ fn stats(xs: &[f32], kind: Kind) -> Stats {
         hi,
         amax,
         absmean,
+        finite,
     }
 }
 
@@ -404,7 +409,21 @@ fn params_from_range(
 
 /// Fit one block's parameters with the context's scale search.
 fn fit_ctx(kind: Kind, xs: &[f32], gs: f32, ctx: &Ctx, scratch: &mut Vec<u8>) -> BlockParams {
+    fit_ctx_flag(kind, xs, gs, ctx, scratch, &mut false)
+}
+
+/// [`fit_ctx`] that also sets `nonfinite` when the block holds a NaN or an infinity (the
+/// finiteness check fused into the statistics pass).
+fn fit_ctx_flag(
+    kind: Kind,
+    xs: &[f32],
+    gs: f32,
+    ctx: &Ctx,
+    scratch: &mut Vec<u8>,
+    nonfinite: &mut bool,
+) -> BlockParams {
     let st = stats(xs, kind);
+    *nonfinite |= !st.finite;
     let am_ratio = |r: f32| st.absmean * r;
     match ctx.search {
         ScaleSearch::AbsMax => params_from_range(kind, st.lo, st.hi, st.amax, st.absmean, gs, ctx),
@@ -569,8 +588,22 @@ pub(crate) fn encode_block(
                     mx::e2m1_encode_block(xs, codes, |x| x / s, thr, sign);
                 }
             } else {
-                for (c, &x) in codes.iter_mut().zip(xs) {
-                    *c = fmt.encode(scaled(x), rounding, Overflow::Saturate);
+                // scale a chunk, then the vectorized slice codec (same codes as `fmt.encode`)
+                const CH: usize = 64;
+                let mut buf = [0f32; CH];
+                for (xc, cc) in xs.chunks(CH).zip(codes.chunks_mut(CH)) {
+                    let y = &mut buf[..xc.len()];
+                    if pow2 {
+                        for (y, &x) in y.iter_mut().zip(xc) {
+                            *y = x * inv;
+                        }
+                    } else {
+                        for (y, &x) in y.iter_mut().zip(xc) {
+                            *y = x / s;
+                        }
+                    }
+                    // lengths match, so this cannot fail
+                    let _ = encode_slice(fmt, y, cc, rounding, Overflow::Saturate);
                 }
             }
         }
@@ -888,7 +921,13 @@ pub(crate) fn quantize_ctx(
 ) -> Result<QuantizedTensor> {
     let kind = Kind::of(scheme)?;
     check_shape(w, rows, cols)?;
-    check_finite(w, kind)?;
+    let (br, bc) = scheme.granularity.block_shape(rows, cols);
+    // one-row blocks: the finiteness check is fused into each block's statistics pass (every
+    // value is in exactly one block); a failure is reported by `check_finite` at the end
+    let fused_check = br == 1;
+    if !fused_check {
+        check_finite(w, kind)?;
+    }
     if ctx.seed.is_some() && matches!(kind, Kind::Nf4 { .. } | Kind::Binary { .. }) {
         return Err(Error::Invalid(
             "stochastic rounding is not defined for NF4/binary".into(),
@@ -904,13 +943,13 @@ pub(crate) fn quantize_ctx(
     };
     let g = gs.unwrap_or(1.0);
     let bits = scheme.elem.bits();
-    let (br, bc) = scheme.granularity.block_shape(rows, cols);
     let (gr, gc) = scheme.granularity.grid(rows, cols);
     let rb = packed_row_bytes(cols, bits);
     let mut data = vec![0u8; rows * rb];
     let mut scales = vec![0f32; gr * gc];
     let mut zps = vec![0u8; gr * gc];
     let asym = kind.is_asym();
+    let nonfinite_seen = AtomicBool::new(false);
 
     if br == 1 {
         data.par_chunks_mut(rb)
@@ -921,24 +960,28 @@ pub(crate) fn quantize_ctx(
                 || (vec![0u8; cols], Vec::new(), RowScratch::default()),
                 |(codes, scratch, rs), (r, ((drow, srow), zrow))| {
                     let x = &w[r * cols..(r + 1) * cols];
+                    let mut nonfinite = false;
                     if let Some(mode) = row_mode(kind, ctx) {
                         // fit every group, scale the row, then one long threshold pass
                         rs.prepare(cols);
                         for j in 0..gc {
                             let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
-                            let p = fit_ctx(kind, &x[c0..c1], g, ctx, scratch);
+                            let p = fit_ctx_flag(kind, &x[c0..c1], g, ctx, scratch, &mut nonfinite);
                             rs.scale_group(&mode, kind, &x[c0..c1], c0, &p, g, ctx);
                             srow[j] = p.scale;
                             zrow[j] = 0;
                         }
                         rs.finish(&mode, codes);
                         crate::pack::pack_row_unchecked(codes, bits, drow);
+                        if nonfinite {
+                            nonfinite_seen.store(true, Ordering::Relaxed);
+                        }
                         return;
                     }
                     for j in 0..gc {
                         let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
                         let xs = &x[c0..c1];
-                        let p = fit_ctx(kind, xs, g, ctx, scratch);
+                        let p = fit_ctx_flag(kind, xs, g, ctx, scratch, &mut nonfinite);
                         encode_block(
                             kind,
                             xs,
@@ -952,8 +995,14 @@ pub(crate) fn quantize_ctx(
                         zrow[j] = p.zero_point.unwrap_or(0);
                     }
                     crate::pack::pack_row_unchecked(codes, bits, drow);
+                    if nonfinite {
+                        nonfinite_seen.store(true, Ordering::Relaxed);
+                    }
                 },
             );
+        if fused_check && nonfinite_seen.load(Ordering::Relaxed) {
+            check_finite(w, kind)?;
+        }
     } else {
         // phase 1: parameters of each 2-D block
         let params: Vec<BlockParams> = (0..gr * gc)
@@ -1239,10 +1288,9 @@ impl QuantizedTensor {
         let lut = lut256(kind, self.scheme.elem.bits());
         out.par_chunks_mut(self.cols)
             .enumerate()
-            .try_for_each_init(
-                || vec![0u8; self.cols],
-                |codes, (r, o)| self.dequant_row_impl(kind, &lut, r, o, codes),
-            )?;
+            .try_for_each_init(Vec::new, |codes, (r, o)| {
+                self.dequant_row_impl(kind, &lut, r, o, codes)
+            })?;
         Ok(out)
     }
 
@@ -1301,7 +1349,8 @@ impl QuantizedTensor {
             }
         }
         let lut = lut256(kind, self.scheme.elem.bits());
-        let mut codes = vec![0u8; self.cols];
+        // the buffer is only allocated by the paths that unpack codes first
+        let mut codes = Vec::new();
         self.dequant_row_impl(kind, &lut, row, out, &mut codes)
     }
 
@@ -1311,7 +1360,7 @@ impl QuantizedTensor {
         lut: &[f32; 256],
         r: usize,
         out: &mut [f32],
-        codes: &mut [u8],
+        codes: &mut Vec<u8>,
     ) -> Result<()> {
         let cols = self.cols;
         let bits = self.scheme.elem.bits();
@@ -1328,6 +1377,7 @@ impl QuantizedTensor {
         let gs = self.global_scale.unwrap_or(1.0);
         let m = |j: usize| kind.mult(srow[j], zrow.map(|z| z[j]), gs);
         if let Some(gi) = &self.g_idx {
+            codes.resize(cols, 0);
             crate::pack::unpack_row_unchecked(row, bits, codes);
             let mults: Vec<(f32, f32)> = (0..gc).map(m).collect();
             for ((o, &c), &g) in out.iter_mut().zip(codes.iter()).zip(gi.iter()) {
@@ -1341,7 +1391,16 @@ impl QuantizedTensor {
             return Ok(());
         }
         if bits == 4 && bc % 2 == 0 {
-            for j in 0..gc {
+            // whole groups of a fixed size: monomorphised, no per-group slicing
+            let full = cols / bc;
+            let done = match bc {
+                16 => deq4_groups::<16, 8>(row, out, full, &m, lut),
+                32 => deq4_groups::<32, 16>(row, out, full, &m, lut),
+                64 => deq4_groups::<64, 32>(row, out, full, &m, lut),
+                128 => deq4_groups::<128, 64>(row, out, full, &m, lut),
+                _ => 0,
+            };
+            for j in done..gc {
                 let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
                 let (z, s) = m(j);
                 let t: [f32; 16] = std::array::from_fn(|i| (lut[i] - z) * s);
@@ -1358,6 +1417,7 @@ impl QuantizedTensor {
             }
             return Ok(());
         }
+        codes.resize(cols, 0);
         crate::pack::unpack_row_unchecked(row, bits, codes);
         for j in 0..gc {
             let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
@@ -1368,6 +1428,35 @@ impl QuantizedTensor {
         }
         Ok(())
     }
+}
+
+/// Dequantize the first `n` whole 4-bit groups of `G` values (`B = G / 2` bytes) of a row;
+/// returns `n`. Same arithmetic as the generic path: `(lut[code] - z) * s` per value.
+#[inline(always)]
+fn deq4_groups<const G: usize, const B: usize>(
+    row: &[u8],
+    out: &mut [f32],
+    n: usize,
+    m: &impl Fn(usize) -> (f32, f32),
+    lut: &[f32; 256],
+) -> usize {
+    let lut16: [f32; 16] = std::array::from_fn(|i| lut[i]);
+    for (j, (o, b)) in out
+        .chunks_exact_mut(G)
+        .zip(row.chunks_exact(B))
+        .take(n)
+        .enumerate()
+    {
+        let (z, s) = m(j);
+        let t: [f32; 16] = std::array::from_fn(|i| (lut16[i] - z) * s);
+        let o: &mut [f32; G] = o.try_into().expect("chunk of G");
+        let b: &[u8; B] = b.try_into().expect("chunk of B");
+        for k in 0..B {
+            o[2 * k] = t[(b[k] & 15) as usize];
+            o[2 * k + 1] = t[(b[k] >> 4) as usize];
+        }
+    }
+    n
 }
 
 /// Decoded element values of the `2^bits` codes (the rest of the table is 0).
