@@ -482,6 +482,49 @@ fn fit_ctx_flag(
     }
 }
 
+/// Largest `|x|` of a block of exactly `G` values via the integer order of the magnitude bits
+/// (8 lanes, vectorizes); `None` when the block holds a NaN or an infinity. Equals the
+/// reference [`stats`]' `amax` on finite blocks (`max(-min, max)`, `+0` for all-zero blocks).
+#[inline(always)]
+fn amax_finite<const G: usize>(xs: &[f32]) -> Option<f32> {
+    let xs: &[f32; G] = xs.try_into().ok()?;
+    let mut m = [0i32; 8];
+    for c in xs.chunks_exact(8) {
+        for j in 0..8 {
+            let b = (c[j].to_bits() & 0x7fff_ffff) as i32;
+            m[j] = if b > m[j] { b } else { m[j] };
+        }
+    }
+    let b = m.iter().fold(0i32, |a, &v| if v > a { v } else { a });
+    // magnitudes at or above the infinity pattern are Inf/NaN
+    (b < 0x7f80_0000).then(|| f32::from_bits(b as u32))
+}
+
+/// Absmax block fit for the symmetric formats whose parameters depend on the block's absmax
+/// alone, on whole 16/32/64 groups of finite values; `None` means "use [`fit_ctx_flag`]" (the
+/// reference, which also flags non-finite blocks).
+#[inline]
+fn fit_absmax_fast(kind: Kind, xs: &[f32], gs: f32, ctx: &Ctx) -> Option<BlockParams> {
+    if ctx.search != ScaleSearch::AbsMax {
+        return None;
+    }
+    match kind {
+        Kind::FloatE4m3 { .. }
+        | Kind::FloatPow2 { .. }
+        | Kind::Nf4 { .. }
+        | Kind::Float { .. }
+        | Kind::Int { asym: false, .. } => {}
+        _ => return None,
+    }
+    let c = match xs.len() {
+        16 => amax_finite::<16>(xs),
+        32 => amax_finite::<32>(xs),
+        64 => amax_finite::<64>(xs),
+        _ => None,
+    }?;
+    Some(params_from_range(kind, -c, c, c, 0.0, gs, ctx))
+}
+
 /// Encode one block of values with given parameters. `idx0` is the flat index of `xs[0]`
 /// (stochastic rounding only).
 pub(crate) fn encode_block(
@@ -966,7 +1009,11 @@ pub(crate) fn quantize_ctx(
                         rs.prepare(cols);
                         for j in 0..gc {
                             let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
-                            let p = fit_ctx_flag(kind, &x[c0..c1], g, ctx, scratch, &mut nonfinite);
+                            let xs = &x[c0..c1];
+                            let p = match fit_absmax_fast(kind, xs, g, ctx) {
+                                Some(p) => p,
+                                None => fit_ctx_flag(kind, xs, g, ctx, scratch, &mut nonfinite),
+                            };
                             rs.scale_group(&mode, kind, &x[c0..c1], c0, &p, g, ctx);
                             srow[j] = p.scale;
                             zrow[j] = 0;
@@ -981,7 +1028,10 @@ pub(crate) fn quantize_ctx(
                     for j in 0..gc {
                         let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
                         let xs = &x[c0..c1];
-                        let p = fit_ctx_flag(kind, xs, g, ctx, scratch, &mut nonfinite);
+                        let p = match fit_absmax_fast(kind, xs, g, ctx) {
+                            Some(p) => p,
+                            None => fit_ctx_flag(kind, xs, g, ctx, scratch, &mut nonfinite),
+                        };
                         encode_block(
                             kind,
                             xs,
