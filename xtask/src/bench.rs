@@ -2,11 +2,13 @@
 //! Each benchmark lives in its own module under `bench/`.
 
 mod convert;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod gemv;
 mod kv;
 mod model;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// The benchmark to run.
 #[derive(clap::Subcommand)]
@@ -17,6 +19,9 @@ pub enum BenchCmd {
     Gemv(gemv::Args),
     /// Model prefill and decode tokens/s.
     Model(model::Args),
+    /// Quantized GEMV on the GPU vs a device copy (needs `--features cuda` and a CUDA device).
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::Args),
     /// KV-cache decode step (append + attention) per policy at a long context, vs f32.
     Kv(kv::Args),
 }
@@ -28,5 +33,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Gemv(a) => gemv::run(a),
         BenchCmd::Model(a) => model::run(a),
         BenchCmd::Kv(a) => kv::run(a),
+        #[cfg(feature = "cuda")]
+        BenchCmd::Cuda(a) => cuda::run(a),
     }
 }
