@@ -93,29 +93,23 @@ pub fn check(v: &Value, json_path: &Path) -> Result<Report> {
     for (j, t) in ts.iter().zip(f.tensors()) {
         let n = &t.name;
         let field = |k: &str| j.get(k).cloned().unwrap_or(Value::Null);
-        r.check(field("name") == Value::from(n.as_str()), || {
+        r.check(field("name") == n.as_str(), || {
             format!("tensor name: json {}, parsed `{n}`", field("name"))
         });
-        r.check(
-            field("ggml_type") == Value::from(t.ggml_type.name()),
-            || {
-                format!(
-                    "`{n}` ggml_type: json {}, parsed {}",
-                    field("ggml_type"),
-                    t.ggml_type
-                )
-            },
-        );
-        r.check(
-            field("ggml_type_id") == Value::from(t.ggml_type.id()),
-            || {
-                format!(
-                    "`{n}` ggml_type_id: json {}, parsed {}",
-                    field("ggml_type_id"),
-                    t.ggml_type.id()
-                )
-            },
-        );
+        r.check(field("ggml_type") == t.ggml_type.name(), || {
+            format!(
+                "`{n}` ggml_type: json {}, parsed {}",
+                field("ggml_type"),
+                t.ggml_type
+            )
+        });
+        r.check(field("ggml_type_id") == t.ggml_type.id(), || {
+            format!(
+                "`{n}` ggml_type_id: json {}, parsed {}",
+                field("ggml_type_id"),
+                t.ggml_type.id()
+            )
+        });
         r.check(
             field("dims_ne_order") == Value::from(t.dims.clone()),
             || {
@@ -126,30 +120,27 @@ pub fn check(v: &Value, json_path: &Path) -> Result<Report> {
                 )
             },
         );
-        r.check(field("n_elements") == Value::from(t.n_elements()), || {
+        r.check(field("n_elements") == t.n_elements(), || {
             format!(
                 "`{n}` n_elements: json {}, parsed {}",
                 field("n_elements"),
                 t.n_elements()
             )
         });
-        r.check(field("n_bytes") == Value::from(t.n_bytes), || {
+        r.check(field("n_bytes") == t.n_bytes, || {
             format!(
                 "`{n}` n_bytes: json {}, parsed {}",
                 field("n_bytes"),
                 t.n_bytes
             )
         });
-        r.check(
-            field("data_offset_abs") == Value::from(t.offset_abs),
-            || {
-                format!(
-                    "`{n}` data_offset_abs: json {}, parsed {}",
-                    field("data_offset_abs"),
-                    t.offset_abs
-                )
-            },
-        );
+        r.check(field("data_offset_abs") == t.offset_abs, || {
+            format!(
+                "`{n}` data_offset_abs: json {}, parsed {}",
+                field("data_offset_abs"),
+                t.offset_abs
+            )
+        });
         let prefix = hex(field("data_hex_prefix").as_str().unwrap_or(""))?;
         let data = &bytes[t.offset_abs as usize..];
         r.check(data.starts_with(&prefix) && !prefix.is_empty(), || {
