@@ -141,6 +141,11 @@ impl CudaBackend {
         self.stream.alloc_zeros(n).map_err(cuda_err)
     }
 
+    /// Device-to-device copy (the bandwidth baseline of `cargo xtask bench cuda`).
+    pub fn copy(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        self.stream.memcpy_dtod(src, dst).map_err(cuda_err)
+    }
+
     /// Copy a device buffer back to the host.
     pub fn download(&self, x: &CudaSlice<f32>) -> Result<Vec<f32>> {
         self.stream.clone_dtoh(x).map_err(cuda_err)
