@@ -2,7 +2,8 @@
 //! (`golden/model/*-logits.json`, schema `model_logits/v1`) and compare with the stated tolerance:
 //! `|diff| <= 2e-3 + 1e-4 * |logit|` at every stored value, and top-1 agreement wherever the
 //! reference's top-1/top-2 gap exceeds 1e-2. The stored `token_ids` are fed to the model, so the
-//! check does not depend on the tokenizer.
+//! logit comparison does not depend on the tokenizer; the tokenizer is checked separately
+//! (`token_ids` must be reproduced exactly from `text`), and a mismatch fails the case.
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -82,6 +83,8 @@ struct CaseReport {
     top1_checked: usize,
     top1_mismatch: usize,
     worst: String,
+    /// The tokenizer reproduced `token_ids`.
+    tokens_match: bool,
 }
 
 /// Run the command.
@@ -104,8 +107,9 @@ pub fn run(args: Args) -> Result<()> {
     if g.get("schema").and_then(Value::as_str) != Some("model_logits/v1") {
         bail!("{}: schema is not model_logits/v1", golden_path.display());
     }
-    let model = lowbit_model::load::load_model(&model_path)
+    let (model, tok) = lowbit_model::load::load(&model_path.to_string_lossy(), true)
         .with_context(|| format!("loading {}", model_path.display()))?;
+    let tok = tok.context("the model has no tokenizer")?;
     let vocab = model.config.vocab_size;
     let cases = g
         .get("cases")
@@ -126,6 +130,13 @@ pub fn run(args: Args) -> Result<()> {
             .unwrap_or("?")
             .to_string();
         let ids = u32s(case, "token_ids")?;
+        // Tokenizer check: the model's tokenizer must reproduce the stored ids exactly.
+        let text = case
+            .get("text")
+            .and_then(Value::as_str)
+            .context("missing `text`")?;
+        let ours = tok.encode(text)?;
+        let tokens_match = ours == ids;
         let n = ids.len();
         let mut cache = model.new_cache("f32")?;
         let logits = model.forward(&ids, cache.as_mut(), Logits::All)?;
@@ -137,6 +148,7 @@ pub fn run(args: Args) -> Result<()> {
             top1_checked: 0,
             top1_mismatch: 0,
             worst: String::new(),
+            tokens_match,
         };
         let mut cmp = |what: &dyn Fn() -> String, ours: f32, reference: f32| {
             let d = (ours - reference).abs();
@@ -213,7 +225,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut passed = 0;
     for r in &reports {
-        let ok = r.max_ratio <= 1.0 && r.top1_mismatch == 0;
+        let ok = r.max_ratio <= 1.0 && r.top1_mismatch == 0 && r.tokens_match;
         passed += ok as usize;
         if args.json {
             println!(
@@ -221,16 +233,18 @@ pub fn run(args: Args) -> Result<()> {
                 json!({"case": r.name, "pass": ok, "max_abs_err": r.max_abs,
                        "max_err_over_tol": r.max_ratio, "values_compared": r.compared,
                        "top1_checked": r.top1_checked, "top1_mismatches": r.top1_mismatch,
+                       "token_ids_match": r.tokens_match,
                        "worst": r.worst})
             );
         } else {
             println!(
-                "{:<24} max |diff| {:.3e}  max diff/tol {:.3}  top-1 {}/{}  {}  (worst: {})",
+                "{:<24} max |diff| {:.3e}  max diff/tol {:.3}  top-1 {}/{}  token ids {}  {}  (worst: {})",
                 r.name,
                 r.max_abs,
                 r.max_ratio,
                 r.top1_checked - r.top1_mismatch,
                 r.top1_checked,
+                if r.tokens_match { "match" } else { "DIFFER" },
                 if ok { "PASS" } else { "FAIL" },
                 r.worst
             );
