@@ -19,10 +19,11 @@ pub struct Args {
     /// Model: a .gguf file or HF folder (default: SHARED/models/smollm2-135m-instruct-q4_1.gguf).
     #[arg(long)]
     pub model: Option<String>,
-    /// Comma-separated KV-cache policies (e.g. `f32,fp8,kivi2`; see docs/kv-cache.md). `f32` is
-    /// added first when missing, as the baseline.
-    #[arg(long, value_delimiter = ',', default_value = "f32,fp8,kivi2")]
-    pub kv: Vec<String>,
+    /// KV-cache policies separated by commas (e.g. `f32,fp8,kivi2,k=fp8,v=int4g32,sink=4`: the
+    /// items of a mixed policy stay together; `;` also separates; see docs/kv-cache.md). `f32`
+    /// is added first when missing, as the baseline.
+    #[arg(long, default_value = "f32,fp8,kivi2")]
+    pub kv: String,
     /// Prompt lengths in tokens.
     #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
     pub lengths: Vec<usize>,
@@ -130,7 +131,7 @@ pub fn run(args: Args) -> Result<()> {
     let (model, tok) = lowbit_model::load::load(&spec, true)
         .with_context(|| format!("loading {spec} (pass --model FILE.gguf or an HF folder)"))?;
     let tok = tok.context("the model has no tokenizer; needle needs one")?;
-    let mut policies: Vec<String> = args.kv.iter().map(|p| p.trim().to_string()).collect();
+    let mut policies = lowbit_kv_cache::split_policies(&args.kv);
     if !policies.iter().any(|p| p == "f32") {
         policies.insert(0, "f32".into());
     }

@@ -88,6 +88,40 @@ pub fn build(policy: &str, shape: KvShape) -> Result<Box<dyn KvCache>> {
     build_with_context(policy, shape, None)
 }
 
+/// Split a list of policies separated by commas or semicolons, keeping the items of a mixed
+/// policy together: `v=`, `sink=`, `r=`, `g=` items (and `s=`, `residual=`, `group=`) belong to
+/// the policy before them, and a `v=` right after a `k=` too.
+///
+/// ```
+/// use lowbit_kv_cache::split_policies;
+/// assert_eq!(
+///     split_policies("f32,fp8,k=fp8,v=int4g32,sink=4;kivi2,sink=4"),
+///     ["f32", "fp8", "k=fp8,v=int4g32,sink=4", "kivi2,sink=4"]
+/// );
+/// ```
+pub fn split_policies(list: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for group in list.split(';') {
+        let mut first = true;
+        for item in group.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let key = item.split_once('=').map(|(k, _)| k.trim());
+            let attaches = matches!(
+                key,
+                Some("v" | "sink" | "s" | "r" | "residual" | "g" | "group")
+            );
+            match out.last_mut() {
+                Some(last) if attaches && !first => {
+                    last.push(',');
+                    last.push_str(item);
+                }
+                _ => out.push(item.to_string()),
+            }
+            first = false;
+        }
+    }
+    out
+}
+
 /// [`build`], also checking the full-precision windows (sink + residual) against the model
 /// context `max_ctx` when it is given.
 ///

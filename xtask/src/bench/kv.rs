@@ -39,7 +39,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let n_heads = 9;
     let row = shape.n_kv_heads * shape.head_dim;
-    let mut pols: Vec<String> = args.kv.iter().map(|s| s.trim().to_string()).collect();
+    let mut pols = lowbit_kv_cache::split_policies(&args.kv);
     pols.retain(|p| p != "f32");
     pols.insert(0, "f32".into());
     let mut s = 0x2545_f491_4f6c_dd1du64;
