@@ -41,6 +41,40 @@ pub struct Args {
     /// Print one JSON object on the last stdout line.
     #[arg(long)]
     pub json: bool,
+    /// Rotate the model before evaluating (in memory; docs/rotations.md): `none`, `quarot`
+    /// (randomized Hadamard R1/R2 + online Hadamard before down_proj) or `spinquant` (R1/R2
+    /// learned by Cayley SGD on --calib; needs a quantized --wa-scheme).
+    #[arg(long, default_value = "none")]
+    pub rotate: String,
+    /// Weight + activation quantization applied in memory after the rotation: `f32` (none),
+    /// `w4a4-int`, `w4a8-int`, `w8a8-int8`, `w4a4-nvfp4`, `w4a4-mxfp4` (INT weights g128 sym /
+    /// per-channel INT8; activations per-token dynamic on every decoder linear).
+    #[arg(long, default_value = "f32")]
+    pub wa_scheme: String,
+    /// Weight quantization for --wa-scheme: `rtn` or `gptq` (needs --calib).
+    #[arg(long, default_value = "rtn")]
+    pub weight_method: String,
+    /// Calibration text files for GPTQ / SpinQuant (never the evaluation text).
+    #[arg(long, num_args = 1..)]
+    pub calib: Vec<PathBuf>,
+    /// Calibration windows drawn from --calib.
+    #[arg(long, default_value_t = 16)]
+    pub calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub calib_seqlen: usize,
+    /// Per-token activation clipping ratio in (0, 1] (1 = no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub act_clip: f32,
+    /// SpinQuant Cayley SGD iterations for R1 (R2 gets half).
+    #[arg(long, default_value_t = 100)]
+    pub spin_iters: usize,
+    /// SpinQuant initial step (decays linearly to 0).
+    #[arg(long, default_value_t = 0.5)]
+    pub spin_lr: f64,
+    /// Seed of the rotations (QuaRot signs, SpinQuant sampling) and calibration windows.
+    #[arg(long, default_value_t = 0)]
+    pub rotate_seed: u64,
 }
 
 /// Run the command.
@@ -56,13 +90,14 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("{} is not valid UTF-8", args.text.display()))?
         .replace("\r\n", "\n");
     let t0 = Instant::now();
-    let (model, tok) = lowbit_model::load::load(&args.model, true).with_context(|| {
+    let (mut model, tok) = lowbit_model::load::load(&args.model, true).with_context(|| {
         format!(
             "loading model `{}` (a .gguf file, an HF folder, or a cached repo id)",
             args.model
         )
     })?;
     let tok = tok.context("the model has no tokenizer")?;
+    let rot_report = rotate_in_memory(&args, &mut model, &tok)?;
     let reference = match &args.reference {
         Some(r) => Some(
             lowbit_model::load::load(r, false)
@@ -140,6 +175,26 @@ pub fn run(args: Args) -> Result<()> {
             "text_tokens": tokens.len(), "tail_tokens": rep.tail_tokens, "bos": false,
             "eval_seconds": eval_s,
         });
+        if let Some((r, m)) = &rot_report {
+            let m2 = o.as_object_mut().expect("object");
+            m2.insert("rotate".into(), json!(args.rotate));
+            m2.insert("wa_scheme".into(), json!(args.wa_scheme));
+            m2.insert("weight_method".into(), json!(args.weight_method));
+            m2.insert("act_clip".into(), json!(args.act_clip));
+            m2.insert("rotate_seconds".into(), json!(r.rotate_seconds));
+            m2.insert("quantize_seconds".into(), json!(r.quantize_seconds));
+            m2.insert("calib_windows".into(), json!(m));
+            for (k, sr) in [("spin_r1", &r.spin_r1), ("spin_r2", &r.spin_r2)] {
+                if let Some(sr) = sr {
+                    m2.insert(
+                        k.into(),
+                        json!({"loss_start": sr.loss_start, "loss_end": sr.loss_end,
+                               "iters": sr.iters, "seconds": sr.seconds,
+                               "orthogonality_error": sr.orthogonality_error}),
+                    );
+                }
+            }
+        }
         if let Some(r) = &rep.reference {
             let m = o.as_object_mut().expect("object");
             m.insert("reference".into(), json!(args.reference));
@@ -159,4 +214,73 @@ pub fn run(args: Args) -> Result<()> {
         println!("{o}");
     }
     Ok(())
+}
+
+/// `--rotate` / `--wa-scheme`: rotate and quantize `model` in memory (docs/rotations.md).
+/// Returns the report and the number of calibration windows, or `None` when nothing was asked.
+fn rotate_in_memory(
+    args: &Args,
+    model: &mut lowbit_model::Model,
+    tok: &lowbit_model::tokenizer::Tokenizer,
+) -> Result<Option<(lowbit_model::rotate::RotateReport, usize)>> {
+    use lowbit_model::rotate::{
+        parse_wa_scheme, prepare, PrepareOptions, RotateMethod, SpinOptions, WeightMethod,
+    };
+    let rotate = RotateMethod::parse(&args.rotate)?;
+    let scheme = parse_wa_scheme(&args.wa_scheme, args.act_clip)?;
+    let weight_method = WeightMethod::parse(&args.weight_method)?;
+    if rotate == RotateMethod::None && scheme.quant.is_none() {
+        return Ok(None);
+    }
+    let needs_calib = rotate == RotateMethod::Spinquant
+        || (weight_method == WeightMethod::Gptq && scheme.quant.is_some());
+    let samples = if needs_calib {
+        if args.calib.is_empty() {
+            bail!("--rotate spinquant and --weight-method gptq need --calib FILE (calibration text, never the evaluation text)");
+        }
+        let files = lowbit_model::quantize::read_calibration_files(&args.calib, Some(&args.text))?;
+        let mut toks = Vec::new();
+        for (text, _) in &files {
+            toks.extend(
+                tok.encode(text)
+                    .context("tokenizing the calibration text")?,
+            );
+        }
+        let cfg = lowbit_model::quantize::CalibConfig {
+            samples: args.calib_samples,
+            seqlen: args.calib_seqlen,
+            seed: args.rotate_seed,
+        };
+        lowbit_model::quantize::sample_windows(&toks, &cfg)?
+    } else {
+        Vec::new()
+    };
+    let opts = PrepareOptions {
+        rotate,
+        scheme,
+        weight_method,
+        spin: SpinOptions {
+            iters: args.spin_iters,
+            lr: args.spin_lr,
+            ..SpinOptions::default()
+        },
+        seed: args.rotate_seed,
+    };
+    let t = Instant::now();
+    let rep = prepare(model, &opts, &samples, &mut |m| {
+        eprintln!("[{:6.1} s] {m}", t.elapsed().as_secs_f64())
+    })?;
+    for (k, sr) in [("R1", &rep.spin_r1), ("R2", &rep.spin_r2)] {
+        if let Some(sr) = sr {
+            eprintln!(
+                "SpinQuant {k}: proxy loss {:.5} -> {:.5} in {} iterations, {:.1} s",
+                sr.loss_start, sr.loss_end, sr.iters, sr.seconds
+            );
+        }
+    }
+    eprintln!(
+        "rotate {} + {} ({}): rotation {:.1} s, weights {:.1} s",
+        args.rotate, args.wa_scheme, args.weight_method, rep.rotate_seconds, rep.quantize_seconds
+    );
+    Ok(Some((rep, samples.len())))
 }
