@@ -525,6 +525,95 @@ fn fit_absmax_fast(kind: Kind, xs: &[f32], gs: f32, ctx: &Ctx) -> Option<BlockPa
     Some(params_from_range(kind, -c, c, c, 0.0, gs, ctx))
 }
 
+/// E2M1 codes of one whole 16- or 32-group, written packed (two per byte, low nibble first):
+/// `#(thr < |f(x)|) | sign << 3` with the same scaling `f`, thresholds and sign rule as
+/// [`encode_block`] (the reference). Returns `false` (nothing written) for the cases it leaves
+/// to the reference: other group sizes, a non-finite or zero scale, stochastic rounding.
+fn e2m1_group_fast(
+    kind: Kind,
+    ctx: &Ctx,
+    p: &BlockParams,
+    gs: f32,
+    xs: &[f32],
+    out: &mut [u8],
+) -> bool {
+    let s = p.scale;
+    if ctx.seed.is_some() || !(s.is_finite() && s > 0.0) {
+        return false;
+    }
+    let thr = match ctx.rounding {
+        Rounding::NearestEven => &mx::E2M1_EVEN_T,
+        Rounding::NearestAway => &mx::E2M1_AWAY_T,
+    };
+    macro_rules! go {
+        ($sign:expr, $f:expr) => {
+            match xs.len() {
+                16 => e2m1_pack_group::<16, 8>(xs, out, $f, thr, $sign),
+                32 => e2m1_pack_group::<32, 16>(xs, out, $f, thr, $sign),
+                _ => return false,
+            }
+        };
+    }
+    match kind {
+        Kind::FloatPow2 {
+            fmt: FloatFormat::E2M1,
+        } => {
+            let inv = 1.0 / s;
+            if ctx.mx_rule == MxScaleRule::RoundUp175 {
+                go!(mx::SignRule::Less, |x| x * inv)
+            } else {
+                go!(mx::SignRule::Bit, |x| x * inv)
+            }
+        }
+        Kind::FloatE4m3 {
+            fmt: FloatFormat::E2M1,
+        } if ctx.rounding == Rounding::NearestEven => match ctx.nvfp4 {
+            Nvfp4Formula::CompressedTensors => {
+                let d = s / gs;
+                go!(mx::SignRule::Less, |x| x / d)
+            }
+            Nvfp4Formula::TransformerEngine => {
+                let m = (1.0 / (s * (1.0 / gs))).min(f32::MAX);
+                let maxf = FloatFormat::E2M1.max_finite();
+                go!(mx::SignRule::Bit, |x| (x * m).clamp(-maxf, maxf))
+            }
+        },
+        _ => return false,
+    }
+    true
+}
+
+#[inline(always)]
+fn e2m1_pack_group<const G: usize, const B: usize>(
+    xs: &[f32],
+    out: &mut [u8],
+    f: impl Fn(f32) -> f32,
+    thr: &[f32; 7],
+    sign: mx::SignRule,
+) {
+    let (Ok(xs), Ok(out)) = (<&[f32; G]>::try_from(xs), <&mut [u8; B]>::try_from(out)) else {
+        return;
+    };
+    let mut a = [0f32; G];
+    let mut c = [0u32; G];
+    for i in 0..G {
+        let y = f(xs[i]);
+        a[i] = y.abs();
+        c[i] = match sign {
+            mx::SignRule::Bit => y.to_bits() >> 31,
+            mx::SignRule::Less => u32::from(y < 0.0),
+        } << 3;
+    }
+    for &t in thr {
+        for i in 0..G {
+            c[i] += u32::from(a[i] > t);
+        }
+    }
+    for k in 0..B {
+        out[k] = (c[2 * k] | c[2 * k + 1] << 4) as u8;
+    }
+}
+
 /// Encode one block of values with given parameters. `idx0` is the flat index of `xs[0]`
 /// (stochastic rounding only).
 pub(crate) fn encode_block(
@@ -993,6 +1082,15 @@ pub(crate) fn quantize_ctx(
     let mut zps = vec![0u8; gr * gc];
     let asym = kind.is_asym();
     let nonfinite_seen = AtomicBool::new(false);
+    let fused_e2m1 = matches!(
+        kind,
+        Kind::FloatE4m3 {
+            fmt: FloatFormat::E2M1
+        } | Kind::FloatPow2 {
+            fmt: FloatFormat::E2M1
+        }
+    ) && matches!(row_mode(kind, ctx), Some(RowMode::E2m1 { .. }))
+        && (bc == 16 || bc == 32);
 
     if br == 1 {
         data.par_chunks_mut(rb)
@@ -1004,6 +1102,32 @@ pub(crate) fn quantize_ctx(
                 |(codes, scratch, rs), (r, ((drow, srow), zrow))| {
                     let x = &w[r * cols..(r + 1) * cols];
                     let mut nonfinite = false;
+                    if fused_e2m1 {
+                        // NVFP4 / MXFP4: each whole group fitted, encoded and packed in
+                        // registers; other groups (ragged tail, non-finite, zero scale) go
+                        // through the reference block encoder
+                        for j in 0..gc {
+                            let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
+                            let xs = &x[c0..c1];
+                            let fast = fit_absmax_fast(kind, xs, g, ctx);
+                            let p = match fast {
+                                Some(p) => p,
+                                None => fit_ctx_flag(kind, xs, g, ctx, scratch, &mut nonfinite),
+                            };
+                            srow[j] = p.scale;
+                            zrow[j] = 0;
+                            let ob = &mut drow[c0 / 2..c1.div_ceil(2)];
+                            if fast.is_none() || !e2m1_group_fast(kind, ctx, &p, g, xs, ob) {
+                                let cs = &mut codes[c0..c1];
+                                encode_block(kind, xs, &p, g, ctx, (r * cols + c0) as u64, cs);
+                                crate::pack::pack_row_unchecked(cs, 4, ob);
+                            }
+                        }
+                        if nonfinite {
+                            nonfinite_seen.store(true, Ordering::Relaxed);
+                        }
+                        return;
+                    }
                     if let Some(mode) = row_mode(kind, ctx) {
                         // fit every group, scale the row, then one long threshold pass
                         rs.prepare(cols);
