@@ -73,7 +73,7 @@ pub(crate) fn e8m0_to_f32(b: u8) -> f32 {
 
 /// Encode an exact power of two as E8M0; `None` otherwise.
 pub(crate) fn e8m0_from_f32_exact(x: f32) -> Option<u8> {
-    if !(x > 0.0) || !x.is_finite() {
+    if x.is_nan() || x <= 0.0 || !x.is_finite() {
         return None;
     }
     let e = x.log2().round() as i32;

@@ -526,6 +526,9 @@ fn gptq_cfg(
     cfg
 }
 
+/// Names, weights and row counts of a group of linears sharing an input.
+type GroupWeights = (Vec<&'static str>, Vec<Vec<f32>>, Vec<usize>);
+
 type Plan = BTreeMap<&'static str, (String, Scheme, Option<ActivationQuant>)>;
 
 /// The linears of `key` that the stage quantizes, their weights and the group's one scheme.
@@ -535,7 +538,7 @@ fn group_weights(
     key: &str,
     plan: &Plan,
     todo: &[&str],
-) -> Result<(Vec<&'static str>, Vec<Vec<f32>>, Vec<usize>)> {
+) -> Result<GroupWeights> {
     let names: Vec<&'static str> = INPUTS
         .iter()
         .find(|(k, _)| *k == key)
