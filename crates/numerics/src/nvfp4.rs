@@ -124,7 +124,7 @@ pub(crate) fn e4m3_round_ref(v: f32) -> f32 {
 #[inline]
 pub(crate) fn e4m3_round(v: f32) -> f32 {
     let a = v.abs();
-    if !(a <= 448.0) {
+    if a.is_nan() || a > 448.0 {
         return e4m3_round_ref(v);
     }
     let r = if a < 0.015625 {
