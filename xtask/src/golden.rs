@@ -54,13 +54,19 @@ pub fn u64s(v: &Value, key: &str) -> Result<Vec<u64>> {
         .and_then(Value::as_array)
         .with_context(|| format!("missing array `{key}`"))?
         .iter()
-        .map(|x| x.as_u64().with_context(|| format!("`{key}` holds a non-integer: {x}")))
+        .map(|x| {
+            x.as_u64()
+                .with_context(|| format!("`{key}` holds a non-integer: {x}"))
+        })
         .collect()
 }
 
 /// Read a JSON array of f32 bit patterns as f32 values.
 pub fn f32s(v: &Value, key: &str) -> Result<Vec<f32>> {
-    Ok(u64s(v, key)?.into_iter().map(|b| f32::from_bits(b as u32)).collect())
+    Ok(u64s(v, key)?
+        .into_iter()
+        .map(|b| f32::from_bits(b as u32))
+        .collect())
 }
 
 /// Decode a lowercase hex string.
@@ -82,7 +88,10 @@ pub fn same_f32(a: f32, b: f32) -> bool {
 fn check_file(path: &Path) -> Result<Report> {
     let text = std::fs::read_to_string(path)?;
     let v: Value = serde_json::from_str(&text).context("not valid JSON")?;
-    let schema = v.get("schema").and_then(Value::as_str).context("no `schema` field")?;
+    let schema = v
+        .get("schema")
+        .and_then(Value::as_str)
+        .context("no `schema` field")?;
     match schema {
         "float_conv/v1" => float_conv::check(&v),
         "gguf_quant/v1" => gguf_quant::check(&v),
@@ -109,13 +118,19 @@ pub fn run(args: Args) -> Result<()> {
     );
     files.sort();
     if files.is_empty() {
-        bail!("no *.json golden files or *.gguf.inp tokenizer tests in {}", args.dir.display());
+        bail!(
+            "no *.json golden files or *.gguf.inp tokenizer tests in {}",
+            args.dir.display()
+        );
     }
     let (mut passed, mut failed) = (0usize, 0usize);
     for f in &files {
         let name = f.file_name().unwrap_or_default().to_string_lossy();
-        let result =
-            if name.ends_with(".gguf.inp") { tokenizer::check(f) } else { check_file(f) };
+        let result = if name.ends_with(".gguf.inp") {
+            tokenizer::check(f)
+        } else {
+            check_file(f)
+        };
         match result {
             Ok(r) if r.mismatches.is_empty() && r.checked > 0 => {
                 passed += 1;

@@ -19,7 +19,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Comma-separated scheme names (see `cargo xtask quantize --help`).
-    #[arg(long, default_value = "int4-g128-sym,int8-pc,fp8-pc,nvfp4,mxfp4,nf4-g64")]
+    #[arg(
+        long,
+        default_value = "int4-g128-sym,int8-pc,fp8-pc,nvfp4,mxfp4,nf4-g64"
+    )]
     pub formats: String,
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 50)]
@@ -43,7 +46,9 @@ pub fn run(a: Args) -> Result<()> {
     let (rows, cols, m) = (a.rows, a.cols, a.batch);
     let mut seed = 0x1234_5678u64;
     let mut rnd = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
     let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
@@ -51,10 +56,21 @@ pub fn run(a: Args) -> Result<()> {
     let xd = be.upload(&x)?;
     let mut yd = be.zeros(m * rows)?;
     if !a.json {
-        println!("device: {}  shape {rows}x{cols}  batch {m}", be.device_name());
-        println!("{:<16} {:>10} {:>12} {:>12} {:>8}", "format", "us/call", "weight GB/s", "copy GB/s", "ratio");
+        println!(
+            "device: {}  shape {rows}x{cols}  batch {m}",
+            be.device_name()
+        );
+        println!(
+            "{:<16} {:>10} {:>12} {:>12} {:>8}",
+            "format", "us/call", "weight GB/s", "copy GB/s", "ratio"
+        );
     }
-    for name in a.formats.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for name in a
+        .formats
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         let scheme = Scheme::from_name(name)?;
         let q = quantize(&w, rows, cols, &scheme, &QuantOptions::default())?;
         let bytes = q.storage_bytes();
@@ -93,7 +109,10 @@ pub fn run(a: Args) -> Result<()> {
                     "weight_gbps": gbps, "copy_gbps": copy_gbps, "ratio_to_copy": ratio})
             );
         } else {
-            println!("{name:<16} {:>10.1} {gbps:>12.1} {copy_gbps:>12.1} {ratio:>8.2}", tl * 1e6);
+            println!(
+                "{name:<16} {:>10.1} {gbps:>12.1} {copy_gbps:>12.1} {ratio:>8.2}",
+                tl * 1e6
+            );
         }
     }
     Ok(())
