@@ -541,6 +541,16 @@ fn e2m1_group_fast(
     if ctx.seed.is_some() || !(s.is_finite() && s > 0.0) {
         return false;
     }
+    if let Kind::Nf4 { .. } = kind {
+        let enc = nf4_encoder();
+        match xs.len() {
+            16 => table_pack_group::<16, 8>(xs, out, s, enc),
+            32 => table_pack_group::<32, 16>(xs, out, s, enc),
+            64 => table_pack_group::<64, 32>(xs, out, s, enc),
+            _ => return false,
+        }
+        return true;
+    }
     let thr = match ctx.rounding {
         Rounding::NearestEven => &mx::E2M1_EVEN_T,
         Rounding::NearestAway => &mx::E2M1_AWAY_T,
@@ -581,6 +591,34 @@ fn e2m1_group_fast(
         _ => return false,
     }
     true
+}
+
+/// NF4 codes of one whole group, packed: rank of `x / s` among the table midpoints (strictly
+/// above), mapped to its code; the same as [`nf4::encode_table_block`] (the reference).
+#[inline(always)]
+fn table_pack_group<const G: usize, const B: usize>(
+    xs: &[f32],
+    out: &mut [u8],
+    s: f32,
+    enc: &TableEncoder,
+) {
+    let (Ok(xs), Ok(out)) = (<&[f32; G]>::try_from(xs), <&mut [u8; B]>::try_from(out)) else {
+        return;
+    };
+    let mut y = [0f32; G];
+    let mut r = [0u32; G];
+    for i in 0..G {
+        y[i] = xs[i] / s;
+    }
+    for &t in &enc.mids {
+        for i in 0..G {
+            r[i] += u32::from(y[i] > t);
+        }
+    }
+    let c: [u8; G] = std::array::from_fn(|i| enc.code_of_rank[(r[i] & 15) as usize]);
+    for k in 0..B {
+        out[k] = (c[2 * k] & 15) | (c[2 * k + 1] << 4);
+    }
 }
 
 #[inline(always)]
@@ -1090,7 +1128,10 @@ pub(crate) fn quantize_ctx(
             fmt: FloatFormat::E2M1
         }
     ) && matches!(row_mode(kind, ctx), Some(RowMode::E2m1 { .. }))
-        && (bc == 16 || bc == 32);
+        && (bc == 16 || bc == 32)
+        || matches!(kind, Kind::Nf4 { .. })
+            && matches!(row_mode(kind, ctx), Some(RowMode::Table))
+            && (bc == 16 || bc == 32 || bc == 64);
 
     if br == 1 {
         data.par_chunks_mut(rb)
