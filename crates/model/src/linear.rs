@@ -4,13 +4,17 @@
 //! Layouts: `W` is `[out][in]` row-major (the PyTorch convention), activations are token-major
 //! `[n_tokens][in]` -> `[n_tokens][out]`.
 //!
-//! A quantized weight is decoded to f32 once, when the layer is built, and then runs on the dense
-//! GEMM path (prefill and single-token decode alike); the codes stay attached so that
-//! exporters and reports see the quantized tensor. A fused quantized kernel slots in here
-//! without changing the model code.
+//! A quantized weight runs on the fused-dequantization kernels of
+//! [`lowbit_kernels::PackedLinear`] (prefill GEMM and decode GEMV; the f32 weight matrix is
+//! never kept) whenever the format has a kernel. Formats without one, and every layer when
+//! `LOWBIT_LINEAR=dense` is set at load time (or after [`Linear::set_use_kernels`]`(false)`),
+//! are decoded to f32 once and run on the dense GEMM: the reference path. The codes stay
+//! attached either way so that exporters and reports see the quantized tensor.
 
 use crate::{Error, Result};
+use lowbit_kernels::PackedLinear;
 use lowbit_numerics::QuantizedTensor;
+use std::sync::OnceLock;
 
 /// A quantizer applied to a linear layer's input before the product (W8A8, rotations):
 /// called with the `[n_tokens][in]` input rows and `n_tokens`; it rewrites the rows in place.
@@ -21,13 +25,26 @@ pub type ActQuant = Box<dyn Fn(&mut [f32], usize) + Send + Sync>;
 pub enum Weight {
     /// Dense f32 `[out][in]`.
     Dense(Vec<f32>),
-    /// Quantized codes plus their f32 decoding (`dense`, `[out][in]`) used for the products.
+    /// Quantized codes, run through `packed` when set, else through their f32 decoding.
     Quantized {
         /// The quantized tensor.
         q: Box<QuantizedTensor>,
-        /// `q` dequantized.
-        dense: Vec<f32>,
+        /// `q` dequantized (`[out][in]`). Filled when the layer is built on the reference path;
+        /// on the packed path only on the first [`Linear::weight_f32`] call (then kept).
+        dense: OnceLock<Vec<f32>>,
+        /// The SIMD layout the products use, when the format has a kernel and the reference
+        /// path is not forced.
+        packed: Option<Box<PackedLinear>>,
     },
+}
+
+/// Whether quantized layers built now use the packed kernels: yes unless `LOWBIT_LINEAR` is
+/// `dense` (or `reference`).
+fn kernels_enabled() -> bool {
+    !matches!(
+        std::env::var("LOWBIT_LINEAR").as_deref(),
+        Ok("dense" | "reference")
+    )
 }
 
 /// A linear layer.
@@ -49,6 +66,7 @@ impl std::fmt::Debug for Linear {
             .field("out", &self.out)
             .field("inp", &self.inp)
             .field("quantized", &self.is_quantized())
+            .field("kernels", &self.uses_kernels())
             .field("bias", &self.bias.is_some())
             .field("act_quant", &self.act_quant.is_some())
             .finish()
@@ -81,9 +99,10 @@ impl Linear {
         })
     }
 
-    /// A layer over a quantized weight, decoded once with `dequantize` (which returns
-    /// `rows * cols` values, `[out][in]`). Use this constructor while the caller owns the codec;
-    /// the tensor's own `rows`/`cols` give the shape.
+    /// A layer over a quantized weight. `dequantize` (which returns `rows * cols` values,
+    /// `[out][in]`) is called once to check the decoding; its result is kept for the reference
+    /// path, and dropped when the packed kernels take the products (see the module docs). The
+    /// tensor's own `rows`/`cols` give the shape.
     pub fn quantized_with(
         q: QuantizedTensor,
         dequantize: impl FnOnce(&QuantizedTensor) -> Result<Vec<f32>>,
@@ -98,16 +117,59 @@ impl Linear {
             )));
         }
         check_finite("dequantized weight", &dense)?;
+        let packed = if kernels_enabled() {
+            PackedLinear::new(&q).ok().map(Box::new)
+        } else {
+            None
+        };
+        let dense = match packed {
+            Some(_) => OnceLock::new(),
+            None => OnceLock::from(dense),
+        };
         Ok(Linear {
             out,
             inp,
             weight: Weight::Quantized {
                 q: Box::new(q),
                 dense,
+                packed,
             },
             bias: None,
             act_quant: None,
         })
+    }
+
+    /// True when the products run on the packed quantized kernels.
+    pub fn uses_kernels(&self) -> bool {
+        matches!(
+            self.weight,
+            Weight::Quantized {
+                packed: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Choose the product path of a quantized layer: `true` the packed kernels (when the format
+    /// has one; the f32 decoding is dropped), `false` the dequantized f32 reference GEMM.
+    /// Returns [`Self::uses_kernels`]; dense layers are unaffected.
+    pub fn set_use_kernels(&mut self, on: bool) -> Result<bool> {
+        if let Weight::Quantized { q, dense, packed } = &mut self.weight {
+            if on && packed.is_none() {
+                if let Ok(p) = PackedLinear::new(q) {
+                    *packed = Some(Box::new(p));
+                    *dense = OnceLock::new();
+                }
+            } else if !on && packed.is_some() {
+                if dense.get().is_none() {
+                    let d = q.dequantize()?;
+                    check_finite("dequantized weight", &d)?;
+                    *dense = OnceLock::from(d);
+                }
+                *packed = None;
+            }
+        }
+        Ok(self.uses_kernels())
     }
 
     /// Attach a bias of `out` values.
@@ -134,11 +196,15 @@ impl Linear {
         matches!(self.weight, Weight::Quantized { .. })
     }
 
-    /// The f32 values the products use (`[out][in]`): the dense weight, or the decoded codes.
+    /// The weight as f32 (`[out][in]`): the dense weight, or the decoded codes. On the packed
+    /// path the codes are decoded on the first call and the copy is kept from then on.
     pub fn weight_f32(&self) -> &[f32] {
         match &self.weight {
             Weight::Dense(w) => w,
-            Weight::Quantized { dense, .. } => dense,
+            Weight::Quantized { q, dense, .. } => dense.get_or_init(|| {
+                // `q` was validated and decoded when the layer was built.
+                q.dequantize().expect("quantized weight decodes")
+            }),
         }
     }
 
@@ -195,6 +261,14 @@ impl Linear {
             }
             None => x,
         };
+        if let Weight::Quantized {
+            packed: Some(p), ..
+        } = &self.weight
+        {
+            p.forward(x, n_tokens, y)?;
+            self.add_bias(y);
+            return Ok(());
+        }
         // One GEMM for every chunk length. For a single token the `gemm` crate's m = 1 path is
         // fast on one thread but does not scale, so the rows are split over the rayon pool and
         // each block runs serially (docs/benchmarks.md).
@@ -212,12 +286,16 @@ impl Linear {
         } else {
             lowbit_kernels::dense::matmul_wt(x, w, y, n_tokens, self.inp, self.out)?;
         }
+        self.add_bias(y);
+        Ok(())
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out) {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
             }
         }
-        Ok(())
     }
 }
 
