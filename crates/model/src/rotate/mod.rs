@@ -576,7 +576,7 @@ pub fn spinquant_rotations(
         iters: opts.iters,
         lr: opts.lr,
         act: act.clone(),
-        weight_scheme: weight_scheme.clone(),
+        weight_scheme: *weight_scheme,
         tokens_per_iter: opts.tokens_per_iter,
         problems_per_iter: 2,
         seed: opts.seed,
