@@ -12,13 +12,10 @@ use std::time::Instant;
 /// Arguments of `cargo xtask bench kv`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Comma-separated policies (`f32` is always measured first, as the baseline).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "f32,f16,fp8,int8,int4,kivi4,kivi2"
-    )]
-    pub kv: Vec<String>,
+    /// Policies separated by commas (mixed policies stay together, `;` also separates; `f32`
+    /// is always measured first, as the baseline).
+    #[arg(long, default_value = "f32;k=f32,v=f32;f16;fp8;int8;int4;kivi4;kivi2")]
+    pub kv: String,
     /// Tokens in the cache before the decode steps.
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
