@@ -182,7 +182,10 @@ impl QuantizedTensor {
             None => self.scales.len() * scale_bytes,
         };
         let zp_bits = self.scheme.elem.bits() as usize;
-        let zps = self.zero_points.as_ref().map_or(0, |z| (z.len() * zp_bits).div_ceil(8));
+        let zps = self
+            .zero_points
+            .as_ref()
+            .map_or(0, |z| (z.len() * zp_bits).div_ceil(8));
         self.data.len()
             + scales
             + zps
@@ -204,7 +207,9 @@ impl QuantizedTensor {
                 return Err(Error::Invalid(format!("integer width {bits} not in 2..=8")));
             }
         } else if self.scheme.asymmetric {
-            return Err(Error::Invalid("only integer formats can be asymmetric".into()));
+            return Err(Error::Invalid(
+                "only integer formats can be asymmetric".into(),
+            ));
         }
         if bits == 0 || bits > 8 {
             return Err(Error::Invalid(format!("element width {bits} not in 1..=8")));
@@ -219,7 +224,11 @@ impl QuantizedTensor {
         }
         let want = self.rows * self.row_bytes();
         if self.data.len() != want {
-            return Err(Error::BufferSize { what: "packed codes", expected: want, got: self.data.len() });
+            return Err(Error::BufferSize {
+                what: "packed codes",
+                expected: want,
+                got: self.data.len(),
+            });
         }
         let (gr, gc) = self.grid();
         if self.scales.len() != gr * gc {
@@ -237,21 +246,35 @@ impl QuantizedTensor {
                     got: z.len(),
                 })
             }
-            (None, true) => return Err(Error::Invalid("asymmetric scheme without zero points".into())),
+            (None, true) => {
+                return Err(Error::Invalid(
+                    "asymmetric scheme without zero points".into(),
+                ))
+            }
             (Some(_), false) => {
-                return Err(Error::Invalid("zero points given for a symmetric scheme".into()))
+                return Err(Error::Invalid(
+                    "zero points given for a symmetric scheme".into(),
+                ))
             }
             _ => {}
         }
         if self.scheme.global_scale != self.global_scale.is_some() {
-            return Err(Error::Invalid("global scale presence does not match the scheme".into()));
+            return Err(Error::Invalid(
+                "global scale presence does not match the scheme".into(),
+            ));
         }
         if let Some(g) = &self.g_idx {
             if g.len() != self.cols {
-                return Err(Error::BufferSize { what: "g_idx", expected: self.cols, got: g.len() });
+                return Err(Error::BufferSize {
+                    what: "g_idx",
+                    expected: self.cols,
+                    got: g.len(),
+                });
             }
             if g.iter().any(|&x| x as usize >= gc) {
-                return Err(Error::Invalid(format!("g_idx entry out of range (groups per row: {gc})")));
+                return Err(Error::Invalid(format!(
+                    "g_idx entry out of range (groups per row: {gc})"
+                )));
             }
         }
         Ok(())
