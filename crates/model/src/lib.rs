@@ -7,22 +7,22 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod ct;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gguf;
+pub mod hf;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod quantize;
+pub mod resolve;
 pub mod rope;
 pub mod rotate;
 pub mod sampling;
-pub mod weights;
-pub mod gguf;
 pub mod tokenizer;
-pub mod hf;
-pub mod resolve;
-pub mod ct;
-pub mod quantize;
+pub mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{Error, Result};

@@ -265,7 +265,9 @@ pub fn load(spec: &str, tokenizer: bool) -> Result<(Model, Option<crate::tokeniz
             let tok = if !tokenizer {
                 None
             } else if gguf_tok.is_file() && !dir.join("tokenizer.json").is_file() {
-                Some(crate::tokenizer::Tokenizer::from_gguf(&GgufFile::open(&gguf_tok)?)?)
+                Some(crate::tokenizer::Tokenizer::from_gguf(&GgufFile::open(
+                    &gguf_tok,
+                )?)?)
             } else {
                 Some(crate::tokenizer::Tokenizer::from_hf_file(
                     &dir.join("tokenizer.json"),
