@@ -197,9 +197,9 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
     let passes_k = copies.max(if regime == "cache" { 5 } else { 1 });
     let passes_f = f32_copies.max(if regime == "cache" { 3 } else { 1 });
     // warm-up round
-    for i in 0..copies {
+    for (i, r) in reads.iter().enumerate().take(copies) {
         kern.run(i, &x, batch, &mut y)?;
-        sink = sink.wrapping_add(membw::par_sum_words(&reads[i]));
+        sink = sink.wrapping_add(membw::par_sum_words(r));
     }
     dense::matmul_wt(&x, &wf[0], &mut y, batch, cols, rows)?;
     let (mut tk, mut tr, mut tf) = (Vec::new(), Vec::new(), Vec::new());
