@@ -1525,44 +1525,8 @@ impl QuantizedTensor {
                 self.cols
             )));
         }
-        let want = self.rows * self.row_bytes();
-        if self.data.len() != want {
-            return Err(Error::BufferSize {
-                what: "packed codes",
-                expected: want,
-                got: self.data.len(),
-            });
-        }
-        let (gr, gc) = self.grid();
-        if self.scales.len() != gr * gc {
-            return Err(Error::BufferSize {
-                what: "scales",
-                expected: gr * gc,
-                got: self.scales.len(),
-            });
-        }
-        if let Some(z) = &self.zero_points {
-            if z.len() != gr * gc {
-                return Err(Error::BufferSize {
-                    what: "zero points",
-                    expected: gr * gc,
-                    got: z.len(),
-                });
-            }
-        } else if kind.is_asym() {
-            return Err(Error::Invalid(
-                "asymmetric scheme without zero points".into(),
-            ));
-        }
-        if let Some(g) = &self.g_idx {
-            if g.len() != self.cols {
-                return Err(Error::BufferSize {
-                    what: "g_idx",
-                    expected: self.cols,
-                    got: g.len(),
-                });
-            }
-        }
+        // The same length/consistency checks as every other decode path.
+        self.validate()?;
         let lut = lut256(kind, self.scheme.elem.bits());
         // the buffer is only allocated by the paths that unpack codes first
         let mut codes = Vec::new();
