@@ -1,5 +1,6 @@
 //! The f32 reference cache: plain vectors, scalar attention.
 
+use crate::quant::dot;
 use crate::{Error, KvCache, KvShape, Result};
 
 /// Keys and values in f32; the reference every quantized cache is compared with.
@@ -65,26 +66,6 @@ pub fn check_attend_args(
         )));
     }
     Ok(())
-}
-
-/// Dot product with 8 independent accumulators so the compiler can vectorize it (a plain
-/// `sum()` is a serial dependency chain; this was most of the prefill time of the model).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 impl KvCache for F32Cache {

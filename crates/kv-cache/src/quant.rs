@@ -141,8 +141,10 @@ struct Acc<'a> {
     acc: &'a mut [f32],
 }
 
+/// Dot product with 8 independent accumulators so the compiler can vectorize it (a plain
+/// `sum()` is a serial dependency chain). Shared with the f32 reference cache.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
