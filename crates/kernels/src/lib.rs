@@ -11,6 +11,7 @@ pub mod codes;
 pub mod cuda;
 pub mod dense;
 mod error;
+pub mod gemv_f32;
 pub mod isa;
 pub mod membw;
 pub mod packed;

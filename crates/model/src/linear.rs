@@ -269,20 +269,11 @@ impl Linear {
             self.add_bias(y);
             return Ok(());
         }
-        // One GEMM for every chunk length. For a single token the `gemm` crate's m = 1 path is
-        // fast on one thread but does not scale, so the rows are split over the rayon pool and
-        // each block runs serially (docs/benchmarks.md).
+        // Decode (one token) streams the weight through the bandwidth-bound f32 GEMV kernel
+        // (row blocks over the rayon pool); longer chunks run one GEMM.
         let w = self.weight_f32();
-        let threads = rayon::current_num_threads();
-        if n_tokens == 1 && threads > 1 && self.out >= 256 {
-            use rayon::prelude::*;
-            let rows = self.out.div_ceil(4 * threads).max(64);
-            let inp = self.inp;
-            y.par_chunks_mut(rows).enumerate().try_for_each(|(c, yc)| {
-                let r0 = c * rows;
-                let wc = &w[r0 * inp..(r0 + yc.len()) * inp];
-                lowbit_kernels::dense::matmul_wt_serial(x, wc, yc, 1, inp, yc.len())
-            })?;
+        if n_tokens == 1 {
+            lowbit_kernels::gemv_f32::gemv(x, w, y)?;
         } else {
             lowbit_kernels::dense::matmul_wt(x, w, y, n_tokens, self.inp, self.out)?;
         }

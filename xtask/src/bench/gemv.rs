@@ -23,8 +23,9 @@ pub struct Args {
     #[arg(long, default_value_t = 11008)]
     pub cols: usize,
     /// Weight scheme by its lowbit name (int4-g128-sym, int4-g32-asym, int8-pc, fp8-pc, nvfp4,
-    /// mxfp4, nf4-g64, int3-g128-sym, ...), or `w8a8` for INT8 weights x per-token INT8
-    /// activations.
+    /// mxfp4, nf4-g64, int3-g128-sym, ...), `w8a8` for INT8 weights x per-token INT8
+    /// activations, or `f32` for the dense decode GEMV (`lowbit_kernels::gemv_f32`; its `vs f32`
+    /// column is then the speed-up over the `gemm`-crate product of the same shape).
     #[arg(long, default_value = "int4-g128-sym")]
     pub format: String,
     /// Tokens per call (1..8 is the decode GEMV regime, larger is prefill GEMM).
@@ -108,6 +109,8 @@ fn random_tensor(scheme: Scheme, rows: usize, cols: usize, rng: &mut Rng) -> Qua
 enum Kernel {
     Packed(Vec<PackedLinear>),
     W8a8(Vec<W8A8Linear>),
+    /// `--format f32`: the dense decode GEMV (`gemv_f32`) on f32 weights `[rows][cols]`.
+    F32(Vec<Vec<f32>>),
 }
 
 impl Kernel {
@@ -115,12 +118,19 @@ impl Kernel {
         match self {
             Kernel::Packed(v) => v[0].weight_bytes(),
             Kernel::W8a8(v) => v[0].weight_bytes(),
+            Kernel::F32(v) => v[0].len() * 4,
         }
     }
     fn run(&self, i: usize, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
         match self {
             Kernel::Packed(v) => v[i % v.len()].forward(x, n, y)?,
             Kernel::W8a8(v) => v[i % v.len()].forward(x, n, y)?,
+            Kernel::F32(v) => {
+                let k = x.len() / n;
+                for (xt, yt) in x.chunks_exact(k).zip(y.chunks_exact_mut(v[0].len() / k)) {
+                    lowbit_kernels::gemv_f32::gemv(xt, &v[i % v.len()], yt)?;
+                }
+            }
         }
         Ok(())
     }
@@ -159,12 +169,14 @@ fn time_passes(
 }
 
 fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<Line> {
+    let f32_gemv = args.format.eq_ignore_ascii_case("f32");
     const DRAM_BYTES: usize = 256 << 20;
     let (rows, cols, batch) = (args.rows, args.cols, args.batch);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let w8 = || Scheme::from_name("int8-pc").context("int8-pc scheme");
     let q = random_tensor(scheme.map_or_else(w8, Ok)?, rows, cols, &mut rng);
     let one = match scheme {
+        _ if f32_gemv => Kernel::F32(vec![(0..rows * cols).map(|_| rng.f()).collect()]),
         Some(_) => Kernel::Packed(vec![PackedLinear::new(&q).context("packing the weights")?]),
         None => Kernel::W8a8(vec![
             W8A8Linear::new(&q).context("packing the W8A8 weights")?
@@ -179,6 +191,7 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
     let kern = match one {
         Kernel::Packed(v) => Kernel::Packed(vec![v[0].clone(); copies]),
         Kernel::W8a8(v) => Kernel::W8a8(vec![v[0].clone(); copies]),
+        Kernel::F32(v) => Kernel::F32(vec![v[0].clone(); copies]),
     };
     let reads: Vec<Vec<u8>> = (0..copies).map(|i| vec![i as u8 | 1; wb]).collect();
     let f32_bytes = rows * cols * 4;
@@ -233,11 +246,13 @@ pub fn run(args: Args) -> Result<()> {
     if args.rows == 0 || args.cols == 0 || args.batch == 0 {
         bail!("--rows, --cols and --batch must be positive");
     }
-    let scheme = if args.format.eq_ignore_ascii_case("w8a8") {
+    let scheme = if args.format.eq_ignore_ascii_case("w8a8")
+        || args.format.eq_ignore_ascii_case("f32")
+    {
         None
     } else {
         Some(Scheme::from_name(&args.format).with_context(|| {
-            format!("unknown --format `{}`: use a lowbit scheme name such as int4-g128-sym, int8-pc, fp8-pc, nvfp4, mxfp4, nf4-g64, or w8a8", args.format)
+            format!("unknown --format `{}`: use a lowbit scheme name such as int4-g128-sym, int8-pc, fp8-pc, nvfp4, mxfp4, nf4-g64, w8a8 or f32", args.format)
         })?)
     };
     let regimes: Vec<&'static str> = match args.regime.as_str() {

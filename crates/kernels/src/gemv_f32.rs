@@ -1,0 +1,260 @@
+//! Dense f32 GEMV for decode: `y[n] = W[n][k] · x[k]`, one token.
+//!
+//! Decode reads every weight once per token, so this product is bound by memory bandwidth, not
+//! arithmetic. The AVX2 path streams four weight rows at a time (four independent hardware
+//! prefetch streams, eight FMA chains) against one `x` that stays in L1, and the rayon pool splits
+//! the rows into contiguous blocks. The scalar path is the reference the SIMD path is tested
+//! against; both accumulate in f32, so results differ from an f64 dot product by the usual
+//! `k · eps · Σ|w·x|` accumulation-order bound (see the tests).
+
+use crate::{isa, Error, Isa, Result};
+use rayon::prelude::*;
+
+/// `y[j] = Σ_p w[j][p] · x[p]` for `j < n` (`w` is `[n][k]` row-major), on the path
+/// [`isa::selected`] picks, threaded over the current rayon pool.
+///
+/// ```
+/// let w = [1.0f32, 0.0, 0.5, 0.5, -1.0, 1.0]; // three rows of two
+/// let mut y = [0f32; 3];
+/// lowbit_kernels::gemv_f32::gemv(&[1.0, 2.0], &w, &mut y).unwrap();
+/// assert_eq!(y, [1.0, 1.5, 1.0]);
+/// ```
+pub fn gemv(x: &[f32], w: &[f32], y: &mut [f32]) -> Result<()> {
+    gemv_with(isa::selected(), x, w, y)
+}
+
+/// [`gemv`] on an explicit instruction-set path (clamped to what the CPU supports).
+pub fn gemv_with(isa: Isa, x: &[f32], w: &[f32], y: &mut [f32]) -> Result<()> {
+    let (k, n) = (x.len(), y.len());
+    if w.len() != n * k {
+        return Err(Error::Shape(format!(
+            "gemv: w has {} values, want {n} rows x {k} = {}",
+            w.len(),
+            n * k
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+    let isa = Isa::clamp(isa);
+    let threads = rayon::current_num_threads();
+    // Blocks of at least 64 rows (and 64 KiB of weights) so the split never costs more than it
+    // saves; 4 blocks per thread for balance.
+    let min_rows = 64usize.max((16384 / k).next_multiple_of(4));
+    if threads > 1 && n >= 2 * min_rows {
+        let rows = n.div_ceil(4 * threads).next_multiple_of(4).max(min_rows);
+        y.par_chunks_mut(rows).enumerate().for_each(|(c, yc)| {
+            let r0 = c * rows;
+            block(isa, x, &w[r0 * k..(r0 + yc.len()) * k], yc);
+        });
+    } else {
+        block(isa, x, w, y);
+    }
+    Ok(())
+}
+
+/// One contiguous block of rows (`w.len() == y.len() * x.len()`, checked by the caller).
+fn block(isa: Isa, x: &[f32], w: &[f32], y: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: `Isa::clamp` returned a path the CPU supports, and AVX-512 implies
+            // AVX2+FMA (see `Isa::supported`); the kernel reads `w` and `x` only within the
+            // lengths the caller checked (`w.len() == y.len() * x.len()`).
+            unsafe { avx2::block(x, w, y) }
+        }
+        _ => block_scalar(x, w, y),
+    }
+}
+
+/// The scalar reference: one f32 accumulator per row, in index order.
+pub fn block_scalar(x: &[f32], w: &[f32], y: &mut [f32]) {
+    let k = x.len();
+    for (j, yj) in y.iter_mut().enumerate() {
+        let row = &w[j * k..(j + 1) * k];
+        *yj = row.iter().zip(x).map(|(a, b)| a * b).sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Mask of the first `r` (< 8) lanes for `maskload`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn tail_mask(r: usize) -> __m256i {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(r as i32), idx)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available and `w.len() == y.len() * x.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block(x: &[f32], w: &[f32], y: &mut [f32]) {
+        let k = x.len();
+        let k16 = k - k % 16;
+        let k8 = k - k % 8;
+        let mask = tail_mask(k % 8);
+        let xp = x.as_ptr();
+        let n = y.len();
+        let mut j = 0;
+        while j + 4 <= n {
+            // SAFETY: rows j..j+4 exist (j + 4 <= n) so every offset below is < 4 * k past
+            // row j, inside `w`; x offsets stay below k; the masked load reads only lanes < k.
+            unsafe {
+                let r0 = w.as_ptr().add(j * k);
+                let (r1, r2, r3) = (r0.add(k), r0.add(2 * k), r0.add(3 * k));
+                let mut a = [_mm256_setzero_ps(); 8];
+                let mut p = 0;
+                while p < k16 {
+                    let x0 = _mm256_loadu_ps(xp.add(p));
+                    let x1 = _mm256_loadu_ps(xp.add(p + 8));
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p)), x0, a[0]);
+                    a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p + 8)), x1, a[1]);
+                    a[2] = _mm256_fmadd_ps(_mm256_loadu_ps(r1.add(p)), x0, a[2]);
+                    a[3] = _mm256_fmadd_ps(_mm256_loadu_ps(r1.add(p + 8)), x1, a[3]);
+                    a[4] = _mm256_fmadd_ps(_mm256_loadu_ps(r2.add(p)), x0, a[4]);
+                    a[5] = _mm256_fmadd_ps(_mm256_loadu_ps(r2.add(p + 8)), x1, a[5]);
+                    a[6] = _mm256_fmadd_ps(_mm256_loadu_ps(r3.add(p)), x0, a[6]);
+                    a[7] = _mm256_fmadd_ps(_mm256_loadu_ps(r3.add(p + 8)), x1, a[7]);
+                    p += 16;
+                }
+                if p < k8 {
+                    let x0 = _mm256_loadu_ps(xp.add(p));
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p)), x0, a[0]);
+                    a[2] = _mm256_fmadd_ps(_mm256_loadu_ps(r1.add(p)), x0, a[2]);
+                    a[4] = _mm256_fmadd_ps(_mm256_loadu_ps(r2.add(p)), x0, a[4]);
+                    a[6] = _mm256_fmadd_ps(_mm256_loadu_ps(r3.add(p)), x0, a[6]);
+                    p += 8;
+                }
+                if p < k {
+                    let x0 = _mm256_maskload_ps(xp.add(p), mask);
+                    a[1] = _mm256_fmadd_ps(_mm256_maskload_ps(r0.add(p), mask), x0, a[1]);
+                    a[3] = _mm256_fmadd_ps(_mm256_maskload_ps(r1.add(p), mask), x0, a[3]);
+                    a[5] = _mm256_fmadd_ps(_mm256_maskload_ps(r2.add(p), mask), x0, a[5]);
+                    a[7] = _mm256_fmadd_ps(_mm256_maskload_ps(r3.add(p), mask), x0, a[7]);
+                }
+                y[j] = hsum(_mm256_add_ps(a[0], a[1]));
+                y[j + 1] = hsum(_mm256_add_ps(a[2], a[3]));
+                y[j + 2] = hsum(_mm256_add_ps(a[4], a[5]));
+                y[j + 3] = hsum(_mm256_add_ps(a[6], a[7]));
+            }
+            j += 4;
+        }
+        while j < n {
+            // SAFETY: row j exists; offsets stay below k within it; masked tail as above.
+            unsafe {
+                let r0 = w.as_ptr().add(j * k);
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut p = 0;
+                while p < k8 {
+                    let x0 = _mm256_loadu_ps(xp.add(p));
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p)), x0, a0);
+                    p += 8;
+                }
+                if p < k {
+                    let x0 = _mm256_maskload_ps(xp.add(p), mask);
+                    a1 = _mm256_fmadd_ps(_mm256_maskload_ps(r0.add(p), mask), x0, a1);
+                }
+                y[j] = hsum(_mm256_add_ps(a0, a1));
+            }
+            j += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Every supported path against an f64 dot product, on shapes with ragged row counts
+    /// (not multiples of 4) and ragged k (tails of 1..15 past a 16-multiple), single- and
+    /// multi-block. Tolerance: f32 accumulation of k products, |error| <= k * eps * Σ|w x|
+    /// (a loose form of the standard bound γ_k Σ|w_i x_i|).
+    #[test]
+    fn every_path_matches_f64_on_ragged_shapes() {
+        let mut s = 11u64;
+        for &(n, k) in &[
+            (1, 1),
+            (3, 7),
+            (4, 16),
+            (5, 17),
+            (9, 31),
+            (130, 576),
+            (257, 1536),
+            (1031, 203),
+            (64, 8),
+        ] {
+            let x: Vec<f32> = (0..k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            for isa in Isa::all_supported() {
+                let mut y = vec![f32::NAN; n];
+                gemv_with(isa, &x, &w, &mut y).unwrap();
+                for j in 0..n {
+                    let row = &w[j * k..(j + 1) * k];
+                    let exact: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let mag: f64 = row
+                        .iter()
+                        .zip(&x)
+                        .map(|(a, b)| (*a * *b).abs() as f64)
+                        .sum();
+                    let tol = k as f64 * f32::EPSILON as f64 * mag + 1e-30;
+                    assert!(
+                        (y[j] as f64 - exact).abs() <= tol,
+                        "{isa:?} n={n} k={k} row {j}: {} vs {exact} (tol {tol})",
+                        y[j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn threaded_equals_single_block() {
+        let mut s = 5u64;
+        let (n, k) = (777, 300);
+        let x: Vec<f32> = (0..k).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let mut a = vec![0f32; n];
+        pool.install(|| gemv(&x, &w, &mut a)).unwrap();
+        let mut b = vec![0f32; n];
+        block(Isa::clamp(isa::selected()), &x, &w, &mut b);
+        assert_eq!(
+            a, b,
+            "row blocks compute each row exactly as one block does"
+        );
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(gemv(&[1.0; 3], &[1.0; 5], &mut [0.0; 2]).is_err());
+        let mut y = [f32::NAN; 2];
+        gemv(&[], &[], &mut y).unwrap();
+        assert_eq!(y, [0.0, 0.0]);
+    }
+}
