@@ -63,6 +63,9 @@ pub struct Args {
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 512)]
     pub calib_seqlen: usize,
+    /// Weight block scales for --wa-scheme: `absmax`, or `mse` (QuaRot's clipping search).
+    #[arg(long, default_value = "absmax")]
+    pub weight_clip: String,
     /// Per-token activation clipping ratio in (0, 1] (1 = no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub act_clip: f32,
@@ -181,6 +184,7 @@ pub fn run(args: Args) -> Result<()> {
             m2.insert("wa_scheme".into(), json!(args.wa_scheme));
             m2.insert("weight_method".into(), json!(args.weight_method));
             m2.insert("act_clip".into(), json!(args.act_clip));
+            m2.insert("weight_clip".into(), json!(args.weight_clip));
             m2.insert("rotate_seconds".into(), json!(r.rotate_seconds));
             m2.insert("quantize_seconds".into(), json!(r.quantize_seconds));
             m2.insert("calib_windows".into(), json!(m));
@@ -224,7 +228,8 @@ fn rotate_in_memory(
     tok: &lowbit_model::tokenizer::Tokenizer,
 ) -> Result<Option<(lowbit_model::rotate::RotateReport, usize)>> {
     use lowbit_model::rotate::{
-        parse_wa_scheme, prepare, PrepareOptions, RotateMethod, SpinOptions, WeightMethod,
+        parse_wa_scheme, parse_weight_clip, prepare, PrepareOptions, RotateMethod, SpinOptions,
+        WeightMethod,
     };
     let rotate = RotateMethod::parse(&args.rotate)?;
     let scheme = parse_wa_scheme(&args.wa_scheme, args.act_clip)?;
@@ -259,6 +264,7 @@ fn rotate_in_memory(
         rotate,
         scheme,
         weight_method,
+        weight_clipping: parse_weight_clip(&args.weight_clip)?,
         spin: SpinOptions {
             iters: args.spin_iters,
             lr: args.spin_lr,

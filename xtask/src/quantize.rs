@@ -26,6 +26,15 @@ SCHEMES (--scheme):
   nf4-g64         bitsandbytes NF4, blocks of 64
   w8a8-int8       INT8 per-channel weights + per-token dynamic INT8 activations
   w8a8-fp8        FP8 per-channel weights + per-token dynamic FP8 activations
+  w4a4-int        INT4 g128 sym weights + per-token INT4 activations (with --rotate; docs/rotations.md)
+  w4a8-int        INT4 g128 sym weights + per-token INT8 activations
+  w4a4-nvfp4      NVFP4 weights + NVFP4 activations;  w4a4-mxfp4: MXFP4 weights + activations
+  (w8a8-int8 with --rotate quarot|spinquant also goes through the rotation path)
+
+ROTATION (--rotate none|quarot|spinquant, --act-clip, --spin-iters; --method rtn|gptq, --clip
+  absmax|mse): norms folded, R1/R2 folded into the weights, the head untied, an online Hadamard
+  before down_proj; lowbit-rotation.json in the folder makes `cargo xtask eval --model OUT` run
+  the same online Hadamard and activation quantizers.
   (any other name lowbit_numerics::Scheme::from_name accepts, e.g. int4-g32-asym, works too)
 
 RECIPE (--config FILE, JSON): {\"scheme\": ..., \"targets\": [globs], \"ignore\": [globs],
@@ -92,6 +101,167 @@ pub struct Args {
     /// Emit the summary as one JSON object on the last stdout line.
     #[arg(long)]
     pub json: bool,
+    /// Rotation / weight+activation options (docs/rotations.md).
+    #[command(flatten)]
+    pub rot: RotateArgs,
+}
+
+/// `--rotate` and the weight+activation schemes (`w4a4-int`, `w4a8-int`, `w8a8-int8`,
+/// `w4a4-nvfp4`, `w4a4-mxfp4`): the model is rotated (norms folded, R1/R2 folded, online
+/// Hadamard before down_proj), its weights quantized with --method rtn|gptq (block scales by
+/// --clip), and a sidecar `lowbit-rotation.json` makes `cargo xtask eval --model OUT` run the
+/// same online Hadamard and activation quantizers.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RotateArgs {
+    /// Rotation: none, quarot (randomized Hadamard) or spinquant (learned on --calib).
+    #[arg(long, default_value = "none")]
+    pub rotate: String,
+    /// Per-token activation clipping ratio in (0, 1] for the weight+activation schemes
+    /// (QuaRot uses 0.9).
+    #[arg(long, default_value_t = 1.0)]
+    pub act_clip: f32,
+    /// SpinQuant Cayley SGD iterations for R1 (R2 gets half).
+    #[arg(long, default_value_t = 100)]
+    pub spin_iters: usize,
+    /// SpinQuant initial step (decays linearly to 0).
+    #[arg(long, default_value_t = 0.5)]
+    pub spin_lr: f64,
+}
+
+impl Default for RotateArgs {
+    fn default() -> Self {
+        RotateArgs {
+            rotate: "none".into(),
+            act_clip: 1.0,
+            spin_iters: 100,
+            spin_lr: 0.5,
+        }
+    }
+}
+
+/// Whether `args` asks for the rotation / weight+activation path ([`RotateArgs`]): a rotation,
+/// or a scheme with 4-bit or block-format activations (`w8a8-int8` without a rotation stays on
+/// the standard pipeline, SmoothQuant included).
+fn wants_rotation_path(args: &Args) -> bool {
+    let s = args.scheme.trim().to_ascii_lowercase();
+    !args.rot.rotate.trim().eq_ignore_ascii_case("none")
+        || matches!(
+            s.as_str(),
+            "w4a4-int" | "w4a8-int" | "w4a4-nvfp4" | "w4a4-mxfp4"
+        )
+}
+
+/// The rotation / weight+activation path of [`quantize_to_folder`].
+fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
+    use lowbit_model::rotate::{
+        parse_wa_scheme, parse_weight_clip, prepare, rotated_checkpoint, PrepareOptions,
+        RotateMethod, SpinOptions, WeightMethod,
+    };
+    let t_all = Instant::now();
+    let rotate = RotateMethod::parse(&args.rot.rotate)?;
+    let scheme = parse_wa_scheme(&args.scheme, args.rot.act_clip)?;
+    if scheme.quant.is_none() {
+        bail!(
+            "--rotate needs a weight+activation scheme: {}",
+            lowbit_model::rotate::WA_SCHEMES[1..].join(", ")
+        );
+    }
+    let weight_method = WeightMethod::parse(&args.method)
+        .with_context(|| "--rotate and the weight+activation schemes take --method rtn or gptq")?;
+    if args.config.is_some() {
+        bail!("--config recipes are not supported with --rotate / weight+activation schemes");
+    }
+    let t_load = Instant::now();
+    let src = load_source(&args.model)?;
+    let load_secs = t_load.elapsed().as_secs_f64();
+    let needs = rotate == RotateMethod::Spinquant || weight_method == WeightMethod::Gptq;
+    if needs && args.calib.is_empty() {
+        bail!("--rotate spinquant and --method gptq need --calib FILE (never the evaluation text)");
+    }
+    let (windows, sources) = if needs {
+        let files = read_calibration_files(&args.calib, args.eval.as_deref())?;
+        let mut toks = Vec::new();
+        let mut srcs = Vec::new();
+        for (text, s) in &files {
+            let ids = src
+                .tokenizer
+                .encode(text)
+                .with_context(|| format!("tokenizing {}", s.path.display()))?;
+            srcs.push(
+                json!({"path": s.path, "sha256": s.sha256, "bytes": s.bytes, "tokens": ids.len()}),
+            );
+            toks.extend(ids);
+        }
+        let cfg = CalibConfig {
+            samples: args.samples,
+            seqlen: args.seqlen,
+            seed: args.seed,
+        };
+        (sample_windows(&toks, &cfg)?, srcs)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let opts = PrepareOptions {
+        rotate,
+        scheme,
+        weight_method,
+        weight_clipping: parse_weight_clip(&args.clip)?,
+        spin: SpinOptions {
+            iters: args.rot.spin_iters,
+            lr: args.rot.spin_lr,
+            ..SpinOptions::default()
+        },
+        seed: args.seed,
+    };
+    let mut model = src.model;
+    let t = Instant::now();
+    let rep = prepare(&mut model, &opts, &windows, &mut |m| {
+        if !quiet {
+            eprintln!("[{:6.1} s] {m}", t.elapsed().as_secs_f64())
+        }
+    })?;
+    let spin = |r: &Option<lowbit_calibration::spinquant::SpinReport>| {
+        r.as_ref().map(|r| {
+            json!({"loss_start": r.loss_start, "loss_end": r.loss_end, "iters": r.iters,
+                   "seconds": r.seconds, "orthogonality_error": r.orthogonality_error})
+        })
+    };
+    let mut summary = json!({
+        "command": "quantize",
+        "model": args.model,
+        "method": args.method,
+        "scheme": args.scheme,
+        "rotate": rotate.name(),
+        "act_clip": args.rot.act_clip,
+        "activations": opts.scheme.quant.as_ref().map(|(_, a)| format!("{a:?}")),
+        "calibration": {
+            "files": sources, "samples": windows.len(), "seqlen": args.seqlen, "seed": args.seed,
+        },
+        "options": { "clip": args.clip, "spin_iters": args.rot.spin_iters, "spin_lr": args.rot.spin_lr },
+        "spin_r1": spin(&rep.spin_r1),
+        "spin_r2": spin(&rep.spin_r2),
+        "mean_rel_error": Value::Null,
+        "layers": [],
+        "timings": { "load_secs": load_secs, "rotate_secs": rep.rotate_seconds,
+                     "quantize_secs": rep.quantize_seconds },
+        "threads": rayon::current_num_threads(),
+    });
+    let t_write = Instant::now();
+    let mut extra = src.tokenizer_files.clone();
+    summary["timings"]["total_secs_before_write"] = json!(t_all.elapsed().as_secs_f64());
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    extra.push((
+        "lowbit-report.json".into(),
+        serde_json::to_vec_pretty(&summary)?,
+    ));
+    let ck = rotated_checkpoint(&model, &opts, extra)?;
+    ct::write_checkpoint(&args.out, &ck, &WriteOptions::default())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    summary["timings"]["write_secs"] = json!(t_write.elapsed().as_secs_f64());
+    summary["timings"]["total_secs"] = json!(t_all.elapsed().as_secs_f64());
+    summary["out"] = json!(args.out);
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    Ok(RunOutput { model, summary })
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
@@ -210,6 +380,9 @@ pub struct RunOutput {
 
 /// Quantize with `args`, write the folder, return the summary.
 pub fn quantize_to_folder(args: &Args, quiet: bool) -> Result<RunOutput> {
+    if wants_rotation_path(args) {
+        return quantize_rotated(args, quiet);
+    }
     let t_all = Instant::now();
     let method = Method::parse(&args.method)?;
     let (_, act) = quantize::parse_scheme(&args.scheme)?;

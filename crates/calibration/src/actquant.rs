@@ -48,6 +48,16 @@ impl ActFormat {
         })
     }
 
+    /// The name [`ActFormat::parse`] reads back (`int4`, `fp8`, `nvfp4`, ...).
+    pub fn name(self) -> String {
+        match self {
+            ActFormat::Int { bits } => format!("int{bits}"),
+            ActFormat::Fp8E4m3 => "fp8".into(),
+            ActFormat::Nvfp4 => "nvfp4".into(),
+            ActFormat::Mxfp4 => "mxfp4".into(),
+        }
+    }
+
     /// Largest representable magnitude of the format's codes (before scaling), for the
     /// scalar-scale formats.
     fn qmax(self) -> f32 {
@@ -277,6 +287,15 @@ mod tests {
         .validate()
         .is_err());
         assert!(ActFormat::parse("int9").is_err());
+        for f in [
+            ActFormat::Int { bits: 4 },
+            ActFormat::Int { bits: 8 },
+            ActFormat::Fp8E4m3,
+            ActFormat::Nvfp4,
+            ActFormat::Mxfp4,
+        ] {
+            assert_eq!(ActFormat::parse(&f.name()).unwrap(), f);
+        }
         assert_eq!(
             ActFormat::parse("INT4").unwrap(),
             ActFormat::Int { bits: 4 }

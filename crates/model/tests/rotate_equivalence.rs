@@ -120,6 +120,7 @@ fn w4a4_pipelines_run_and_rotation_helps_with_outliers() {
             rotate: rot,
             scheme: parse_wa_scheme("w4a4-int", 1.0).unwrap(),
             weight_method: wm,
+            weight_clipping: Default::default(),
             spin: SpinOptions {
                 iters: 20,
                 tokens_per_layer: 64,
@@ -151,6 +152,7 @@ fn bad_input_gives_clear_errors() {
         rotate: RotateMethod::Quarot,
         scheme: parse_wa_scheme("f32", 1.0).unwrap(),
         weight_method: WeightMethod::Rtn,
+        weight_clipping: Default::default(),
         spin: SpinOptions::default(),
         seed: 0,
     };
@@ -162,7 +164,7 @@ fn bad_input_gives_clear_errors() {
     let c = cfg(24, 3, 1, 8, 48, false, true);
     let mut m = random_model(c, 1).unwrap();
     let s = lowbit_numerics::Scheme::from_name("int4-g128-sym").unwrap();
-    lowbit_model::rotate::quantize_weights_rtn(&mut m, &s).unwrap();
+    lowbit_model::rotate::quantize_weights_rtn(&mut m, &s, Default::default()).unwrap();
     let e = fold_norms(&mut m).unwrap_err().to_string();
     assert!(e.contains("already quantized"), "{e}");
     // Rotations before folding are refused.

@@ -190,10 +190,14 @@ pub fn is_compressed_tensors(dir: &Path) -> bool {
 
 /// Load a compressed-tensors folder (written by lowbit or llm-compressor) as a [`Model`] whose
 /// linears keep their quantized tensors; W8A8 checkpoints get the per-token activation
-/// quantizer on every quantized linear.
+/// quantizer on every quantized linear. A rotated / W4A4 checkpoint's sidecar
+/// (`lowbit-rotation.json`, see `docs/rotations.md`) installs its online Hadamard and
+/// activation quantizers.
 pub fn load_ct_model(dir: &Path) -> Result<Model> {
     let ck = ct::read_checkpoint(dir)?;
-    checkpoint_to_model(ck)
+    let mut model = checkpoint_to_model(ck)?;
+    crate::rotate::install_from_dir(&mut model, dir)?;
+    Ok(model)
 }
 
 /// Build a [`Model`] from an in-memory checkpoint.

@@ -23,7 +23,7 @@ use lowbit_calibration::hadamard::Hadamard;
 use lowbit_calibration::quarot::quarot_rotations;
 use lowbit_calibration::rotation::{rotate_output_side, rotate_rows, rotate_rows_blockwise};
 use lowbit_calibration::spinquant::{spinquant_optimise, SpinConfig, SpinProblem, SpinReport};
-use lowbit_calibration::{gptq, GptqConfig, HessianAccumulator, RtnConfig};
+use lowbit_calibration::{gptq, Clipping, GptqConfig, HessianAccumulator, RtnConfig};
 use lowbit_numerics::Scheme;
 use std::sync::Arc;
 use std::time::Instant;
@@ -330,8 +330,24 @@ impl WeightMethod {
     }
 }
 
-/// RTN-quantize every decoder linear with `scheme`.
-pub fn quantize_weights_rtn(model: &mut Model, scheme: &Scheme) -> Result<()> {
+/// Parse a weight clipping mode: `absmax` (scale from the group's max) or `mse` (QuaRot's
+/// `w_clip`: the scale shrunk over a grid of 20 ratios down to 0.5, the one with the least
+/// squared rounding error kept, per group).
+pub fn parse_weight_clip(s: &str) -> Result<Clipping> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "absmax" | "none" => Ok(Clipping::AbsMax),
+        "mse" => Ok(Clipping::Mse {
+            grid: 20,
+            min_ratio: 0.5,
+        }),
+        _ => Err(Error::Quantize(format!(
+            "unknown weight clipping `{s}`; choose absmax or mse"
+        ))),
+    }
+}
+
+/// RTN-quantize every decoder linear with `scheme` (block scales by `clipping`).
+pub fn quantize_weights_rtn(model: &mut Model, scheme: &Scheme, clipping: Clipping) -> Result<()> {
     for layer in &mut model.layers {
         for name in LAYER_LINEARS {
             let l = layer.linear_mut(name).expect("known name");
@@ -340,7 +356,7 @@ pub fn quantize_weights_rtn(model: &mut Model, scheme: &Scheme) -> Result<()> {
                 l.out,
                 l.inp,
                 scheme,
-                &RtnConfig::default(),
+                &RtnConfig { clipping },
             )?;
             l.set_quantized(q, |q| Ok(q.dequantize()?))?;
         }
@@ -383,6 +399,7 @@ fn capture_layer(
 pub fn quantize_weights_gptq(
     model: &mut Model,
     scheme: &Scheme,
+    clipping: Clipping,
     samples: &[Vec<u32>],
     r4: Option<&Hadamard>,
     on_layer: &mut dyn FnMut(usize, usize),
@@ -397,7 +414,10 @@ pub fn quantize_weights_gptq(
         .iter()
         .map(|s| model.embed(s))
         .collect::<Result<_>>()?;
-    let cfg = GptqConfig::default();
+    let cfg = GptqConfig {
+        clipping,
+        ..GptqConfig::default()
+    };
     for li in 0..model.layers.len() {
         on_layer(li, model.layers.len());
         let mut accs: std::collections::BTreeMap<String, HessianAccumulator> = Default::default();
@@ -611,6 +631,8 @@ pub struct PrepareOptions {
     pub scheme: WaScheme,
     /// Weight quantization method.
     pub weight_method: WeightMethod,
+    /// How weight block scales are chosen (absmax, or QuaRot's MSE clipping search).
+    pub weight_clipping: Clipping,
     /// SpinQuant settings.
     pub spin: SpinOptions,
     /// Seed of QuaRot's random signs.
@@ -667,7 +689,7 @@ pub fn prepare(
         match opts.weight_method {
             WeightMethod::Rtn => {
                 progress("RTN weights");
-                quantize_weights_rtn(model, ws)?;
+                quantize_weights_rtn(model, ws, opts.weight_clipping)?;
                 install_hooks(model, Some(act), r4);
             }
             WeightMethod::Gptq => {
@@ -675,7 +697,14 @@ pub fn prepare(
                 // quantized model computes (activation quantization included).
                 install_hooks(model, Some(act), r4.clone());
                 let mut cb = |i: usize, n: usize| progress(&format!("GPTQ layer {}/{n}", i + 1));
-                quantize_weights_gptq(model, ws, samples, r4.as_deref(), &mut cb)?;
+                quantize_weights_gptq(
+                    model,
+                    ws,
+                    opts.weight_clipping,
+                    samples,
+                    r4.as_deref(),
+                    &mut cb,
+                )?;
             }
         }
     } else {
@@ -683,4 +712,185 @@ pub fn prepare(
     }
     rep.quantize_seconds = t1.elapsed().as_secs_f64();
     Ok(rep)
+}
+
+/// File name of the rotation sidecar in a checkpoint folder written by `cargo xtask quantize
+/// --rotate ...` (or with a W4A4 / W4A8 scheme): what the forward pass needs beyond the stored
+/// weights (the rotations themselves are folded into the weights).
+pub const ROTATION_FILE: &str = "lowbit-rotation.json";
+
+/// The load-time part of a rotated / activation-quantized checkpoint ([`ROTATION_FILE`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationSidecar {
+    /// The rotation that was folded into the weights (informational).
+    pub rotate: RotateMethod,
+    /// The weight + activation scheme name (informational).
+    pub wa_scheme: String,
+    /// The activation quantizer on every decoder linear's input, if any.
+    pub act: Option<ActQuantizer>,
+    /// Size of the online Hadamard applied to `down_proj`'s input (the FFN width), if any.
+    pub online_hadamard: Option<usize>,
+}
+
+impl RotationSidecar {
+    /// The sidecar of a model prepared with `opts` ([`prepare`]).
+    pub fn new(model: &Model, opts: &PrepareOptions) -> Self {
+        RotationSidecar {
+            rotate: opts.rotate,
+            wa_scheme: opts.scheme.name.clone(),
+            act: opts.scheme.quant.as_ref().map(|(_, a)| a.clone()),
+            online_hadamard: (opts.rotate != RotateMethod::None)
+                .then_some(model.config.intermediate_size),
+        }
+    }
+
+    /// JSON form.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rotate": self.rotate.name(),
+            "wa_scheme": self.wa_scheme,
+            "activations": self.act.as_ref().map(|a| serde_json::json!({
+                "format": a.format.name(),
+                "strategy": if a.static_scale.is_some() { "tensor" } else { "token" },
+                "clip": a.clip,
+                "static_scale": a.static_scale,
+            })),
+            "online_hadamard": self.online_hadamard.map(|n| serde_json::json!({
+                "modules": ["mlp.down_proj"], "size": n, "normalized": true,
+            })),
+        })
+    }
+
+    /// Parse [`RotationSidecar::to_json`]'s form; anything not understood is an error.
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let bad = |m: &str| Error::Quantize(format!("{ROTATION_FILE}: {m}"));
+        let rotate = RotateMethod::parse(
+            v.get("rotate")
+                .and_then(|x| x.as_str())
+                .ok_or_else(|| bad("missing `rotate`"))?,
+        )?;
+        let wa_scheme = v
+            .get("wa_scheme")
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string();
+        let act = match v.get("activations").filter(|a| !a.is_null()) {
+            None => None,
+            Some(a) => {
+                let format = ActFormat::parse(
+                    a.get("format")
+                        .and_then(|x| x.as_str())
+                        .ok_or_else(|| bad("activations without `format`"))?,
+                )
+                .map_err(|e| bad(&e.to_string()))?;
+                let clip = a.get("clip").and_then(|x| x.as_f64()).unwrap_or(1.0) as f32;
+                let static_scale = a
+                    .get("static_scale")
+                    .and_then(|x| x.as_f64())
+                    .map(|x| x as f32);
+                let q = ActQuantizer {
+                    format,
+                    clip,
+                    static_scale,
+                };
+                q.validate().map_err(|e| bad(&e.to_string()))?;
+                Some(q)
+            }
+        };
+        let online_hadamard = match v.get("online_hadamard").filter(|a| !a.is_null()) {
+            None => None,
+            Some(h) => {
+                let mods = h.get("modules").and_then(|m| m.as_array());
+                let only_down =
+                    mods.is_some_and(|m| m.len() == 1 && m[0].as_str() == Some("mlp.down_proj"));
+                if !only_down || h.get("normalized").and_then(|x| x.as_bool()) != Some(true) {
+                    return Err(bad(
+                        "only a normalized online Hadamard on mlp.down_proj is supported",
+                    ));
+                }
+                Some(
+                    h.get("size")
+                        .and_then(|x| x.as_u64())
+                        .ok_or_else(|| bad("online_hadamard without `size`"))?
+                        as usize,
+                )
+            }
+        };
+        Ok(RotationSidecar {
+            rotate,
+            wa_scheme,
+            act,
+            online_hadamard,
+        })
+    }
+
+    /// Install the sidecar's forward-pass hooks on a loaded model. Errors when the Hadamard
+    /// size is not the model's FFN width or has no supported order.
+    pub fn install(&self, model: &mut Model) -> Result<()> {
+        let had = match self.online_hadamard {
+            None => None,
+            Some(n) => {
+                if n != model.config.intermediate_size {
+                    return Err(Error::Quantize(format!(
+                        "{ROTATION_FILE}: online Hadamard of size {n} but the model's FFN width \
+                         is {}",
+                        model.config.intermediate_size
+                    )));
+                }
+                Some(Arc::new(Hadamard::new(n).map_err(|e| {
+                    Error::Quantize(format!("{ROTATION_FILE}: online Hadamard: {e}"))
+                })?))
+            }
+        };
+        install_hooks(model, self.act.as_ref(), had);
+        Ok(())
+    }
+}
+
+/// If `dir` holds a [`ROTATION_FILE`], install its hooks on `model` (loaded from `dir`).
+/// Returns whether a sidecar was found.
+pub fn install_from_dir(model: &mut Model, dir: &std::path::Path) -> Result<bool> {
+    let p = dir.join(ROTATION_FILE);
+    if !p.is_file() {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Quantize(format!("{}: {e}", p.display())))?;
+    RotationSidecar::from_json(&v)?.install(model)?;
+    Ok(true)
+}
+
+/// The compressed-tensors checkpoint of a model prepared with `opts` ([`prepare`]): the
+/// quantized (rotated) weights, the untied f32 head, and the [`ROTATION_FILE`] sidecar that
+/// [`crate::quantize::load_ct_model`] reads back to install the online Hadamard and the
+/// activation quantizers. `w8a8-int8` also sets the standard `input_activations` (per-token
+/// INT8); the 4-bit activation formats have no compressed-tensors field, so other readers see
+/// only the weights (and would need the Hadamard on `down_proj`'s input for rotated models).
+pub fn rotated_checkpoint(
+    model: &Model,
+    opts: &PrepareOptions,
+    extra_files: Vec<(String, Vec<u8>)>,
+) -> Result<crate::ct::Checkpoint> {
+    use crate::ct::ActivationQuant;
+    let input_activations = match &opts.scheme.quant {
+        Some((_, a)) if a.format == (ActFormat::Int { bits: 8 }) && a.clip == 1.0 => {
+            Some(ActivationQuant::Int8PerToken)
+        }
+        _ => None,
+    };
+    let side = RotationSidecar::new(model, opts).to_json();
+    let mut extra = extra_files;
+    extra.push((
+        ROTATION_FILE.to_string(),
+        serde_json::to_vec_pretty(&side)
+            .map_err(|e| Error::Quantize(format!("{ROTATION_FILE}: {e}")))?,
+    ));
+    crate::quantize::model_to_checkpoint(
+        model,
+        &crate::quantize::ModelToCheckpoint {
+            input_activations,
+            extra_files: extra,
+        },
+    )
 }
