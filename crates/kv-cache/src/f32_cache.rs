@@ -1,6 +1,6 @@
-//! The f32 reference cache: plain vectors, scalar attention.
+//! The f32 cache: plain vectors, attention through the shared tiled kernel ([`crate::attn`]).
 
-use crate::quant::dot;
+use crate::attn::{self, Boundary, Job, Region, Store, Vis};
 use crate::{Error, KvCache, KvShape, Result};
 
 /// Keys and values in f32; the reference every quantized cache is compared with.
@@ -104,38 +104,34 @@ impl KvCache for F32Cache {
         self.check_layer(layer)?;
         let len = self.len(layer);
         check_attend_args(&self.shape, len, q, n_q, n_heads, out)?;
-        let d = self.shape.head_dim;
-        let row = self.row();
-        let group = n_heads / self.shape.n_kv_heads;
-        let (keys, vals) = (&self.k[layer], &self.v[layer]);
-        let mut scores = vec![0f32; len];
-        for i in 0..n_q {
-            let visible = len - n_q + i + 1;
-            for h in 0..n_heads {
-                let kvh = h / group;
-                let qv = &q[(i * n_heads + h) * d..][..d];
-                let mut max = f32::NEG_INFINITY;
-                for (t, s) in scores[..visible].iter_mut().enumerate() {
-                    let kv = &keys[t * row + kvh * d..][..d];
-                    *s = dot(qv, kv) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in &mut scores[..visible] {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out[(i * n_heads + h) * d..][..d];
-                o.fill(0.0);
-                for (t, s) in scores[..visible].iter().enumerate() {
-                    let w = s / sum;
-                    let vv = &vals[t * row + kvh * d..][..d];
-                    for (oj, vj) in o.iter_mut().zip(vv) {
-                        *oj += w * vj;
-                    }
-                }
-            }
+        if n_q == 0 {
+            return Ok(());
         }
+        let job = Job {
+            regions: vec![Region {
+                start: 0,
+                n: len,
+                store: Store::F32 {
+                    k: &self.k[layer],
+                    v: &self.v[layer],
+                },
+                vis: Vis::All,
+            }],
+            bound: Boundary {
+                sink: 0,
+                residual: 0,
+                flush: 1,
+            },
+            recent_start: len,
+            d: self.shape.head_dim,
+            nh_kv: self.shape.n_kv_heads,
+            n_heads,
+            len,
+            n_q,
+            q,
+            scale,
+        };
+        attn::attend(&job, out, false);
         Ok(())
     }
 

@@ -52,6 +52,26 @@ pub fn decode_group(rec: &[u8], d: usize, g: usize, bits: u8, out: &mut [f32], c
     }
 }
 
+/// Decode one (group, head) record channel-major: channel `c`'s `g` tokens go to
+/// `kt[c * ld + off..][..g]` (the layout the attention kernel's KIVI score block reads).
+#[inline(always)]
+pub fn decode_group_cm(
+    rec: &[u8],
+    d: usize,
+    g: usize,
+    bits: u8,
+    kt: &mut [f32],
+    ld: usize,
+    off: usize,
+) {
+    let cb = 4 + g * bits as usize / 8;
+    for (c, r) in rec.chunks_exact(cb).enumerate().take(d) {
+        let scale = f16::from_le_bytes([r[0], r[1]]).to_f32();
+        let min = f16::from_le_bytes([r[2], r[3]]).to_f32();
+        unpack_codes(&r[4..], bits, scale, min, &mut kt[c * ld + off..][..g]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 //! [`F32Cache`] is the plain reference implementation.
 #![warn(missing_docs)]
 
+mod attn;
 pub mod codec;
 mod error;
 mod f32_cache;

@@ -6,21 +6,16 @@
 //! 3. the residual window: the most recent tokens, f32; once it holds `residual + flush`
 //!    tokens, its oldest `flush` tokens (1, or the KIVI group `g`) are quantized into the body.
 //!
-//! Attention walks the regions in blocks of at most 32 tokens (one KIVI group in the body),
-//! dequantizes one block of one KV head into a small scratch buffer and folds it into an online
-//! (streaming) softmax of every query of the GQA group, so the f32 cache is never materialised.
-//! Work is split over (KV head, chunk of queries) and run with rayon when large enough. The
-//! same code is compiled twice, once with AVX2+FMA enabled (chosen at run time).
+//! Attention ([`crate::attn`]) computes what token-by-token decode would compute: the query at
+//! position `p` sees the tokens that were in the body when `p` was decoded in quantized form
+//! and the rest in f32. So that a multi-token append (prefill) can do this, the f32 copies of
+//! the tokens its own queries still need in f32 (the *shadow*: tokens flushed by that append at
+//! or above the boundary its first query saw) are kept until the next append of the layer.
 
+use crate::attn::{self, Boundary, Job, Region, Store, Vis};
 use crate::codec::TokenCodec;
 use crate::policy::{Policy, Side};
 use crate::{check_attend_args, kivi, Error, KvCache, KvShape, Result};
-use rayon::prelude::*;
-
-/// Tokens per attention block outside KIVI key groups.
-const BLOCK: usize = 32;
-/// Queries per parallel task in prefill.
-const Q_CHUNK: usize = 32;
 
 #[derive(Debug, Clone, Default)]
 struct Layer {
@@ -30,8 +25,12 @@ struct Layer {
     nq: usize,
     qk: Vec<u8>,
     qv: Vec<u8>,
+    /// f32 keys/values of the last `shadow + residual-window` tokens.
     rk: Vec<f32>,
     rv: Vec<f32>,
+    /// Leading tokens of `rk`/`rv` that are already in the body (prefill scratch, see the
+    /// module docs); dropped at the next append.
+    shadow: usize,
 }
 
 /// A cache storing K and V as a [`Policy`] says (FP8, INT, KIVI, sinks, residual window).
@@ -86,7 +85,16 @@ impl QuantCache {
         self.shape.n_kv_heads * self.shape.head_dim
     }
 
-    /// Quantize the oldest `n` tokens of the residual window of `layer` into the body.
+    fn boundary(&self) -> Boundary {
+        Boundary {
+            sink: self.policy.sink,
+            residual: self.policy.residual,
+            flush: self.policy.flush_tokens(),
+        }
+    }
+
+    /// Quantize the oldest `n` tokens of the residual window of `layer` into the body (their f32
+    /// rows stay in `rk`/`rv`; the caller drops or keeps them as shadow).
     fn flush(&mut self, layer: usize, n: usize) {
         let (d, nh, row) = (self.shape.head_dim, self.shape.n_kv_heads, self.row());
         let p = &self.policy;
@@ -128,213 +136,8 @@ impl QuantCache {
         {
             vc.encode(x, o);
         }
-        l.rk.drain(..n * row);
-        l.rv.drain(..n * row);
         l.nq += n;
     }
-}
-
-/// Online-softmax state of one (query, head) pair.
-struct Acc<'a> {
-    m: &'a mut f32,
-    l: &'a mut f32,
-    acc: &'a mut [f32],
-}
-
-/// Dot product with 8 independent accumulators so the compiler can vectorize it (a plain
-/// `sum()` is a serial dependency chain). Shared with the f32 reference cache.
-#[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Fold `cnt` keys/values of a block (`kb`, `vb`: `[cnt][d]`) into one query's state.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn fold_block(
-    q: &[f32],
-    kb: &[f32],
-    vb: &[f32],
-    cnt: usize,
-    d: usize,
-    scale: f32,
-    s: Acc<'_>,
-    sc: &mut [f32],
-) {
-    let mut bm = f32::NEG_INFINITY;
-    for j in 0..cnt {
-        let x = dot(q, &kb[j * d..][..d]) * scale;
-        sc[j] = x;
-        bm = bm.max(x);
-    }
-    let m_new = s.m.max(bm);
-    let corr = (*s.m - m_new).exp();
-    if corr != 1.0 {
-        *s.l *= corr;
-        for a in s.acc.iter_mut() {
-            *a *= corr;
-        }
-    }
-    *s.m = m_new;
-    let mut sum = 0f32;
-    for j in 0..cnt {
-        let w = (sc[j] - m_new).exp();
-        sum += w;
-        for (a, v) in s.acc.iter_mut().zip(&vb[j * d..][..d]) {
-            *a += w * v;
-        }
-    }
-    *s.l += sum;
-}
-
-/// Everything one attention task reads.
-struct Job<'a> {
-    p: &'a Policy,
-    l: &'a Layer,
-    d: usize,
-    nh_kv: usize,
-    n_heads: usize,
-    group: usize,
-    len: usize,
-    n_q: usize,
-    q: &'a [f32],
-    scale: f32,
-}
-
-/// Attention of queries `qs` of the query heads of KV head `kvh`; returns
-/// `[qs.len()][group][d]`.
-#[inline(always)]
-fn attend_task(j: &Job<'_>, kvh: usize, qs: std::ops::Range<usize>) -> Vec<f32> {
-    let (d, g) = (j.d, j.group);
-    let row = j.nh_kv * d;
-    let nqh = qs.len() * g;
-    let mut m = vec![f32::NEG_INFINITY; nqh];
-    let mut l = vec![0f32; nqh];
-    let mut acc = vec![0f32; nqh * d];
-    let bmax = BLOCK.max(j.p.flush_tokens());
-    let mut kb = vec![0f32; bmax * d];
-    let mut vb = vec![0f32; bmax * d];
-    let mut sc = vec![0f32; bmax];
-    let mut tmp = vec![0u16; d];
-    let mut col = vec![0f32; bmax];
-    let last_pos = j.len - j.n_q + qs.end - 1; // the furthest any query of this task sees
-    let n_sink = j.l.sink_k.len() / row;
-    let vc = v_codec(j.p);
-    let (ku, vu) = (k_unit(j.p, d), vc.record_bytes(d));
-
-    let mut fold = |t0: usize, cnt: usize, kb: &[f32], vb: &[f32]| {
-        for (qi, i) in qs.clone().enumerate() {
-            let pos = j.len - j.n_q + i;
-            if pos < t0 {
-                continue;
-            }
-            let c = cnt.min(pos + 1 - t0);
-            for hg in 0..g {
-                let h = kvh * g + hg;
-                let s = qi * g + hg;
-                let qv = &j.q[(i * j.n_heads + h) * d..][..d];
-                let st = Acc {
-                    m: &mut m[s],
-                    l: &mut l[s],
-                    acc: &mut acc[s * d..][..d],
-                };
-                fold_block(qv, kb, vb, c, d, j.scale, st, &mut sc);
-            }
-        }
-    };
-    let copy_f32 = |src: &[f32], t0: usize, cnt: usize, dst: &mut [f32]| {
-        for t in 0..cnt {
-            dst[t * d..][..d].copy_from_slice(&src[(t0 + t) * row + kvh * d..][..d]);
-        }
-    };
-
-    // 1. Sink.
-    let mut t = 0;
-    while t < n_sink && t <= last_pos {
-        let cnt = BLOCK.min(n_sink - t);
-        copy_f32(&j.l.sink_k, t, cnt, &mut kb);
-        copy_f32(&j.l.sink_v, t, cnt, &mut vb);
-        fold(t, cnt, &kb, &vb);
-        t += cnt;
-    }
-    // 2. Quantized body.
-    let body_blk = match j.p.k {
-        Side::KiviChannel { .. } => j.p.group,
-        Side::Token(_) => BLOCK,
-    };
-    let mut b = 0;
-    while b < j.l.nq && n_sink + b <= last_pos {
-        let cnt = body_blk.min(j.l.nq - b);
-        match j.p.k {
-            Side::Token(c) => {
-                for tt in 0..cnt {
-                    let rec = &j.l.qk[((b + tt) * j.nh_kv + kvh) * ku..][..ku];
-                    c.decode(rec, &mut kb[tt * d..][..d], &mut tmp);
-                }
-            }
-            Side::KiviChannel { bits } => {
-                let rec = &j.l.qk[((b / j.p.group) * j.nh_kv + kvh) * ku..][..ku];
-                kivi::decode_group(rec, d, j.p.group, bits, &mut kb, &mut col);
-            }
-        }
-        for tt in 0..cnt {
-            let rec = &j.l.qv[((b + tt) * j.nh_kv + kvh) * vu..][..vu];
-            vc.decode(rec, &mut vb[tt * d..][..d], &mut tmp);
-        }
-        fold(n_sink + b, cnt, &kb, &vb);
-        b += cnt;
-    }
-    // 3. Residual window.
-    let n_res = j.l.rk.len() / row;
-    let r0 = n_sink + j.l.nq;
-    let mut t = 0;
-    while t < n_res && r0 + t <= last_pos {
-        let cnt = BLOCK.min(n_res - t);
-        copy_f32(&j.l.rk, t, cnt, &mut kb);
-        copy_f32(&j.l.rv, t, cnt, &mut vb);
-        fold(r0 + t, cnt, &kb, &vb);
-        t += cnt;
-    }
-    for s in 0..nqh {
-        let inv = 1.0 / l[s];
-        for a in &mut acc[s * d..][..d] {
-            *a *= inv;
-        }
-    }
-    acc
-}
-
-/// [`attend_task`] compiled with AVX2 and FMA enabled.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_task_avx2(j: &Job<'_>, kvh: usize, qs: std::ops::Range<usize>) -> Vec<f32> {
-    attend_task(j, kvh, qs)
-}
-
-fn run_task(j: &Job<'_>, kvh: usize, qs: std::ops::Range<usize>, scalar: bool) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if !scalar && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA were detected on this CPU just above.
-        return unsafe { attend_task_avx2(j, kvh, qs) };
-    }
-    let _ = scalar;
-    attend_task(j, kvh, qs)
 }
 
 impl KvCache for QuantCache {
@@ -345,7 +148,7 @@ impl KvCache for QuantCache {
     fn len(&self, layer: usize) -> usize {
         self.layers.get(layer).map_or(0, |l| {
             let row = self.row();
-            l.sink_k.len() / row + l.nq + l.rk.len() / row
+            l.sink_k.len() / row + l.nq + l.rk.len() / row - l.shadow
         })
     }
 
@@ -365,7 +168,18 @@ impl KvCache for QuantCache {
                 v.len()
             )));
         }
+        let len_before = self.len(layer);
         let l = &mut self.layers[layer];
+        // The previous append's shadow is no longer needed.
+        if l.shadow > 0 {
+            l.rk.drain(..l.shadow * row);
+            l.rv.drain(..l.shadow * row);
+            l.shadow = 0;
+            if l.rk.capacity() > 2 * l.rk.len() + 1024 {
+                l.rk.shrink_to_fit();
+                l.rv.shrink_to_fit();
+            }
+        }
         let have_sink = l.sink_k.len() / row;
         let to_sink = self.policy.sink.saturating_sub(have_sink).min(n_tokens);
         l.sink_k.extend_from_slice(&k[..to_sink * row]);
@@ -376,7 +190,21 @@ impl KvCache for QuantCache {
         let n_res = self.layers[layer].rk.len() / row;
         if n_res >= self.policy.residual + f {
             let n = (n_res - self.policy.residual) / f * f;
+            let body_end_before = self.policy.sink.min(have_sink + to_sink) + self.layers[layer].nq;
             self.flush(layer, n);
+            // Keep the f32 rows of flushed tokens that this append's queries saw in f32 when
+            // decoded one by one: positions at or above the boundary of its first query.
+            let b = self.boundary();
+            let keep_from = if b.never_recent() || n_tokens == 0 {
+                body_end_before + n
+            } else {
+                b.at(len_before).clamp(body_end_before, body_end_before + n)
+            };
+            let drop = keep_from - body_end_before;
+            let l = &mut self.layers[layer];
+            l.rk.drain(..drop * row);
+            l.rv.drain(..drop * row);
+            l.shadow = n - drop;
         }
         Ok(())
     }
@@ -401,50 +229,50 @@ impl KvCache for QuantCache {
         if n_q == 0 {
             return Ok(());
         }
-        let d = self.shape.head_dim;
-        let nh_kv = self.shape.n_kv_heads;
-        let group = n_heads / nh_kv;
+        let row = self.row();
+        let l = &self.layers[layer];
+        let n_sink = l.sink_k.len() / row;
+        let body0 = n_sink;
+        let recent_start = body0 + l.nq - l.shadow;
         let job = Job {
-            p: &self.policy,
-            l: &self.layers[layer],
-            d,
-            nh_kv,
+            regions: vec![
+                Region {
+                    start: 0,
+                    n: n_sink,
+                    store: Store::F32 {
+                        k: &l.sink_k,
+                        v: &l.sink_v,
+                    },
+                    vis: Vis::All,
+                },
+                Region {
+                    start: body0,
+                    n: l.nq,
+                    store: Store::Quant {
+                        p: &self.policy,
+                        qk: &l.qk,
+                        qv: &l.qv,
+                    },
+                    vis: Vis::Body,
+                },
+                Region {
+                    start: recent_start,
+                    n: l.rk.len() / row,
+                    store: Store::F32 { k: &l.rk, v: &l.rv },
+                    vis: Vis::Recent,
+                },
+            ],
+            bound: self.boundary(),
+            recent_start,
+            d: self.shape.head_dim,
+            nh_kv: self.shape.n_kv_heads,
             n_heads,
-            group,
             len,
             n_q,
             q,
             scale,
         };
-        let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..nh_kv)
-            .flat_map(|h| {
-                (0..n_q)
-                    .step_by(Q_CHUNK)
-                    .map(move |s| (h, s..(s + Q_CHUNK).min(n_q)))
-            })
-            .collect();
-        let work = n_q * len * n_heads * d;
-        let scalar = self.force_scalar;
-        let results: Vec<Vec<f32>> = if work >= 1 << 16 && tasks.len() > 1 {
-            tasks
-                .par_iter()
-                .map(|(h, r)| run_task(&job, *h, r.clone(), scalar))
-                .collect()
-        } else {
-            tasks
-                .iter()
-                .map(|(h, r)| run_task(&job, *h, r.clone(), scalar))
-                .collect()
-        };
-        for ((kvh, qs), res) in tasks.iter().zip(&results) {
-            for (qi, i) in qs.clone().enumerate() {
-                for hg in 0..group {
-                    let h = kvh * group + hg;
-                    out[(i * n_heads + h) * d..][..d]
-                        .copy_from_slice(&res[(qi * group + hg) * d..][..d]);
-                }
-            }
-        }
+        attn::attend(&job, out, self.force_scalar);
         Ok(())
     }
 
@@ -452,7 +280,8 @@ impl KvCache for QuantCache {
         self.layers
             .iter()
             .map(|l| {
-                4 * (l.sink_k.len() + l.sink_v.len() + l.rk.len() + l.rv.len())
+                4 * (l.sink_k.len() + l.sink_v.len() + l.rk.len() + l.rv.len()
+                    - 2 * l.shadow * self.row())
                     + l.qk.len()
                     + l.qv.len()
             })
@@ -468,6 +297,7 @@ impl KvCache for QuantCache {
             l.qk.clear();
             l.qv.clear();
             l.nq = 0;
+            l.shadow = 0;
         }
     }
 

@@ -1,7 +1,10 @@
 //! `cargo xtask bench kv`: decode-step cost of the KV cache alone (append one token + attend
 //! one query, every layer) after a prefill of `--ctx` tokens, per policy, against f32 in the
-//! same run. Shape: SmolLM2-135M (30 layers, 9 query heads, 3 KV heads, head_dim 64). K/V are
-//! random (speed does not depend on the values).
+//! same run; and (`--prefill N`, default 512) the attention of an N-token prefill (append N +
+//! attend N queries, every layer) per policy against a naive one-query-at-a-time attention
+//! (the pre-tiling algorithm, kept here only as the baseline) in the same run. Shape:
+//! SmolLM2-135M (30 layers, 9 query heads, 3 KV heads, head_dim 64). K/V are random (speed
+//! does not depend on the values).
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,6 +25,9 @@ pub struct Args {
     /// Decode steps timed per policy (the median step is reported).
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
+    /// Prefill length for the prefill-attention table (0: skip it).
+    #[arg(long, default_value_t = 512)]
+    pub prefill: usize,
     /// One JSON object per policy per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -120,5 +126,122 @@ pub fn run(args: Args) -> Result<()> {
         });
     }
     pb.finish_and_clear();
+    if args.prefill > 0 {
+        prefill_table(&args, &pols, shape, n_heads, &mut rnd)?;
+    }
+    Ok(())
+}
+
+/// The pre-tiling attention (one query and head at a time, scores then softmax then values,
+/// single thread), as the baseline of the prefill table.
+#[allow(clippy::too_many_arguments)]
+fn naive_attend(
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    q: &[f32],
+    n_q: usize,
+    n_heads: usize,
+    nh_kv: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let row = nh_kv * d;
+    let g = n_heads / nh_kv;
+    let mut sc = vec![0f32; len];
+    for i in 0..n_q {
+        let vis = len - n_q + i + 1;
+        for h in 0..n_heads {
+            let kvh = h / g;
+            let qv = &q[(i * n_heads + h) * d..][..d];
+            let mut mx = f32::NEG_INFINITY;
+            for (t, s) in sc[..vis].iter_mut().enumerate() {
+                let kr = &k[t * row + kvh * d..][..d];
+                *s = qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                mx = mx.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in &mut sc[..vis] {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            let o = &mut out[(i * n_heads + h) * d..][..d];
+            o.fill(0.0);
+            for (t, s) in sc[..vis].iter().enumerate() {
+                let w = s / sum;
+                for (a, b) in o.iter_mut().zip(&v[t * row + kvh * d..][..d]) {
+                    *a += w * b;
+                }
+            }
+        }
+    }
+}
+
+fn prefill_table(
+    args: &Args,
+    pols: &[String],
+    shape: KvShape,
+    n_heads: usize,
+    rnd: &mut impl FnMut(usize) -> Vec<f32>,
+) -> Result<()> {
+    let n = args.prefill;
+    let row = shape.n_kv_heads * shape.head_dim;
+    let k = rnd(n * row);
+    let v = rnd(n * row);
+    let q = rnd(n * n_heads * shape.head_dim);
+    let mut out = vec![0f32; q.len()];
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    // Baseline: naive attention over the same data, all layers.
+    let t0 = Instant::now();
+    for _ in 0..shape.n_layers {
+        naive_attend(
+            &k,
+            &v,
+            n,
+            &q,
+            n,
+            n_heads,
+            shape.n_kv_heads,
+            shape.head_dim,
+            scale,
+            &mut out,
+        );
+    }
+    let base = t0.elapsed().as_secs_f64();
+    let reference = out.clone();
+    if !args.json {
+        println!();
+        println!(
+            "Prefill attention of {n} tokens (30 layers x append {n} + attend {n} queries), {} rayon threads",
+            rayon::current_num_threads()
+        );
+        println!("| policy | ms | vs naive single-thread attention | max |out - naive| |");
+        println!("|---|---|---|---|");
+        println!("| naive (baseline) | {:.1} | 1.00x | 0 |", base * 1e3);
+    }
+    for p in pols {
+        let mut cache = build(p, shape).with_context(|| format!("--kv {p}"))?;
+        let t0 = Instant::now();
+        for l in 0..shape.n_layers {
+            cache.append(l, &k, &v, n)?;
+            cache.attend(l, &q, n, n_heads, scale, &mut out)?;
+        }
+        let t = t0.elapsed().as_secs_f64();
+        let diff = out
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        if args.json {
+            println!(
+                "{}",
+                json!({"policy": p, "prefill": n, "ms": t * 1e3, "naive_ms": base * 1e3,
+                       "speedup_vs_naive": base / t, "max_abs_diff_vs_naive": diff})
+            );
+        } else {
+            println!("| {p} | {:.1} | {:.2}x | {diff:.2e} |", t * 1e3, base / t);
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,608 @@
+//! The attention kernel shared by every cache ([`crate::F32Cache`] and [`crate::QuantCache`]).
+//!
+//! A cache describes what it stores as a few *regions* of consecutive token positions (f32
+//! rows, or quantized records) and, for each query position `p`, which tokens of each region
+//! the query sees (see [`Vis`]). The kernel then computes, per KV head, a tiled attention:
+//!
+//! * work is split into tasks = (KV head, tile of [`QT`] query positions, range of keys); key
+//!   ranges are split only when there are too few (head, query-tile) tasks for the threads
+//!   (the decode step), and partial results are merged with their softmax maxima (split-K);
+//! * a task walks its keys in tiles of [`TILE`] tokens (a multiple of the KIVI group in a KIVI
+//!   body), dequantizes a quantized tile of its KV head once into a small scratch buffer shared
+//!   by all its query rows (f32 regions are read in place), computes a score block for 3 query
+//!   rows at a time (register-blocked: 3 rows x 4 keys for row-major keys, 3 rows x 16 keys for
+//!   KIVI's channel-major keys), and folds it into each row's online softmax (running max, sum,
+//!   rescaled accumulator) with a polynomial `exp` and a `P·V` accumulation over `head_dim`;
+//! * the task function is compiled twice, portable and with AVX2+FMA enabled (runtime
+//!   dispatch); both use the same operation order, so they agree to the last bit in practice.
+
+use crate::codec::TokenCodec;
+use crate::kivi;
+use crate::policy::{Policy, Side};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Keys per tile outside KIVI bodies (a KIVI body tile is a whole number of groups).
+pub(crate) const TILE: usize = 64;
+/// Query positions per task.
+const QT: usize = 32;
+/// Query rows per score block.
+const RB: usize = 3;
+
+/// Where one region's keys and values live.
+pub(crate) enum Store<'a> {
+    /// f32 rows `[token][kv_head][head_dim]` (token 0 = the region's first token).
+    F32 {
+        /// Keys.
+        k: &'a [f32],
+        /// Values.
+        v: &'a [f32],
+    },
+    /// Quantized body records, laid out as [`crate::QuantCache`] stores them.
+    Quant {
+        /// The policy (codecs, KIVI group).
+        p: &'a Policy,
+        /// Key records.
+        qk: &'a [u8],
+        /// Value records.
+        qv: &'a [u8],
+    },
+}
+
+/// Which tokens of a region the query at position `p` sees (always intersected with the
+/// region and with `..=p`). `b(p)` is [`Boundary::at`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Vis {
+    /// Every token `<= p`.
+    All,
+    /// Tokens below `max(b(p), recent_start)`: the quantized body as decode saw it.
+    Body,
+    /// Tokens at or above `b(p)`: full precision as decode saw them.
+    Recent,
+}
+
+/// A run of consecutive token positions stored one way.
+pub(crate) struct Region<'a> {
+    /// Absolute position of the region's first token.
+    pub start: usize,
+    /// Tokens in the region.
+    pub n: usize,
+    /// Storage.
+    pub store: Store<'a>,
+    /// Visibility rule.
+    pub vis: Vis,
+}
+
+/// The quantized-body boundary that decode saw: after token `p` was appended (so `p + 1`
+/// tokens in the cache), positions `sink..at(p)` were in the body and `at(p)..=p` in f32.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Boundary {
+    /// Sink tokens (f32, never in the body).
+    pub sink: usize,
+    /// Residual window.
+    pub residual: usize,
+    /// Flush granularity (1, or the KIVI group).
+    pub flush: usize,
+}
+
+impl Boundary {
+    /// First position not in the quantized body when the cache held `p + 1` tokens.
+    pub fn at(&self, p: usize) -> usize {
+        let m = (p + 1).saturating_sub(self.sink);
+        self.sink + m.saturating_sub(self.residual) / self.flush * self.flush
+    }
+
+    /// True when no token is ever read in f32 by a later query after it entered the body
+    /// (`at(t) > t` for every `t`: no residual window and per-token flushing).
+    pub fn never_recent(&self) -> bool {
+        self.residual == 0 && self.flush == 1
+    }
+}
+
+/// One attention call.
+pub(crate) struct Job<'a> {
+    /// Regions in position order.
+    pub regions: Vec<Region<'a>>,
+    /// Body boundary as decode saw it.
+    pub bound: Boundary,
+    /// First position of the `Recent` region (tokens below it are only available quantized).
+    pub recent_start: usize,
+    /// Head width.
+    pub d: usize,
+    /// KV heads.
+    pub nh_kv: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Stored tokens.
+    pub len: usize,
+    /// Queries (the last `n_q` positions).
+    pub n_q: usize,
+    /// `[n_q][n_heads][d]`.
+    pub q: &'a [f32],
+    /// Score scale.
+    pub scale: f32,
+}
+
+/// Online-softmax state of a task's rows.
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl Job<'_> {
+    /// Visible absolute range `[lo, hi)` of region `r` for the query at position `p`.
+    #[inline(always)]
+    fn visible(&self, r: &Region<'_>, p: usize) -> (usize, usize) {
+        let end = (r.start + r.n).min(p + 1);
+        let (lo, hi) = match r.vis {
+            Vis::All => (r.start, end),
+            Vis::Body => (r.start, end.min(self.bound.at(p).max(self.recent_start))),
+            Vis::Recent => (r.start.max(self.bound.at(p)), end),
+        };
+        (lo, hi.max(lo))
+    }
+}
+
+/// `exp(x)` for `x <= 0` (larger inputs are not used): range reduction to `r` in
+/// `[-ln2/2, ln2/2]`, degree-7 Taylor polynomial (relative error < 1e-8 before rounding),
+/// scaling by `2^n` through the exponent bits. Branch-free so loops over it vectorize.
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let x = x.max(-87.0);
+    let z = x * LOG2E + MAGIC;
+    let n = z - MAGIC;
+    let ni = (z.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    p * f32::from_bits(((ni + 127) as u32) << 23)
+}
+
+/// Scores of `RB` query rows (`q`: `[RB][d]`) against keys `t0..t1` stored row-major
+/// (`k[t * ks..][..d]`), written to `s[r * ld + t]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn scores_rm(
+    q: &[f32],
+    d: usize,
+    k: &[f32],
+    ks: usize,
+    t0: usize,
+    t1: usize,
+    s: &mut [f32],
+    ld: usize,
+) {
+    let nd8 = d / 8 * 8;
+    let qr: [&[f32]; RB] = std::array::from_fn(|r| &q[r * d..][..d]);
+    let mut t = t0;
+    while t + 4 <= t1 {
+        let kr: [&[f32]; 4] = std::array::from_fn(|u| &k[(t + u) * ks..][..d]);
+        let mut acc = [[[0f32; 8]; 4]; RB];
+        for c in (0..nd8).step_by(8) {
+            let qv: [[f32; 8]; RB] = std::array::from_fn(|r| {
+                let mut a = [0f32; 8];
+                a.copy_from_slice(&qr[r][c..c + 8]);
+                a
+            });
+            let kv: [[f32; 8]; 4] = std::array::from_fn(|u| {
+                let mut a = [0f32; 8];
+                a.copy_from_slice(&kr[u][c..c + 8]);
+                a
+            });
+            for r in 0..RB {
+                for u in 0..4 {
+                    for x in 0..8 {
+                        acc[r][u][x] += qv[r][x] * kv[u][x];
+                    }
+                }
+            }
+        }
+        for r in 0..RB {
+            for u in 0..4 {
+                let a = &acc[r][u];
+                let mut v = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+                for c in nd8..d {
+                    v += qr[r][c] * kr[u][c];
+                }
+                s[r * ld + t + u] = v;
+            }
+        }
+        t += 4;
+    }
+    while t < t1 {
+        let kr = &k[t * ks..][..d];
+        for r in 0..RB {
+            let mut a = [0f32; 8];
+            for c in (0..nd8).step_by(8) {
+                for x in 0..8 {
+                    a[x] += qr[r][c + x] * kr[c + x];
+                }
+            }
+            let mut v = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            for c in nd8..d {
+                v += qr[r][c] * kr[c];
+            }
+            s[r * ld + t] = v;
+        }
+        t += 1;
+    }
+}
+
+/// Scores of `RB` query rows against keys stored channel-major (`kt[c * ld + t]`, KIVI),
+/// for key columns covering `t0..t1` (computed in blocks of 16; `ld` is a multiple of 16).
+#[inline(always)]
+fn scores_cm(q: &[f32], d: usize, kt: &[f32], t0: usize, t1: usize, s: &mut [f32], ld: usize) {
+    let mut tb = t0 / 16 * 16;
+    while tb < t1 {
+        let mut acc = [[0f32; 16]; RB];
+        for c in 0..d {
+            let mut kv = [0f32; 16];
+            kv.copy_from_slice(&kt[c * ld + tb..][..16]);
+            for r in 0..RB {
+                let qc = q[r * d + c];
+                for x in 0..16 {
+                    acc[r][x] += qc * kv[x];
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            s[r * ld + tb..][..16].copy_from_slice(a);
+        }
+        tb += 16;
+    }
+}
+
+/// `o += Σ_j w[j] · v[j]` over rows `v[j * vs..][..d]`; `o` kept in registers for `D`-wide
+/// heads.
+#[inline(always)]
+fn pv_fixed<const D: usize>(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
+    let mut acc = [0f32; D];
+    acc.copy_from_slice(&o[..D]);
+    for (j, &wj) in w.iter().enumerate() {
+        let vr = &v[j * vs..][..D];
+        for x in 0..D {
+            acc[x] += wj * vr[x];
+        }
+    }
+    o[..D].copy_from_slice(&acc);
+}
+
+#[inline(always)]
+fn pv(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
+    match o.len() {
+        64 => pv_fixed::<64>(w, v, vs, o),
+        128 => pv_fixed::<128>(w, v, vs, o),
+        32 => pv_fixed::<32>(w, v, vs, o),
+        d => {
+            for (j, &wj) in w.iter().enumerate() {
+                for (a, x) in o.iter_mut().zip(&v[j * vs..][..d]) {
+                    *a += wj * x;
+                }
+            }
+        }
+    }
+}
+
+/// One task: query positions `qs` (indices into the job's queries) of the query heads of KV
+/// head `kvh`, keys `keys` (absolute positions).
+#[inline(always)]
+fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partial {
+    let d = j.d;
+    let g = j.n_heads / j.nh_kv;
+    let row = j.nh_kv * d;
+    let rows = qs.len() * g;
+    let rpad = rows.div_ceil(RB) * RB;
+    // Query rows (position-major, then GQA head), pre-scaled; padding rows are zero.
+    let mut qb = vec![0f32; rpad * d];
+    let mut pos = vec![0usize; rows];
+    for (qi, i) in qs.clone().enumerate() {
+        for hg in 0..g {
+            let r = qi * g + hg;
+            pos[r] = j.len - j.n_q + i;
+            let src = &j.q[(i * j.n_heads + kvh * g + hg) * d..][..d];
+            for (a, b) in qb[r * d..][..d].iter_mut().zip(src) {
+                *a = b * j.scale;
+            }
+        }
+    }
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut l = vec![0f32; rows];
+    let mut acc = vec![0f32; rows * d];
+    let last = pos.last().copied().unwrap_or(0);
+    let kivi_g = match j.regions.iter().find_map(|r| match r.store {
+        Store::Quant { p, .. } => Some(p),
+        _ => None,
+    }) {
+        Some(p) if matches!(p.k, Side::KiviChannel { .. }) => p.group,
+        _ => 1,
+    };
+    let tmax = if kivi_g > 1 {
+        kivi_g * (TILE / kivi_g).max(1)
+    } else {
+        TILE
+    };
+    let ld = tmax.div_ceil(16) * 16;
+    let mut s = vec![0f32; RB * ld];
+    let mut w = vec![0f32; ld];
+    let mut kb = Vec::new();
+    let mut vb = Vec::new();
+    let mut kt = Vec::new();
+    let mut tmp = vec![0u16; d];
+    let mut ranges = vec![(0usize, 0usize); rows];
+
+    for reg in &j.regions {
+        let tile = match reg.store {
+            Store::Quant { .. } => tmax,
+            Store::F32 { .. } => TILE,
+        };
+        let mut ts = 0;
+        while ts < reg.n {
+            let a = reg.start + ts;
+            let cnt = tile.min(reg.n - ts);
+            ts += cnt;
+            let (u0, u1) = (a.max(keys.start), (a + cnt).min(keys.end));
+            if u0 >= u1 || u0 > last {
+                continue;
+            }
+            // Each row's visible columns of this tile, relative to `a`.
+            let mut any = false;
+            for (r, rg) in ranges.iter_mut().enumerate() {
+                let (lo, hi) = j.visible(reg, pos[r]);
+                let (lo, hi) = (lo.max(u0), hi.min(u1));
+                *rg = if lo < hi {
+                    any = true;
+                    (lo - a, hi - a)
+                } else {
+                    (0, 0)
+                };
+            }
+            if !any {
+                continue;
+            }
+            // Load the tile: (keys, key stride, channel-major?, values, value stride).
+            let (kref, ks, cm, vref, vs): (&[f32], usize, bool, &[f32], usize) = match reg.store {
+                Store::F32 { k, v } => {
+                    let o = (a - reg.start) * row + kvh * d;
+                    (&k[o..], row, false, &v[o..], row)
+                }
+                Store::Quant { p, qk, qv } => {
+                    let b0 = a - reg.start; // body index of the tile's first token
+                    let vc = v_codec(p);
+                    let vu = vc.record_bytes(d);
+                    vb.resize(tmax * d, 0.0);
+                    for t in 0..cnt {
+                        let rec = &qv[((b0 + t) * j.nh_kv + kvh) * vu..][..vu];
+                        vc.decode(rec, &mut vb[t * d..][..d], &mut tmp);
+                    }
+                    match p.k {
+                        Side::Token(c) => {
+                            let ku = c.record_bytes(d);
+                            kb.resize(tmax * d, 0.0);
+                            for t in 0..cnt {
+                                let rec = &qk[((b0 + t) * j.nh_kv + kvh) * ku..][..ku];
+                                c.decode(rec, &mut kb[t * d..][..d], &mut tmp);
+                            }
+                            (&kb[..], d, false, &vb[..], d)
+                        }
+                        Side::KiviChannel { bits } => {
+                            let gb = kivi::group_bytes(d, p.group, bits);
+                            kt.resize(d * ld, 0.0);
+                            for gi in 0..cnt / p.group {
+                                let grp = b0 / p.group + gi;
+                                let rec = &qk[(grp * j.nh_kv + kvh) * gb..][..gb];
+                                kivi::decode_group_cm(
+                                    rec,
+                                    d,
+                                    p.group,
+                                    bits,
+                                    &mut kt,
+                                    ld,
+                                    gi * p.group,
+                                );
+                            }
+                            (&kt[..], 0, true, &vb[..], d)
+                        }
+                    }
+                }
+            };
+            for rb in (0..rows).step_by(RB) {
+                let rend = (rb + RB).min(rows);
+                let (mut c0, mut c1) = (usize::MAX, 0);
+                for &(lo, hi) in &ranges[rb..rend] {
+                    if lo < hi {
+                        c0 = c0.min(lo);
+                        c1 = c1.max(hi);
+                    }
+                }
+                if c0 >= c1 {
+                    continue;
+                }
+                let qblk = &qb[rb * d..][..RB * d];
+                if cm {
+                    scores_cm(qblk, d, kref, c0, c1, &mut s, ld);
+                } else {
+                    scores_rm(qblk, d, kref, ks, c0, c1, &mut s, ld);
+                }
+                for r in rb..rend {
+                    let (lo, hi) = ranges[r];
+                    if lo >= hi {
+                        continue;
+                    }
+                    let sr = &s[(r - rb) * ld..][lo..hi];
+                    let bm = sr.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                    let mn = m[r].max(bm);
+                    let corr = if m[r] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        exp_neg(m[r] - mn)
+                    };
+                    m[r] = mn;
+                    let wr = &mut w[..hi - lo];
+                    for (x, &y) in wr.iter_mut().zip(sr) {
+                        *x = exp_neg(y - mn);
+                    }
+                    let sum: f32 = wr.iter().sum();
+                    l[r] = l[r] * corr + sum;
+                    let o = &mut acc[r * d..][..d];
+                    if corr != 1.0 {
+                        for x in o.iter_mut() {
+                            *x *= corr;
+                        }
+                    }
+                    pv(wr, &vref[lo * vs..], vs, o);
+                }
+            }
+        }
+    }
+    Partial { m, l, acc }
+}
+
+fn v_codec(p: &Policy) -> TokenCodec {
+    match p.v {
+        Side::Token(c) => c,
+        // parse() maps `v=kiviB` to a token codec; keep a sane fallback.
+        Side::KiviChannel { bits } => TokenCodec::Int { bits, group: 32 },
+    }
+}
+
+/// [`task`] compiled with AVX2 and FMA enabled.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partial {
+    task(j, kvh, qs, keys)
+}
+
+fn run_task(
+    j: &Job<'_>,
+    kvh: usize,
+    qs: Range<usize>,
+    keys: Range<usize>,
+    scalar: bool,
+) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if !scalar && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA were detected on this CPU just above.
+        return unsafe { task_avx2(j, kvh, qs, keys) };
+    }
+    let _ = scalar;
+    task(j, kvh, qs, keys)
+}
+
+/// Run the attention described by `j` into `out` (`[n_q][n_heads][d]`). The caller has
+/// validated shapes; `n_q >= 1`.
+pub(crate) fn attend(j: &Job<'_>, out: &mut [f32], scalar: bool) {
+    let (d, g) = (j.d, j.n_heads / j.nh_kv);
+    let n_qt = j.n_q.div_ceil(QT);
+    let base = j.nh_kv * n_qt;
+    let threads = rayon::current_num_threads().max(1);
+    // Split the keys only when (head, query tile) tasks cannot keep the threads busy.
+    let n_split = if base < 2 * threads && j.len >= 512 {
+        (2 * threads).div_ceil(base).min(j.len / 256).max(1)
+    } else {
+        1
+    };
+    let span = j.len.div_ceil(n_split);
+    let mut tasks = Vec::with_capacity(base * n_split);
+    for h in 0..j.nh_kv {
+        for qt in 0..n_qt {
+            let qs = qt * QT..((qt + 1) * QT).min(j.n_q);
+            for sp in 0..n_split {
+                let keys = sp * span..((sp + 1) * span).min(j.len);
+                tasks.push((h, qs.clone(), keys));
+            }
+        }
+    }
+    let work = j.n_q * j.len * j.n_heads * d;
+    let run = |(h, qs, keys): &(usize, Range<usize>, Range<usize>)| {
+        run_task(j, *h, qs.clone(), keys.clone(), scalar)
+    };
+    let parts: Vec<Partial> = if work >= 1 << 16 && tasks.len() > 1 && threads > 1 {
+        tasks.par_iter().map(run).collect()
+    } else {
+        tasks.iter().map(run).collect()
+    };
+    for (chunk, tk) in parts.chunks(n_split).zip(tasks.chunks(n_split)) {
+        let (kvh, qs) = (tk[0].0, tk[0].1.clone());
+        for (qi, i) in qs.enumerate() {
+            for hg in 0..g {
+                let r = qi * g + hg;
+                let mx = chunk.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.m[r]));
+                let o = &mut out[(i * j.n_heads + kvh * g + hg) * d..][..d];
+                o.fill(0.0);
+                let mut lsum = 0f32;
+                for p in chunk {
+                    if p.m[r] == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let c = exp_neg(p.m[r] - mx);
+                    lsum += p.l[r] * c;
+                    for (a, b) in o.iter_mut().zip(&p.acc[r * d..][..d]) {
+                        *a += b * c;
+                    }
+                }
+                let inv = 1.0 / lsum;
+                for a in o.iter_mut() {
+                    *a *= inv;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_neg_is_accurate() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 87.0 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp_neg(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 4e-7, "relative error {worst}");
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn boundary_matches_incremental_flushing() {
+        // Simulate token-by-token appends with the cache's flush rule.
+        for &(sink, residual, flush) in &[(0, 0, 1), (0, 128, 32), (4, 8, 8), (3, 5, 4), (2, 0, 4)]
+        {
+            let b = Boundary {
+                sink,
+                residual,
+                flush,
+            };
+            let (mut nres, mut nq) = (0usize, 0usize);
+            for p in 0..300 {
+                if p >= sink {
+                    nres += 1;
+                    if nres >= residual + flush {
+                        let n = (nres - residual) / flush * flush;
+                        nq += n;
+                        nres -= n;
+                    }
+                }
+                assert_eq!(b.at(p), sink + nq, "{sink} {residual} {flush} p {p}");
+            }
+        }
+    }
+}
