@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+mod fastq;
 pub mod gguf;
 pub mod halfs;
 pub mod int;

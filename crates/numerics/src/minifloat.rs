@@ -517,7 +517,7 @@ fn overflow_code(f: FloatFormat, neg: bool, overflow: Overflow) -> u8 {
 
 /// Loop-invariant constants of the branch-free ties-to-even encoder.
 #[derive(Debug, Clone, Copy)]
-struct FastParams {
+pub(crate) struct FastParams {
     /// 23 - mantissa bits.
     shift: u32,
     /// (127 - bias) << mbits: re-biases the rounded f32 exponent/mantissa field.
@@ -563,9 +563,9 @@ const fn make_fast(f: FloatFormat, overflow: Overflow) -> FastParams {
     }
 }
 
-const FAST_E4M3_SAT: FastParams = make_fast(FloatFormat::E4M3, Overflow::Saturate);
+pub(crate) const FAST_E4M3_SAT: FastParams = make_fast(FloatFormat::E4M3, Overflow::Saturate);
 const FAST_E4M3_NONSAT: FastParams = make_fast(FloatFormat::E4M3, Overflow::NonSaturating);
-const FAST_E5M2_SAT: FastParams = make_fast(FloatFormat::E5M2, Overflow::Saturate);
+pub(crate) const FAST_E5M2_SAT: FastParams = make_fast(FloatFormat::E5M2, Overflow::Saturate);
 const FAST_E5M2_NONSAT: FastParams = make_fast(FloatFormat::E5M2, Overflow::NonSaturating);
 const FAST_E2M3: FastParams = make_fast(FloatFormat::E2M3, Overflow::Saturate);
 const FAST_E3M2: FastParams = make_fast(FloatFormat::E3M2, Overflow::Saturate);
@@ -590,7 +590,7 @@ fn fast_params(f: FloatFormat, overflow: Overflow) -> Option<FastParams> {
 /// so that every comparison is a plain signed SIMD compare (all compared values are
 /// non-negative where they are used).
 #[inline(always)]
-fn encode_fast(p: &FastParams, x: f32) -> u8 {
+pub(crate) fn encode_fast(p: &FastParams, x: f32) -> u8 {
     let bits = x.to_bits();
     let a = (bits & 0x7FFF_FFFF) as i32;
     let sign = ((bits >> 31) << (31 - p.sign_shift)) as i32;

@@ -35,6 +35,7 @@
 //! ```
 
 use crate::error::{Error, Result};
+use crate::fastq::RowKernel;
 use crate::minifloat::{encode_slice, FloatFormat, Overflow};
 use crate::mx::{self, MxScaleRule};
 use crate::nf4::{self, TableEncoder};
@@ -250,7 +251,7 @@ impl Kind {
 
 const NF4_TABLE_REF: [f32; 16] = nf4::NF4_TABLE;
 
-fn nf4_encoder() -> &'static TableEncoder {
+pub(crate) fn nf4_encoder() -> &'static TableEncoder {
     static ENC: OnceLock<TableEncoder> = OnceLock::new();
     ENC.get_or_init(|| TableEncoder::new(&nf4::NF4_TABLE))
 }
@@ -342,7 +343,7 @@ fn stats(xs: &[f32], kind: Kind) -> Stats {
 
 /// Block parameters from a clipping range. `c` is the symmetric clip (absmax), `(lo, hi)` the
 /// asymmetric one, `am` the absmean (ternary/binary).
-fn params_from_range(
+pub(crate) fn params_from_range(
     kind: Kind,
     lo: f32,
     hi: f32,
@@ -1134,15 +1135,47 @@ pub(crate) fn quantize_ctx(
             && (bc == 16 || bc == 32 || bc == 64);
 
     if br == 1 {
+        // dispatched SIMD row kernels (same bits as the reference below) where one exists
+        let kernel = RowKernel::select(kind, scheme, ctx, bc);
         data.par_chunks_mut(rb)
             .zip(scales.par_chunks_mut(gc))
             .zip(zps.par_chunks_mut(gc))
             .enumerate()
             .for_each_init(
-                || (vec![0u8; cols], Vec::new(), RowScratch::default()),
-                |(codes, scratch, rs), (r, ((drow, srow), zrow))| {
+                || {
+                    (
+                        vec![0u8; cols],
+                        Vec::new(),
+                        RowScratch::default(),
+                        Vec::new(),
+                    )
+                },
+                |(codes, scratch, rs, pending), (r, ((drow, srow), zrow))| {
                     let x = &w[r * cols..(r + 1) * cols];
                     let mut nonfinite = false;
+                    if let Some(k) = &kernel {
+                        pending.clear();
+                        k.run(x, g, ctx, drow, srow, zrow, pending);
+                        // groups the kernel left (non-finite, zero scale) and the ragged
+                        // tail: the reference fit and encoder
+                        let full = cols / k.group();
+                        for j in pending.iter().copied().chain(full..gc) {
+                            let (c0, c1) = (j * bc, ((j + 1) * bc).min(cols));
+                            let xs = &x[c0..c1];
+                            let p = fit_ctx_flag(kind, xs, g, ctx, scratch, &mut nonfinite);
+                            let cs = &mut codes[c0..c1];
+                            encode_block(kind, xs, &p, g, ctx, (r * cols + c0) as u64, cs);
+                            let b = bits as usize;
+                            let ob = &mut drow[c0 * b / 8..(c1 * b).div_ceil(8)];
+                            crate::pack::pack_row_unchecked(cs, bits, ob);
+                            srow[j] = p.scale;
+                            zrow[j] = p.zero_point.unwrap_or(0);
+                        }
+                        if nonfinite {
+                            nonfinite_seen.store(true, Ordering::Relaxed);
+                        }
+                        return;
+                    }
                     if fused_e2m1 {
                         // NVFP4 / MXFP4: each whole group fitted, encoded and packed in
                         // registers; other groups (ragged tail, non-finite, zero scale) go
