@@ -1,30 +1,36 @@
 //! The sequential, layer-by-layer loop.
 //!
-//! All calibration windows are embedded once. For each decoder layer the hidden states of every
-//! window enter the layer; the layer's linears are quantized in stages and the *quantized*
-//! layer's outputs become the next layer's inputs, so errors of earlier layers are seen (and, by
-//! GPTQ, compensated) by later ones. Memory: the hidden states of the windows plus one layer's
-//! input statistics (`cols x cols` Hessians); no other layer's activations are kept.
+//! All calibration windows are embedded once and kept as one token-major activation buffer. For
+//! each decoder layer the hidden states of every window enter the layer; its linears are
+//! quantized in stages and the *quantized* layer's outputs become the next layer's inputs, so
+//! errors of earlier layers are seen (and, by GPTQ, compensated) by later ones. Memory: the
+//! activations of one layer for all windows (hidden, attention output, residual, MLP product)
+//! plus one input group's statistics (`cols x cols` Hessian).
 //!
-//! Stages (`true_sequential`, the default): `[q, k, v]` (input `rmsnorm(h)`, computed directly),
-//! then `[o]` on the attention output of the quantized q/k/v, then `[gate, up]` on the MLP input
-//! after the quantized attention block, then `[down]` on the product of the quantized gate/up.
-//! Each stage after the first is one capture pass of the layer over every window. With
-//! `true_sequential = false` a single capture pass feeds all seven linears (llm-compressor's
-//! sequential pipeline), which is about twice as fast.
+//! The layer's forward is split into steps ([`Step`]), each run over all windows with
+//! window-batched GEMMs (attention per window). True-sequential (the default): statistics of
+//! `rmsnorm(h)` -> quantize q/k/v -> attention with the quantized q/k/v -> quantize o ->
+//! residual, MLP input -> quantize gate/up -> MLP product -> quantize down -> layer output. Each
+//! step's output is exactly what the next layer needs, so the whole schedule costs **one**
+//! forward of the layer plus the Hessians. With `true_sequential = false` (and always for AWQ,
+//! whose scales fold into still-dense producers) one pass with the original weights feeds all
+//! seven linears and a second pass propagates through the quantized layer.
 
 use super::act_quant_fn;
 use super::parse_scheme;
 use super::recipe::Recipe;
 use crate::ct::ActivationQuant;
 use crate::error::{Error, Result};
-use crate::llama::{rms_norm, Model};
+use crate::linear::Linear;
+use crate::llama::{rms_norm, silu, Model};
+use crate::rope::Rope;
 use lowbit_calibration::sensitivity::relative_output_error_h;
 use lowbit_calibration::{
     awq, gptq_prepared, hqq, prepare_hessian, rtn, smoothquant_scales, ActOrder, AwqConfig,
     Clipping, GptqConfig, HqqConfig, InputStats, LinearWeight, RtnConfig, SqConfig,
 };
 use lowbit_numerics::{QuantizedTensor, Scheme};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -207,11 +213,225 @@ fn input_key(module: &str) -> &'static str {
 /// Statistics of one input group (Gram matrix / Hessian, mean and max |x| per channel).
 type Stats = InputStats;
 
+/// Effective weights of the current layer's quantized linears (their dequantization), kept
+/// until the layer is done so the calibration passes run them as one dense GEMM each.
+type Deq = BTreeMap<&'static str, Vec<f32>>;
+
+/// The calibration activations of one layer, every window concatenated token-major.
+struct Acts {
+    /// Windows.
+    ns: usize,
+    /// Tokens per window.
+    seqlen: usize,
+    /// The layer's input hidden states (`[ns * seqlen][hidden]`); the layer's output at the end.
+    h: Vec<f32>,
+    /// Attention output (the input of `o_proj`).
+    att: Vec<f32>,
+    /// Hidden state after the attention block's residual add.
+    h1: Vec<f32>,
+    /// `silu(gate) * up` (the input of `down_proj`).
+    act: Vec<f32>,
+    /// Tokens per GEMM (whole windows, at least one).
+    pass_tokens: usize,
+}
+
+impl Acts {
+    /// Buffers for `ns` windows of `seqlen` tokens of `model`, inputs zero.
+    fn new(c: &crate::config::ModelConfig, ns: usize, seqlen: usize) -> Self {
+        let tokens = ns * seqlen;
+        Acts {
+            ns,
+            seqlen,
+            h: Vec::with_capacity(tokens * c.hidden_size),
+            att: vec![0f32; tokens * c.q_dim()],
+            h1: vec![0f32; tokens * c.hidden_size],
+            act: vec![0f32; tokens * c.intermediate_size],
+            pass_tokens: PASS_TOKENS,
+        }
+    }
+}
+
+/// One step of the decoder layer's forward, in order. Each step reads what the earlier steps
+/// left in [`Acts`] and recomputes the cheap RMSNorms, so a step run after some linears were
+/// quantized (or after AWQ / SmoothQuant folded scales into a norm) sees the current weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// `rmsnorm(h)`: only gathers the q/k/v input statistics.
+    AttnIn,
+    /// q/k/v, RoPE and causal attention per window -> `att`.
+    Attn,
+    /// `h1 = h + o_proj(att)`; gathers the gate/up input statistics.
+    Resid1,
+    /// `act = silu(gate(x2)) * up(x2)`, `x2 = rmsnorm(h1)`.
+    Mlp,
+    /// `h = h1 + down_proj(act)`: the layer's output.
+    Out,
+}
+
+const STEPS: [Step; 5] = [Step::AttnIn, Step::Attn, Step::Resid1, Step::Mlp, Step::Out];
+
+/// Tokens per GEMM in the calibration passes (whole windows, at least one).
+const PASS_TOKENS: usize = 2048;
+
+/// `y = act_quant(x) · Wᵀ + b` with the layer's current effective weight `w`.
+fn lin_apply(lin: &Linear, w: &[f32], x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+    let xq;
+    let x = match &lin.act_quant {
+        Some(f) => {
+            xq = {
+                let mut b = x.to_vec();
+                f(&mut b, n);
+                b
+            };
+            &xq[..]
+        }
+        None => x,
+    };
+    lowbit_kernels::dense::matmul_wt(x, w, y, n, lin.inp, lin.out)?;
+    if let Some(b) = &lin.bias {
+        y.par_chunks_mut(lin.out).for_each(|row| {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        });
+    }
+    Ok(())
+}
+
+fn par_rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    x.par_chunks(d * 64)
+        .zip(out.par_chunks_mut(d * 64))
+        .for_each(|(xr, or)| rms_norm(xr, w, eps, or));
+}
+
+fn par_add(acc: &mut [f32], x: &[f32]) {
+    acc.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+}
+
+/// Run `steps` of layer `li` over every window (chunks of whole windows), gathering the input
+/// statistics of the keys present in `stats`.
+#[allow(clippy::too_many_arguments)]
+fn run_steps(
+    model: &Model,
+    rope: &Rope,
+    li: usize,
+    deq: &Deq,
+    acts: &mut Acts,
+    steps: &[Step],
+    stats: &mut BTreeMap<&'static str, Stats>,
+    what: &'static str,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<()> {
+    let c = &model.config;
+    let layer = &model.layers[li];
+    let (h, qd, kvd, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let l = acts.seqlen;
+    let eff = |name: &'static str| -> (&Linear, &[f32]) {
+        let lin = layer.linear(name).expect("layer linear");
+        let w = deq.get(name).map_or_else(|| lin.weight_f32(), |w| &w[..]);
+        (lin, w)
+    };
+    let cs = (acts.pass_tokens / l.max(1)).max(1);
+    let mut s0 = 0;
+    while s0 < acts.ns {
+        let s1 = (s0 + cs).min(acts.ns);
+        let n = (s1 - s0) * l;
+        let hr = s0 * l * h..s1 * l * h;
+        for &step in steps {
+            match step {
+                Step::AttnIn => {
+                    if let Some(st) = stats.get_mut("attn_in") {
+                        let mut x = vec![0f32; n * h];
+                        par_rms_norm(&acts.h[hr.clone()], &layer.attn_norm, c.rms_eps, &mut x);
+                        st.add_rows(&x, n)?;
+                    }
+                }
+                Step::Attn => {
+                    let mut x = vec![0f32; n * h];
+                    par_rms_norm(&acts.h[hr.clone()], &layer.attn_norm, c.rms_eps, &mut x);
+                    let mut q = vec![0f32; n * qd];
+                    let mut k = vec![0f32; n * kvd];
+                    let mut v = vec![0f32; n * kvd];
+                    let (lq, wq) = eff("self_attn.q_proj");
+                    lin_apply(lq, wq, &x, n, &mut q)?;
+                    let (lk, wk) = eff("self_attn.k_proj");
+                    lin_apply(lk, wk, &x, n, &mut k)?;
+                    let (lv, wv) = eff("self_attn.v_proj");
+                    lin_apply(lv, wv, &x, n, &mut v)?;
+                    let scale = 1.0 / (c.head_dim as f32).sqrt();
+                    let att = &mut acts.att[s0 * l * qd..s1 * l * qd];
+                    att.par_chunks_mut(l * qd)
+                        .zip(q.par_chunks_mut(l * qd))
+                        .zip(k.par_chunks_mut(l * kvd).zip(v.par_chunks(l * kvd)))
+                        .try_for_each(|((a, q), (k, v))| -> Result<()> {
+                            rope.apply(q, l, c.n_heads, 0);
+                            rope.apply(k, l, c.n_kv_heads, 0);
+                            let mut cache = model.new_cache("f32")?;
+                            cache.append(li, k, v, l)?;
+                            cache.attend(li, q, l, c.n_heads, scale, a)?;
+                            Ok(())
+                        })?;
+                    if let Some(st) = stats.get_mut("o_in") {
+                        st.add_rows(&acts.att[s0 * l * qd..s1 * l * qd], n)?;
+                    }
+                }
+                Step::Resid1 => {
+                    let (lo, wo) = eff("self_attn.o_proj");
+                    let h1 = &mut acts.h1[hr.clone()];
+                    lin_apply(lo, wo, &acts.att[s0 * l * qd..s1 * l * qd], n, h1)?;
+                    par_add(h1, &acts.h[hr.clone()]);
+                    if let Some(st) = stats.get_mut("mlp_in") {
+                        let mut x = vec![0f32; n * h];
+                        par_rms_norm(h1, &layer.mlp_norm, c.rms_eps, &mut x);
+                        st.add_rows(&x, n)?;
+                    }
+                }
+                Step::Mlp => {
+                    let mut x = vec![0f32; n * h];
+                    par_rms_norm(&acts.h1[hr.clone()], &layer.mlp_norm, c.rms_eps, &mut x);
+                    let mut u = vec![0f32; n * f];
+                    let (lg, wg) = eff("mlp.gate_proj");
+                    let act = &mut acts.act[s0 * l * f..s1 * l * f];
+                    lin_apply(lg, wg, &x, n, act)?;
+                    let (lu, wu) = eff("mlp.up_proj");
+                    lin_apply(lu, wu, &x, n, &mut u)?;
+                    act.par_chunks_mut(4096)
+                        .zip(u.par_chunks(4096))
+                        .for_each(|(g, u)| {
+                            g.iter_mut().zip(u).for_each(|(g, u)| *g = silu(*g) * u)
+                        });
+                    if let Some(st) = stats.get_mut("down_in") {
+                        st.add_rows(act, n)?;
+                    }
+                }
+                Step::Out => {
+                    let (ld, wd) = eff("mlp.down_proj");
+                    let mut y = vec![0f32; n * h];
+                    lin_apply(ld, wd, &acts.act[s0 * l * f..s1 * l * f], n, &mut y)?;
+                    let out = &mut acts.h[hr.clone()];
+                    out.copy_from_slice(&acts.h1[hr.clone()]);
+                    par_add(out, &y);
+                }
+            }
+        }
+        s0 = s1;
+        on_event(&Event::Pass {
+            layer: li,
+            what,
+            done: s0,
+            total: acts.ns,
+        });
+    }
+    Ok(())
+}
+
 /// Quantize `model` in place with calibration windows `samples` (token ids). Returns the
 /// per-layer report; the quantized linears carry their [`QuantizedTensor`]s (and the per-token
 /// activation quantizer for W8A8 schemes).
 ///
-/// With [`Method::Rtn`] and no samples, no calibration passes run and errors are not reported.
+/// With [`Method::Rtn`] or [`Method::Hqq`] and no samples, no calibration passes run and errors
+/// are not reported.
 pub fn quantize_model(
     model: &mut Model,
     samples: &[Vec<u32>],
@@ -237,13 +457,14 @@ pub fn quantize_model(
             "calibration windows must be non-empty and of equal length".into(),
         ));
     }
-    let mut hidden: Vec<Vec<f32>> = Vec::with_capacity(samples.len());
+    let ns = samples.len();
+    let tokens = ns * seqlen;
+    let mut acts = Acts::new(&c, ns, seqlen);
     for s in samples {
-        hidden.push(model.embed(s)?);
+        acts.h.extend_from_slice(&model.embed(s)?);
     }
-    on_event(&Event::Embedded {
-        samples: samples.len(),
-    });
+    on_event(&Event::Embedded { samples: ns });
+    let rope = Rope::new(&c);
     let mut layers = Vec::with_capacity(n_layers);
     for li in 0..n_layers {
         let lt = Instant::now();
@@ -252,8 +473,7 @@ pub fn quantize_model(
             n_layers,
         });
         // Which modules of this layer are quantized, with which scheme.
-        let mut plan: BTreeMap<&'static str, (String, Scheme, Option<ActivationQuant>)> =
-            BTreeMap::new();
+        let mut plan: Plan = BTreeMap::new();
         for (_, ms) in INPUTS {
             for m in ms {
                 let full = format!("model.layers.{li}.{m}");
@@ -263,229 +483,146 @@ pub fn quantize_model(
                 }
             }
         }
-        // AWQ folds scales into producers (norms, up_proj rows), which must still be dense:
-        // one capture pass per layer, down_proj first (its scales go into up_proj).
-        let stages: Vec<Vec<&'static str>> = if opts.method == Method::Awq {
-            vec![vec![
-                "mlp.down_proj",
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-            ]]
-        } else if opts.true_sequential {
-            INPUTS.iter().map(|(_, ms)| ms.to_vec()).collect()
-        } else {
-            vec![INPUTS
+        let mut deq: Deq = BTreeMap::new();
+        let mut modules = Vec::new();
+        let new_stats = |keys: &[&'static str]| -> BTreeMap<&'static str, Stats> {
+            keys.iter()
+                .filter(|k| {
+                    INPUTS
+                        .iter()
+                        .find(|(kk, _)| kk == *k)
+                        .is_some_and(|(_, ms)| ms.iter().any(|m| plan.contains_key(m)))
+                })
+                .map(|&k| {
+                    let cols = match k {
+                        "down_in" => c.intermediate_size,
+                        "o_in" => c.q_dim(),
+                        _ => h,
+                    };
+                    (k, Stats::new(cols))
+                })
+                .collect()
+        };
+        if !use_calib {
+            // Calibration-free: quantize every planned linear; nothing to propagate.
+            let todo: Vec<&'static str> = INPUTS
                 .iter()
                 .flat_map(|(_, ms)| ms.iter().copied())
-                .collect()]
-        };
-        let mut modules = Vec::new();
-        for stage in stages {
-            let todo: Vec<&str> = stage
-                .iter()
-                .copied()
                 .filter(|m| plan.contains_key(m))
                 .collect();
-            if todo.is_empty() {
-                continue;
+            let mut none = BTreeMap::new();
+            quantize_stage(
+                model,
+                li,
+                opts,
+                &plan,
+                &todo,
+                &mut none,
+                &mut deq,
+                on_event,
+                &mut modules,
+            )?;
+        } else if opts.method == Method::Awq || !opts.true_sequential {
+            // One capture pass with the layer's original weights feeds all seven linears, then
+            // one pass through the quantized layer. AWQ needs this order: its scales fold into
+            // producers (norms, up_proj rows) that must still be dense, down_proj first.
+            let mut stats = new_stats(&["attn_in", "o_in", "mlp_in", "down_in"]);
+            run_steps(
+                model,
+                &rope,
+                li,
+                &deq,
+                &mut acts,
+                &STEPS[..4],
+                &mut stats,
+                "capture",
+                on_event,
+            )?;
+            let todo: Vec<&'static str> = if opts.method == Method::Awq {
+                vec![
+                    "mlp.down_proj",
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                ]
+            } else {
+                INPUTS
+                    .iter()
+                    .flat_map(|(_, ms)| ms.iter().copied())
+                    .collect()
+            };
+            let todo: Vec<&'static str> =
+                todo.into_iter().filter(|m| plan.contains_key(m)).collect();
+            quantize_stage(
+                model,
+                li,
+                opts,
+                &plan,
+                &todo,
+                &mut stats,
+                &mut deq,
+                on_event,
+                &mut modules,
+            )?;
+            drop(stats);
+            run_steps(
+                model,
+                &rope,
+                li,
+                &deq,
+                &mut acts,
+                &STEPS[1..],
+                &mut BTreeMap::new(),
+                "propagate",
+                on_event,
+            )?;
+        } else {
+            // True-sequential in one forward: each step's inputs come from the already
+            // quantized linears before it, which is also what the next layer must see.
+            for (si, (key, ms)) in INPUTS.iter().enumerate() {
+                let mut stats = new_stats(&[key]);
+                run_steps(
+                    model,
+                    &rope,
+                    li,
+                    &deq,
+                    &mut acts,
+                    &STEPS[si..si + 1],
+                    &mut stats,
+                    key,
+                    on_event,
+                )?;
+                let todo: Vec<&'static str> = ms
+                    .iter()
+                    .copied()
+                    .filter(|m| plan.contains_key(m))
+                    .collect();
+                quantize_stage(
+                    model,
+                    li,
+                    opts,
+                    &plan,
+                    &todo,
+                    &mut stats,
+                    &mut deq,
+                    on_event,
+                    &mut modules,
+                )?;
             }
-            let mut keys: Vec<&'static str> = todo.iter().map(|m| input_key(m)).collect();
-            keys.dedup();
-            let mut stats: BTreeMap<&'static str, Stats> = BTreeMap::new();
-            if use_calib {
-                for &k in &keys {
-                    let cols = if k == "down_in" {
-                        c.intermediate_size
-                    } else if k == "o_in" {
-                        c.q_dim()
-                    } else {
-                        h
-                    };
-                    stats.insert(k, Stats::new(cols));
-                }
-                if keys == ["attn_in"] {
-                    // q/k/v read rmsnorm(h): no layer pass needed.
-                    let norm = &model.layers[li].attn_norm;
-                    let mut x = vec![0f32; seqlen * h];
-                    for (si, hs) in hidden.iter().enumerate() {
-                        rms_norm(hs, norm, c.rms_eps, &mut x);
-                        stats
-                            .get_mut("attn_in")
-                            .expect("inserted")
-                            .add_rows(&x, seqlen)?;
-                        on_event(&Event::Pass {
-                            layer: li,
-                            what: "q/k/v inputs",
-                            done: si + 1,
-                            total: hidden.len(),
-                        });
-                    }
-                } else {
-                    let mut err: Option<Error> = None;
-                    for (si, hs) in hidden.iter().enumerate() {
-                        let mut hcopy = hs.clone();
-                        let mut cache = model.new_cache("f32")?;
-                        let mut cb = |name: &str, x: &[f32], n: usize| {
-                            let short = name.splitn(4, '.').nth(3).unwrap_or("");
-                            // q/k/v and gate/up share inputs: take each input once.
-                            let k = match short {
-                                "self_attn.q_proj" => "attn_in",
-                                "self_attn.o_proj" => "o_in",
-                                "mlp.gate_proj" => "mlp_in",
-                                "mlp.down_proj" => "down_in",
-                                _ => return,
-                            };
-                            if let Some(s) = stats.get_mut(k) {
-                                if let Err(e) = s.add_rows(x, n) {
-                                    err.get_or_insert(e.into());
-                                }
-                            }
-                        };
-                        model.layer_forward_with_capture(
-                            li,
-                            &mut hcopy,
-                            seqlen,
-                            cache.as_mut(),
-                            Some(&mut cb),
-                        )?;
-                        on_event(&Event::Pass {
-                            layer: li,
-                            what: "capture",
-                            done: si + 1,
-                            total: hidden.len(),
-                        });
-                    }
-                    if let Some(e) = err {
-                        return Err(e);
-                    }
-                }
-            }
-            // SmoothQuant: migrate activation outliers into the weights before quantizing.
-            if opts.method == Method::SmoothQuant && use_calib {
-                for &k in &keys {
-                    if k == "attn_in" || k == "mlp_in" {
-                        smooth_group(
-                            model,
-                            li,
-                            k,
-                            stats.get_mut(k).expect("stats"),
-                            opts.smooth_alpha,
-                        )?;
-                    }
-                }
-            }
-            // Quantize the stage's modules; linears sharing an input share GPTQ's factorization.
-            for &k in &keys {
-                if opts.method == Method::Awq && k != "o_in" {
-                    if let Some(st) = stats.get(k) {
-                        for rep in awq_group(model, li, k, st, &plan, &todo)? {
-                            on_event(&Event::Module(rep.clone()));
-                            modules.push(rep);
-                        }
-                        continue;
-                    }
-                }
-                let hmat = match stats.get(k) {
-                    Some(s) => Some(s.hessian.hessian()?),
-                    None => None,
-                };
-                let cols = stats.get(k).map_or(0, |s| s.cols());
-                let prep = match (&hmat, opts.method) {
-                    (Some(hm), Method::Gptq | Method::SmoothQuant) => {
-                        Some(prepare_hessian(hm, cols, &gptq_cfg(opts, &plan, &todo))?)
-                    }
-                    _ => None,
-                };
-                for &m in todo.iter().filter(|m| input_key(m) == k) {
-                    let mt = Instant::now();
-                    let (sname, scheme, act) = plan[m].clone();
-                    let full = format!("model.layers.{li}.{m}");
-                    let lin = model.linear_mut(&full).expect("layer linear");
-                    let (rows, cols) = (lin.out, lin.inp);
-                    let w = lin.weight_f32().to_vec();
-                    let (q, deq, loss, damp, dead): (
-                        QuantizedTensor,
-                        Vec<f32>,
-                        Option<f64>,
-                        Option<f64>,
-                        usize,
-                    ) = match &prep {
-                        Some(p) => {
-                            let mut cfg = gptq_cfg(opts, &plan, &todo);
-                            cfg.act_order = p.act_order;
-                            let r =
-                                gptq_prepared(&w, rows, cols, &scheme, p, &cfg).map_err(|e| {
-                                    Error::Quantize(format!("{full}: GPTQ failed: {e}"))
-                                })?;
-                            (
-                                r.tensor,
-                                r.dequantized,
-                                Some(r.loss),
-                                Some(p.rel_damp),
-                                p.dead.len(),
-                            )
-                        }
-                        None if opts.method == Method::Hqq => {
-                            let r = hqq(&w, rows, cols, &scheme, &HqqConfig::default())
-                                .map_err(|e| Error::Quantize(format!("{full}: HQQ: {e}")))?;
-                            (r.tensor, r.dequantized, None, None, 0)
-                        }
-                        None => {
-                            // AWQ cannot fold o_proj's scales into v_proj under GQA (AutoAWQ
-                            // skips it too): plain rounding with an MSE clipping search.
-                            let clipping = if opts.method == Method::Awq {
-                                Clipping::Mse {
-                                    grid: 20,
-                                    min_ratio: 0.5,
-                                }
-                            } else {
-                                opts.rtn_clipping
-                            };
-                            let q = rtn(&w, rows, cols, &scheme, &RtnConfig { clipping })
-                                .map_err(|e| Error::Quantize(format!("{full}: {e}")))?;
-                            let d = q.dequantize()?;
-                            (q, d, None, None, 0)
-                        }
-                    };
-                    let rel_error = match &hmat {
-                        Some(hm) => Some(relative_output_error_h(&w, &deq, rows, cols, hm)?),
-                        None => None,
-                    };
-                    let bpw = q.bits_per_weight();
-                    lin.set_quantized(q, move |_| Ok(deq))?;
-                    if let Some(a) = act {
-                        lin.act_quant = Some(act_quant_fn(a));
-                    }
-                    let rep = ModuleReport {
-                        name: full,
-                        scheme: sname,
-                        method: opts.method.name().into(),
-                        rel_error,
-                        gptq_loss: loss,
-                        damp,
-                        dead_channels: dead,
-                        bits_per_weight: bpw,
-                        secs: mt.elapsed().as_secs_f64(),
-                    };
-                    on_event(&Event::Module(rep.clone()));
-                    modules.push(rep);
-                }
-            }
-        }
-        // Propagate the quantized layer's outputs.
-        for (si, hs) in hidden.iter_mut().enumerate() {
-            let mut cache = model.new_cache("f32")?;
-            model.layer_forward(li, hs, seqlen, cache.as_mut())?;
-            on_event(&Event::Pass {
-                layer: li,
-                what: "propagate",
-                done: si + 1,
-                total: samples.len(),
-            });
+            run_steps(
+                model,
+                &rope,
+                li,
+                &deq,
+                &mut acts,
+                &STEPS[4..],
+                &mut BTreeMap::new(),
+                "propagate",
+                on_event,
+            )?;
         }
         let errs: Vec<f64> = modules.iter().filter_map(|m| m.rel_error).collect();
         let rep = LayerReport {
@@ -501,9 +638,138 @@ pub fn quantize_model(
     Ok(PipelineReport {
         method: opts.method.name().into(),
         layers,
-        calib_tokens: samples.len() * seqlen,
+        calib_tokens: tokens,
         secs: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Quantize the modules `todo` of layer `li` (in that order) from the input statistics
+/// `stats` (empty without calibration). Linears sharing an input share GPTQ's factorization.
+/// Their dequantized weights go into `deq` for the calibration passes that follow.
+#[allow(clippy::too_many_arguments)]
+fn quantize_stage(
+    model: &mut Model,
+    li: usize,
+    opts: &PipelineOptions,
+    plan: &Plan,
+    todo: &[&'static str],
+    stats: &mut BTreeMap<&'static str, Stats>,
+    deq_out: &mut Deq,
+    on_event: &mut dyn FnMut(&Event),
+    modules: &mut Vec<ModuleReport>,
+) -> Result<()> {
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let mut keys: Vec<&'static str> = todo.iter().map(|m| input_key(m)).collect();
+    keys.dedup();
+    // SmoothQuant: migrate activation outliers into the weights before quantizing.
+    if opts.method == Method::SmoothQuant {
+        for &k in &keys {
+            if k == "attn_in" || k == "mlp_in" {
+                if let Some(st) = stats.get_mut(k) {
+                    smooth_group(model, li, k, st, opts.smooth_alpha)?;
+                }
+            }
+        }
+    }
+    for &k in &keys {
+        if opts.method == Method::Awq && k != "o_in" {
+            if let Some(st) = stats.get(k) {
+                for rep in awq_group(model, li, k, st, plan, todo, deq_out)? {
+                    on_event(&Event::Module(rep.clone()));
+                    modules.push(rep);
+                }
+                continue;
+            }
+        }
+        let hmat = match stats.get(k) {
+            Some(s) => Some(s.hessian.hessian()?),
+            None => None,
+        };
+        let cols = stats.get(k).map_or(0, |s| s.cols());
+        let prep = match (&hmat, opts.method) {
+            (Some(hm), Method::Gptq | Method::SmoothQuant) => {
+                Some(prepare_hessian(hm, cols, &gptq_cfg(opts, plan, todo))?)
+            }
+            _ => None,
+        };
+        for &m in todo.iter().filter(|m| input_key(m) == k) {
+            let mt = Instant::now();
+            let (sname, scheme, act) = plan[m].clone();
+            let full = format!("model.layers.{li}.{m}");
+            let lin = model.linear_mut(&full).expect("layer linear");
+            let (rows, cols) = (lin.out, lin.inp);
+            let w = lin.weight_f32().to_vec();
+            let (q, deq, loss, damp, dead): (
+                QuantizedTensor,
+                Vec<f32>,
+                Option<f64>,
+                Option<f64>,
+                usize,
+            ) = match &prep {
+                Some(p) => {
+                    let mut cfg = gptq_cfg(opts, plan, todo);
+                    cfg.act_order = p.act_order;
+                    let r = gptq_prepared(&w, rows, cols, &scheme, p, &cfg)
+                        .map_err(|e| Error::Quantize(format!("{full}: GPTQ failed: {e}")))?;
+                    (
+                        r.tensor,
+                        r.dequantized,
+                        Some(r.loss),
+                        Some(p.rel_damp),
+                        p.dead.len(),
+                    )
+                }
+                None if opts.method == Method::Hqq => {
+                    let r = hqq(&w, rows, cols, &scheme, &HqqConfig::default())
+                        .map_err(|e| Error::Quantize(format!("{full}: HQQ: {e}")))?;
+                    (r.tensor, r.dequantized, None, None, 0)
+                }
+                None => {
+                    // AWQ cannot fold o_proj's scales into v_proj under GQA (AutoAWQ skips it
+                    // too): plain rounding with an MSE clipping search.
+                    let clipping = if opts.method == Method::Awq {
+                        Clipping::Mse {
+                            grid: 20,
+                            min_ratio: 0.5,
+                        }
+                    } else {
+                        opts.rtn_clipping
+                    };
+                    let q = rtn(&w, rows, cols, &scheme, &RtnConfig { clipping })
+                        .map_err(|e| Error::Quantize(format!("{full}: {e}")))?;
+                    let d = q.dequantize()?;
+                    (q, d, None, None, 0)
+                }
+            };
+            let rel_error = match &hmat {
+                Some(hm) => Some(relative_output_error_h(&w, &deq, rows, cols, hm)?),
+                None => None,
+            };
+            let bpw = q.bits_per_weight();
+            let keep = deq.clone();
+            lin.set_quantized(q, move |_| Ok(deq))?;
+            if let Some(a) = act {
+                lin.act_quant = Some(act_quant_fn(a));
+            }
+            deq_out.insert(m, keep);
+            let rep = ModuleReport {
+                name: full,
+                scheme: sname,
+                method: opts.method.name().into(),
+                rel_error,
+                gptq_loss: loss,
+                damp,
+                dead_channels: dead,
+                bits_per_weight: bpw,
+                secs: mt.elapsed().as_secs_f64(),
+            };
+            on_event(&Event::Module(rep.clone()));
+            modules.push(rep);
+        }
+    }
+    Ok(())
 }
 
 /// GPTQ settings for a stage: group act-order needs row-local blocks; fall back to static.
@@ -606,6 +872,7 @@ fn awq_group(
     st: &Stats,
     plan: &Plan,
     todo: &[&str],
+    deq_out: &mut Deq,
 ) -> Result<Vec<ModuleReport>> {
     let t = Instant::now();
     let (names, ws, rows) = group_weights(model, li, key, plan, todo)?;
@@ -632,6 +899,7 @@ fn awq_group(
         let lin = model.linear_mut(&full).expect("linear");
         let bpw = l.tensor.bits_per_weight();
         let deq = l.dequantized;
+        deq_out.insert(n, deq.clone());
         lin.set_quantized(l.tensor, move |_| Ok(deq))?;
         if let Some(a) = act {
             lin.act_quant = Some(act_quant_fn(a));
@@ -686,4 +954,165 @@ fn smooth_group(model: &mut Model, li: usize, key: &str, st: &mut Stats, alpha: 
     }
     st.divide_channels(&s)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Arch, ModelConfig, RopeScaling};
+    use crate::weights::random_model;
+
+    fn model() -> Model {
+        let cfg = ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 61,
+            hidden_size: 48,
+            intermediate_size: 80,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 12,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
+            rms_eps: 1e-5,
+            max_ctx: 64,
+            tie_embeddings: true,
+            qkv_bias: true,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        random_model(cfg, 7).unwrap()
+    }
+
+    /// The staged, window-batched forward of the pipeline equals the model's own layer forward
+    /// (run window by window), whether the steps run in one call or one at a time (as the
+    /// true-sequential schedule does), and whatever the chunking of windows into GEMMs.
+    #[test]
+    fn staged_forward_matches_layer_forward() {
+        let m = model();
+        let (ns, l, h) = (5, 9, m.config.hidden_size);
+        let windows: Vec<Vec<u32>> = (0..ns)
+            .map(|s| (0..l).map(|t| ((s * 17 + t * 5) % 61) as u32).collect())
+            .collect();
+        let mut want: Vec<f32> = Vec::new();
+        for w in &windows {
+            let mut x = m.embed(w).unwrap();
+            for li in 0..2 {
+                let mut cache = m.new_cache("f32").unwrap();
+                m.layer_forward(li, &mut x, l, cache.as_mut()).unwrap();
+            }
+            want.extend_from_slice(&x);
+        }
+        let rope = Rope::new(&m.config);
+        for (pass_tokens, one_by_one) in [(1000, false), (2 * l, true), (1, false)] {
+            let mut acts = Acts::new(&m.config, ns, l);
+            acts.pass_tokens = pass_tokens;
+            for w in &windows {
+                acts.h.extend_from_slice(&m.embed(w).unwrap());
+            }
+            for li in 0..2 {
+                let mut stats = BTreeMap::new();
+                if one_by_one {
+                    for st in STEPS {
+                        run_steps(
+                            &m,
+                            &rope,
+                            li,
+                            &Deq::new(),
+                            &mut acts,
+                            &[st],
+                            &mut stats,
+                            "t",
+                            &mut |_| {},
+                        )
+                        .unwrap();
+                    }
+                } else {
+                    run_steps(
+                        &m,
+                        &rope,
+                        li,
+                        &Deq::new(),
+                        &mut acts,
+                        &STEPS[1..],
+                        &mut stats,
+                        "t",
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                }
+            }
+            assert_eq!(acts.h.len(), ns * l * h);
+            for (i, (a, b)) in acts.h.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "pass_tokens {pass_tokens}: value {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// Statistics gathered by the staged passes are those of the inputs the model's own forward
+    /// hands to each linear.
+    #[test]
+    fn staged_statistics_match_captured_inputs() {
+        let m = model();
+        let (ns, l) = (3, 7);
+        let windows: Vec<Vec<u32>> = (0..ns)
+            .map(|s| (0..l).map(|t| ((s * 11 + t * 3 + 1) % 61) as u32).collect())
+            .collect();
+        let keys = ["attn_in", "o_in", "mlp_in", "down_in"];
+        let cols = |k: &str| match k {
+            "down_in" => m.config.intermediate_size,
+            "o_in" => m.config.q_dim(),
+            _ => m.config.hidden_size,
+        };
+        let mut want: BTreeMap<&'static str, Stats> =
+            keys.iter().map(|&k| (k, Stats::new(cols(k)))).collect();
+        for w in &windows {
+            let mut x = m.embed(w).unwrap();
+            let mut cache = m.new_cache("f32").unwrap();
+            let mut cb = |name: &str, x: &[f32], n: usize| {
+                let k = match name.rsplit_once("layers.0.").map(|p| p.1) {
+                    Some("self_attn.q_proj") => "attn_in",
+                    Some("self_attn.o_proj") => "o_in",
+                    Some("mlp.gate_proj") => "mlp_in",
+                    Some("mlp.down_proj") => "down_in",
+                    _ => return,
+                };
+                want.get_mut(k).unwrap().add_rows(x, n).unwrap();
+            };
+            m.layer_forward_with_capture(0, &mut x, l, cache.as_mut(), Some(&mut cb))
+                .unwrap();
+        }
+        let mut acts = Acts::new(&m.config, ns, l);
+        for w in &windows {
+            acts.h.extend_from_slice(&m.embed(w).unwrap());
+        }
+        let mut got: BTreeMap<&'static str, Stats> =
+            keys.iter().map(|&k| (k, Stats::new(cols(k)))).collect();
+        let rope = Rope::new(&m.config);
+        run_steps(
+            &m,
+            &rope,
+            0,
+            &Deq::new(),
+            &mut acts,
+            &STEPS[..4],
+            &mut got,
+            "t",
+            &mut |_| {},
+        )
+        .unwrap();
+        for k in keys {
+            let (a, b) = (
+                got[k].hessian.hessian().unwrap(),
+                want[k].hessian.hessian().unwrap(),
+            );
+            assert_eq!(got[k].n_samples(), ns * l, "{k}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{k}: {x} vs {y}");
+            }
+        }
+    }
 }
