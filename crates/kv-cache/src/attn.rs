@@ -338,6 +338,7 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
     let mut kb = Vec::new();
     let mut vb = Vec::new();
     let mut kt = Vec::new();
+    let mut ktr = Vec::new();
     let mut tmp = vec![0u16; d];
     let mut ranges = vec![(0usize, 0usize); rows];
 
@@ -416,6 +417,20 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
                     }
                 }
             };
+            // With many query rows, transpose row-major keys once per tile so every score
+            // block runs the broadcast-FMA (channel-major) kernel; with few rows (decode) the
+            // transpose would cost more than it saves.
+            let transposed = !cm && rows >= 4 * RB;
+            if transposed {
+                ktr.resize(d * ld, 0.0);
+                let (t0, t1) = (u0 - a, u1 - a);
+                for t in t0..t1 {
+                    let kr = &kref[t * ks..][..d];
+                    for (c, &x) in kr.iter().enumerate() {
+                        ktr[c * ld + t] = x;
+                    }
+                }
+            }
             for rb in (0..rows).step_by(RB) {
                 let rend = (rb + RB).min(rows);
                 let (mut c0, mut c1) = (usize::MAX, 0);
@@ -431,6 +446,8 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
                 let qblk = &qb[rb * d..][..RB * d];
                 if cm {
                     scores_cm(qblk, d, kref, c0, c1, &mut s, ld);
+                } else if transposed {
+                    scores_cm(qblk, d, &ktr, c0, c1, &mut s, ld);
                 } else {
                     scores_rm(qblk, d, kref, ks, c0, c1, &mut s, ld);
                 }
