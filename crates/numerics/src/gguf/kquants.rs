@@ -125,6 +125,7 @@ fn make_qkx2_quants(
 }
 
 /// Per-sub-block weights `av_x + |x|` of the Q4_K/Q5_K search (`av_x` = RMS of the sub-block).
+#[inline(always)]
 fn k_weights(xs: &[f32; 32]) -> [f32; 32] {
     let mut sum_x2 = 0.0f32;
     for &v in xs {
@@ -160,6 +161,7 @@ fn search_k_asym_ref(
 
 /// The same search with the sub-blocks side by side in SIMD lanes ([`lanes::qkx2_search`]),
 /// `G` at a time.
+#[inline(always)]
 fn search_k_asym(
     x: &[f32; QK_K],
     nmax: i32,
@@ -196,7 +198,44 @@ fn search_k_asym(
     (scales, mins, l)
 }
 
+/// [`search_k_asym`] with the AVX2 lane search ([`lanes::avx2::qkx2_search`]); super-blocks
+/// whose values leave its exact range take the portable path.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn search_k_asym_avx2(
+    simd: pulp::x86::V3,
+    x: &[f32; QK_K],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> ([f32; 8], [f32; 8], [u8; QK_K]) {
+    let mut xt = [[0.0f32; 8]; 32];
+    let mut wt = [[0.0f32; 8]; 32];
+    for j in 0..8 {
+        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
+        let w = k_weights(xs);
+        for i in 0..32 {
+            xt[i][j] = xs[i];
+            wt[i][j] = w[i];
+        }
+    }
+    let mut lt = [[0.0f32; 8]; 32];
+    let Some((scales, mins)) =
+        lanes::avx2::qkx2_search(simd, nmax as f32, &xt, &wt, &mut lt, rmin, 0.1, nstep)
+    else {
+        return search_k_asym(x, nmax, rmin, nstep);
+    };
+    let mut l = [0u8; QK_K];
+    for j in 0..8 {
+        for i in 0..32 {
+            l[32 * j + i] = lt[i][j] as u8;
+        }
+    }
+    (scales, mins, l)
+}
+
 /// Shared body of the Q4_K / Q5_K quantizers: returns (d, dmin, scales[12], codes L[256]).
+#[inline(always)]
 fn quant_k_asym(
     x: &[f32; QK_K],
     nmax: i32,
@@ -275,10 +314,83 @@ pub(super) fn dequant_q4_k(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// A Q4_K/Q5_K sub-block search: `(x, nmax, rmin, nstep)` -> (scales, mins, codes). A trait
+/// (not a function pointer) so the search is inlined into the runtime-dispatched body.
+trait KSearch: Copy {
+    fn search(self, x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32) -> SearchOut;
+}
+
+type SearchOut = ([f32; 8], [f32; 8], [u8; QK_K]);
+
+/// The portable lane search ([`search_k_asym`]).
+#[derive(Clone, Copy)]
+struct Portable;
+
+impl KSearch for Portable {
+    #[inline(always)]
+    fn search(self, x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32) -> SearchOut {
+        search_k_asym(x, nmax, rmin, nstep)
+    }
+}
+
+/// The AVX2 lane search ([`search_k_asym_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2(pulp::x86::V3);
+
+#[cfg(target_arch = "x86_64")]
+impl KSearch for Avx2 {
+    #[inline(always)]
+    fn search(self, x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32) -> SearchOut {
+        search_k_asym_avx2(self.0, x, nmax, rmin, nstep)
+    }
+}
+
+/// One quantizer call as a `pulp` operation. A struct with an `#[inline(always)]` `call`
+/// rather than a closure: a closure's `FnOnce` shim is not always-inline, and once LLVM
+/// declines to inline it into the target-feature function, every intrinsic inside becomes an
+/// out-of-line call (measured: 5x slower than no SIMD at all).
+#[cfg(target_arch = "x86_64")]
+struct KQuantRun<'a, S: KSearch> {
+    x: &'a [f32],
+    out: &'a mut [u8],
+    search: S,
+    /// Q5_K (else Q4_K).
+    five: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: KSearch> pulp::NullaryFnOnce for KQuantRun<'_, S> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        if self.five {
+            quant_q5_k_with(self.x, self.out, self.search)
+        } else {
+            quant_q4_k_with(self.x, self.out, self.search)
+        }
+    }
+}
+
 pub(super) fn quant_q4_k(x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        return simd.vectorize(KQuantRun {
+            x,
+            out,
+            search: Avx2(simd),
+            five: false,
+        });
+    }
+    quant_q4_k_with(x, out, Portable)
+}
+
+#[inline(always)]
+fn quant_q4_k_with(x: &[f32], out: &mut [u8], search: impl KSearch) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
         let xb: &[f32; QK_K] = xb.try_into().expect("256");
-        let (d, dmin, scales, l) = quant_k_asym(xb, 15, search_k_asym(xb, 15, -1.0, 20));
+        let (d, dmin, scales, l) = quant_k_asym(xb, 15, search.search(xb, 15, -1.0, 20));
         b[0..2].copy_from_slice(&d.to_le_bytes());
         b[2..4].copy_from_slice(&dmin.to_le_bytes());
         b[4..16].copy_from_slice(&scales);
@@ -319,9 +431,23 @@ pub(super) fn dequant_q5_k(bytes: &[u8], out: &mut [f32]) {
 }
 
 pub(super) fn quant_q5_k(x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        return simd.vectorize(KQuantRun {
+            x,
+            out,
+            search: Avx2(simd),
+            five: true,
+        });
+    }
+    quant_q5_k_with(x, out, Portable)
+}
+
+#[inline(always)]
+fn quant_q5_k_with(x: &[f32], out: &mut [u8], search: impl KSearch) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(176)) {
         let xb: &[f32; QK_K] = xb.try_into().expect("256");
-        let (d, dmin, scales, l) = quant_k_asym(xb, 31, search_k_asym(xb, 31, -0.5, 15));
+        let (d, dmin, scales, l) = quant_k_asym(xb, 31, search.search(xb, 31, -0.5, 15));
         b[0..2].copy_from_slice(&d.to_le_bytes());
         b[2..4].copy_from_slice(&dmin.to_le_bytes());
         b[4..16].copy_from_slice(&scales);
@@ -600,12 +726,12 @@ mod tests {
             (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
         let mut out = Vec::new();
-        for case in 0..40 {
+        for case in 0..45 {
             let mut x = [0.0f32; QK_K];
             for (i, v) in x.iter_mut().enumerate() {
                 let sub = i / 32;
                 let g = unit() + unit() + unit();
-                *v = match (case + sub) % 7 {
+                *v = match (case + sub) % 9 {
                     0 => g,
                     1 => 2.0 + g.abs(),
                     2 => 0.75,
@@ -618,8 +744,23 @@ mod tests {
                         }
                     }
                     5 => g * 1e-20,
-                    _ => -3.0 - g.abs() * 100.0,
-                } * (1.0 + case as f32);
+                    6 => -3.0 - g.abs() * 100.0,
+                    // Subnormal range: nmax / (max - min) overflows (the AVX2 search
+                    // hands such super-blocks to the portable one).
+                    7 => g * 1e-39,
+                    // max - min overflows f32.
+                    _ => {
+                        if g > 0.0 {
+                            3e38
+                        } else {
+                            -3e38
+                        }
+                    }
+                } * if (case + sub) % 9 >= 7 {
+                    1.0
+                } else {
+                    1.0 + case as f32
+                };
             }
             out.push(x);
         }
@@ -630,11 +771,17 @@ mod tests {
     fn lane_parallel_searches_match_scalar_reference() {
         for x in search_inputs() {
             for (nmax, rmin, nstep) in [(15, -1.0, 20), (31, -0.5, 15)] {
-                let fast = search_k_asym(&x, nmax, rmin, nstep);
                 let slow = search_k_asym_ref(&x, nmax, rmin, nstep);
-                assert_eq!(fast.0.map(f32::to_bits), slow.0.map(f32::to_bits));
-                assert_eq!(fast.1.map(f32::to_bits), slow.1.map(f32::to_bits));
-                assert_eq!(fast.2, slow.2);
+                let mut fast = vec![search_k_asym(&x, nmax, rmin, nstep)];
+                #[cfg(target_arch = "x86_64")]
+                if let Some(simd) = pulp::x86::V3::try_new() {
+                    fast.push(search_k_asym_avx2(simd, &x, nmax, rmin, nstep));
+                }
+                for fast in fast {
+                    assert_eq!(fast.0.map(f32::to_bits), slow.0.map(f32::to_bits));
+                    assert_eq!(fast.1.map(f32::to_bits), slow.1.map(f32::to_bits));
+                    assert_eq!(fast.2, slow.2);
+                }
             }
             let (fs, fl) = search_q6(&x);
             let (ss, sl) = search_q6_ref(&x);

@@ -21,6 +21,7 @@ fn q_clamped(v: f32, lo: f32, hi: f32) -> f32 {
 /// [`make_qkx2_quants`](super::kquants) over `N` sub-blocks of 32 at once (`use_mad = false`).
 /// `x[i][j]`, `w[i][j]` = element i of sub-block j. Writes codes to `l` (same layout),
 /// returns per-lane `(scale, -min)`.
+#[inline(always)]
 pub(super) fn qkx2_search<const N: usize>(
     nmax: f32,
     x: &[[f32; N]; 32],
@@ -234,4 +235,234 @@ pub(super) fn qx_search<const N: usize>(
         }
     }
     scale
+}
+
+/// Explicit AVX2 version of [`qkx2_search`] for `N = 8` (one super-block's eight sub-blocks,
+/// one per lane of a 256-bit vector), entered through `pulp`'s safe runtime dispatch.
+///
+/// Every lane performs the scalar algorithm's f32 operations in the scalar order (no fused
+/// multiply-add), with one substitution: `nearest_int(v)` clamped to `0..=nmax` becomes
+/// `min(max(round_half_even(v), 0), nmax)` in f32. The two agree whenever |v| <= 2^22 (the
+/// magic-number trick is exact there, and the `max` turns round's -0.0 into the +0.0 the
+/// integer path yields). Before each pass the function checks, per lane, that bound: every
+/// rounded value is `iscale * (x - min)` with `x` between the sub-block's data minimum and
+/// maximum, and both f32 subtraction and multiplication are monotone, so the two end points
+/// bound all of them. If any non-constant lane fails (ranges that overflow or underflow f32,
+/// which ggml maps to wrapped integers), the function returns `None` and the caller uses the
+/// portable [`qkx2_search`], which reproduces ggml's integer semantics exactly.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use core::arch::x86_64::{__m256, _CMP_EQ_OQ, _CMP_GT_OQ, _CMP_LE_OQ, _CMP_LT_OQ};
+    use pulp::bytemuck::cast;
+    use pulp::x86::V3;
+
+    /// Round to nearest, ties to even, no exceptions (`_MM_FROUND_TO_NEAREST_INT |
+    /// _MM_FROUND_NO_EXC`).
+    const RNE: i32 = 0x08;
+    /// Largest |v| for which the f32 rounding equals ggml's `nearest_int`.
+    const EXACT_LIMIT: f32 = 4_194_304.0;
+
+    #[derive(Clone, Copy)]
+    struct Ops(V3);
+
+    impl Ops {
+        #[inline(always)]
+        fn add(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        fn sub(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        fn mul(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        fn div(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_div_ps(a, b)
+        }
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m256 {
+            self.0.avx._mm256_set1_ps(v)
+        }
+        /// `if a < b { a } else { b }` per lane (MINPS returns the second operand otherwise).
+        #[inline(always)]
+        fn min_first(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_min_ps(a, b)
+        }
+        /// `if a > b { a } else { b }` per lane.
+        #[inline(always)]
+        fn max_first(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        fn gt(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_cmp_ps::<_CMP_GT_OQ>(a, b)
+        }
+        #[inline(always)]
+        fn lt(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_cmp_ps::<_CMP_LT_OQ>(a, b)
+        }
+        #[inline(always)]
+        fn le(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_cmp_ps::<_CMP_LE_OQ>(a, b)
+        }
+        #[inline(always)]
+        fn eq(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_cmp_ps::<_CMP_EQ_OQ>(a, b)
+        }
+        #[inline(always)]
+        fn and(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_and_ps(a, b)
+        }
+        /// `if mask { t } else { f }` per lane.
+        #[inline(always)]
+        fn select(self, mask: __m256, t: __m256, f: __m256) -> __m256 {
+            self.0.avx._mm256_blendv_ps(f, t, mask)
+        }
+        /// Bit j set iff lane j of the mask is set.
+        #[inline(always)]
+        fn bits(self, mask: __m256) -> i32 {
+            self.0.avx._mm256_movemask_ps(mask)
+        }
+        #[inline(always)]
+        fn abs(self, a: __m256) -> __m256 {
+            self.0.avx._mm256_andnot_ps(self.splat(-0.0), a)
+        }
+        /// `clamp(nearest_int(v), 0, nmax)` as f32, valid for |v| <= 2^22.
+        #[inline(always)]
+        fn quant(self, v: __m256, zero: __m256, nmax: __m256) -> __m256 {
+            let r = self.0.avx._mm256_round_ps::<RNE>(v);
+            self.min_first(self.max_first(r, zero), nmax)
+        }
+    }
+
+    /// Lanes (bit mask) whose pass `iscale * (x - min)` stays within the exact range.
+    #[inline(always)]
+    fn in_range(o: Ops, iscale: __m256, dmin: __m256, max: __m256, min: __m256) -> i32 {
+        let lim = o.splat(EXACT_LIMIT);
+        let lo = o.abs(o.mul(iscale, o.sub(dmin, min)));
+        let hi = o.abs(o.mul(iscale, o.sub(max, min)));
+        o.bits(o.and(o.le(lo, lim), o.le(hi, lim)))
+    }
+
+    /// [`super::qkx2_search`] with `N = 8`; `None` where the exact-range check fails (the
+    /// caller then runs the portable version). On `Some`, `l` holds the codes.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(in crate::gguf) fn qkx2_search(
+        simd: V3,
+        nmax: f32,
+        x: &[[f32; 8]; 32],
+        w: &[[f32; 8]; 32],
+        l: &mut [[f32; 8]; 32],
+        rmin: f32,
+        rdelta: f32,
+        nstep: i32,
+    ) -> Option<([f32; 8], [f32; 8])> {
+        let o = Ops(simd);
+        let xv: [__m256; 32] = cast(*x);
+        let wv: [__m256; 32] = cast(*w);
+        let zero = o.splat(0.0);
+        let nmaxv = o.splat(nmax);
+
+        let mut min = xv[0];
+        let mut max = xv[0];
+        let mut sum_w = wv[0];
+        let mut sum_x = o.mul(wv[0], xv[0]);
+        for i in 1..32 {
+            min = o.min_first(xv[i], min);
+            max = o.max_first(xv[i], max);
+            sum_w = o.add(sum_w, wv[i]);
+            sum_x = o.add(sum_x, o.mul(wv[i], xv[i]));
+        }
+        let dmin = min;
+        min = o.select(o.gt(min, zero), zero, min);
+        let min0 = min;
+        let constant = o.bits(o.eq(max, min0));
+        // Lanes that must pass the range check: all but the constant ones, whose result is
+        // overwritten at the end as in the scalar early return.
+        let need = !constant & 0xff;
+
+        let mut iscale = o.div(nmaxv, o.sub(max, min));
+        if in_range(o, iscale, dmin, max, min) & need != need {
+            return None;
+        }
+        let mut scale = o.div(o.splat(1.0), iscale);
+        let mut lv = [zero; 32];
+        let mut xm = [zero; 32];
+        let mut best_mad = zero;
+        for i in 0..32 {
+            xm[i] = o.sub(xv[i], min);
+            let q = o.quant(o.mul(iscale, xm[i]), zero, nmaxv);
+            lv[i] = q;
+            let diff = o.sub(o.add(o.mul(scale, q), min), xv[i]);
+            best_mad = o.add(best_mad, o.mul(wv[i], o.mul(diff, diff)));
+        }
+
+        let mut laux = [zero; 32];
+        for is in 0..=nstep {
+            let step = rmin + rdelta * is as f32 + nmax;
+            iscale = o.div(o.splat(step), o.sub(max, min));
+            if in_range(o, iscale, dmin, max, min) & need != need {
+                return None;
+            }
+            let mut sum_l = zero;
+            let mut sum_l2 = zero;
+            let mut sum_xl = zero;
+            for i in 0..32 {
+                let q = o.quant(o.mul(iscale, xm[i]), zero, nmaxv);
+                laux[i] = q;
+                let wq = o.mul(wv[i], q);
+                sum_l = o.add(sum_l, wq);
+                sum_l2 = o.add(sum_l2, o.mul(wq, q));
+                sum_xl = o.add(sum_xl, o.mul(wq, xv[i]));
+            }
+            let det = o.sub(o.mul(sum_w, sum_l2), o.mul(sum_l, sum_l));
+            let ok = o.gt(det, zero);
+            if o.bits(ok) == 0 {
+                continue;
+            }
+            let s = o.div(o.sub(o.mul(sum_w, sum_xl), o.mul(sum_x, sum_l)), det);
+            let m = o.div(o.sub(o.mul(sum_l2, sum_x), o.mul(sum_l, sum_xl)), det);
+            let pos = o.gt(m, zero);
+            let this_min = o.select(pos, zero, m);
+            let this_scale = o.select(pos, o.div(sum_xl, sum_l2), s);
+            let mut mad = zero;
+            for i in 0..32 {
+                let diff = o.sub(o.add(o.mul(this_scale, laux[i]), this_min), xv[i]);
+                mad = o.add(mad, o.mul(wv[i], o.mul(diff, diff)));
+            }
+            let take = o.and(ok, o.lt(mad, best_mad));
+            if o.bits(take) != 0 {
+                best_mad = o.select(take, mad, best_mad);
+                scale = o.select(take, this_scale, scale);
+                min = o.select(take, this_min, min);
+                for i in 0..32 {
+                    lv[i] = o.select(take, laux[i], lv[i]);
+                    xm[i] = o.sub(xv[i], min);
+                }
+            }
+        }
+        *l = cast(lv);
+        let scale: [f32; 8] = cast(scale);
+        let min: [f32; 8] = cast(min);
+        let min0: [f32; 8] = cast(min0);
+        let mut out_scale = [0.0f32; 8];
+        let mut the_min = [0.0f32; 8];
+        for j in 0..8 {
+            if constant >> j & 1 == 1 {
+                out_scale[j] = 0.0;
+                the_min[j] = -min0[j];
+                for row in l.iter_mut() {
+                    row[j] = 0.0;
+                }
+            } else {
+                out_scale[j] = scale[j];
+                the_min[j] = -min[j];
+            }
+        }
+        Some((out_scale, the_min))
+    }
 }
