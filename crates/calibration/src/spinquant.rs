@@ -22,7 +22,10 @@
 //! convergent since `α‖Ω‖_F / 2 ≤ lr / 2 < 1` (the step is normalised by `‖Ω‖_F`), and the
 //! result is polished back onto the orthogonal group with Newton–Schulz steps at the end.
 //! The learning rate decays linearly to zero over the iterations; each iteration uses a random
-//! subset of the problems and of their tokens (fixed seed, deterministic).
+//! subset of the problems and of their tokens (fixed seed, deterministic). A step that raises
+//! its own mini-batch's loss is undone and the step size halved; the full proxy loss is
+//! evaluated five times along the way and the best rotation seen (the start included) is
+//! returned, so the result is never worse than the start on the proxy loss.
 
 use crate::actquant::ActQuantizer;
 use crate::error::{Error, Result};
@@ -262,22 +265,50 @@ pub fn spinquant_optimise(
     let loss_start = spin_loss(r0, n, problems, cfg)?;
     let mut r = r0.to_vec();
     let mut rng = Rng(cfg.seed);
+    // Step-size control: a step that raises the loss of its own mini-batch is undone and the
+    // step size halved (the normalised Cayley step has a fixed length, which overshoots near a
+    // minimum). The full proxy loss is checked a few times and the best rotation seen (the
+    // start included) is kept, so the result is never worse than `r0` on the proxy loss.
+    let mut scale = 1.0f64;
+    let mut best = (loss_start, r.clone());
+    let checks = cfg.iters.clamp(1, 5);
+    let every = cfg.iters.div_ceil(checks).max(1);
     for it in 0..cfg.iters {
         let mut g = vec![0f32; n * n];
         let k = cfg.problems_per_iter.clamp(1, problems.len());
+        let mut batch = Vec::with_capacity(k);
+        let mut before = 0.0;
         for _ in 0..k {
-            let p = &problems[rng.below(problems.len())];
+            let pi = rng.below(problems.len());
+            let p = &problems[pi];
             let tk = cfg.tokens_per_iter.clamp(1, p.tokens);
             let rows: Vec<usize> = if tk == p.tokens {
                 (0..p.tokens).collect()
             } else {
                 (0..tk).map(|_| rng.below(p.tokens)).collect()
             };
-            loss_and_grad(&r, n, p, &rows, cfg, Some(&mut g))?;
+            before += loss_and_grad(&r, n, p, &rows, cfg, Some(&mut g))?;
+            batch.push((pi, rows));
         }
-        let lr = cfg.lr * (1.0 - it as f64 / cfg.iters as f64);
+        let lr = scale * cfg.lr * (1.0 - it as f64 / cfg.iters as f64);
+        let prev = r.clone();
         cayley_step(&mut r, &g, n, lr)?;
+        let mut after = 0.0;
+        for (pi, rows) in &batch {
+            after += loss_and_grad(&r, n, &problems[*pi], rows, cfg, None)?;
+        }
+        if after > before {
+            r = prev;
+            scale *= 0.5;
+        }
+        if (it + 1) % every == 0 || it + 1 == cfg.iters {
+            let l = spin_loss(&r, n, problems, cfg)?;
+            if l < best.0 {
+                best = (l, r.clone());
+            }
+        }
     }
+    let mut r = best.1;
     polish_orthogonal(&mut r, n, 2)?;
     let orth = crate::rotation::orthogonality_error(&r, n)?;
     if orth > 1e-4 {
