@@ -32,6 +32,10 @@ pub struct Args {
     /// Reference model (e.g. the unquantized one) for KL, top-1 agreement and NLL tails.
     #[arg(long)]
     pub reference: Option<String>,
+    /// Quantize the evaluated model's output head at load time (RTN, e.g. `int8-pc`), as the
+    /// decode benchmark's `--head` does, to measure what that costs in quality.
+    #[arg(long)]
+    pub head: Option<String>,
     /// KV-cache policy of the evaluated model (`f32`, `fp8`, ...; see docs/kv-cache.md).
     #[arg(long, default_value = "f32")]
     pub kv: String,
@@ -75,6 +79,12 @@ pub struct Args {
     /// SpinQuant initial step (decays linearly to 0).
     #[arg(long, default_value_t = 0.5)]
     pub spin_lr: f64,
+    /// SpinQuant problems (layer sites) per iteration.
+    #[arg(long, default_value_t = 2)]
+    pub spin_problems: usize,
+    /// SpinQuant token rows per problem per iteration.
+    #[arg(long, default_value_t = 128)]
+    pub spin_tokens: usize,
     /// Seed of the rotations (QuaRot signs, SpinQuant sampling) and calibration windows.
     #[arg(long, default_value_t = 0)]
     pub rotate_seed: u64,
@@ -101,6 +111,11 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let tok = tok.context("the model has no tokenizer")?;
     let rot_report = rotate_in_memory(&args, &mut model, &tok)?;
+    if let Some(h) = &args.head {
+        let scheme = lowbit_numerics::Scheme::from_name(h)
+            .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
+        model.quantize_head(&scheme)?;
+    }
     let reference = match &args.reference {
         Some(r) => Some(
             lowbit_model::load::load(r, false)
@@ -268,6 +283,8 @@ fn rotate_in_memory(
         spin: SpinOptions {
             iters: args.spin_iters,
             lr: args.spin_lr,
+            problems_per_iter: args.spin_problems,
+            tokens_per_iter: args.spin_tokens,
             ..SpinOptions::default()
         },
         seed: args.rotate_seed,

@@ -40,6 +40,9 @@ pub struct Args {
     /// KV-cache policy.
     #[arg(long, default_value = "f32")]
     pub kv: String,
+    /// Quantize the output head at load time (RTN, e.g. `int8-pc`) for faster decoding.
+    #[arg(long)]
+    pub head: Option<String>,
     /// Print one JSON object (text, tokens, speed) instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -47,8 +50,13 @@ pub struct Args {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<()> {
-    let (model, tok) = lowbit_model::load::load(&args.model, true)
+    let (mut model, tok) = lowbit_model::load::load(&args.model, true)
         .with_context(|| format!("loading model `{}`", args.model))?;
+    if let Some(h) = &args.head {
+        let scheme = lowbit_numerics::Scheme::from_name(h)
+            .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
+        model.quantize_head(&scheme)?;
+    }
     let tok = tok.context("the model has no tokenizer")?;
     let text = if args.chat {
         let mut msgs = Vec::new();

@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+mod head;
 pub mod hf;
 pub mod linear;
 pub mod llama;

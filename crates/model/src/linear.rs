@@ -139,6 +139,17 @@ impl Linear {
         })
     }
 
+    /// Bytes of weight data one product streams: the packed layout's bytes (codes, scales and
+    /// padding) on the kernels, else the f32 matrix (4 bytes per weight).
+    pub fn streamed_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Quantized {
+                packed: Some(p), ..
+            } => p.weight_bytes(),
+            _ => self.out * self.inp * 4,
+        }
+    }
+
     /// True when the products run on the packed quantized kernels.
     pub fn uses_kernels(&self) -> bool {
         matches!(

@@ -363,6 +363,7 @@ impl Model {
         let mut logits = vec![0f32; n_tokens * c.vocab_size];
         match &self.lm_head {
             Some(l) => l.forward(&x, n_tokens, &mut logits)?,
+            None if n_tokens == 1 => lowbit_kernels::gemv_f32::gemv(&x, &self.embed, &mut logits)?,
             None => lowbit_kernels::dense::matmul_wt(
                 &x,
                 &self.embed,

@@ -12,9 +12,14 @@ use std::time::Instant;
 /// Arguments of `cargo xtask bench model`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model: a .gguf file (default: SHARED/models/smollm2-135m-instruct-q4_1.gguf).
+    /// Model: a .gguf file, a (quantized) checkpoint folder written by `cargo xtask quantize`, or
+    /// a cached repo id (default: SHARED/models/smollm2-135m-instruct-q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Quantize the output head at load time to this scheme (e.g. `int8-pc`), as serving stacks
+    /// store it; the head otherwise dominates the bytes a small quantized model reads per token.
+    #[arg(long)]
+    pub head: Option<String>,
     /// Comma-separated thread counts (default: 1 and all cores).
     #[arg(long, value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -68,7 +73,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run the benchmark.
 pub fn run(args: Args) -> Result<()> {
-    let (path, model) = if args.random {
+    let (path, mut model) = if args.random {
         (
             PathBuf::from("random:smollm2-135m"),
             lowbit_model::weights::random_model(smollm2_config(), 1)?,
@@ -82,6 +87,11 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("loading {} (pass --model FILE.gguf)", path.display()))?;
         (path, model)
     };
+    if let Some(h) = &args.head {
+        let scheme = lowbit_numerics::Scheme::from_name(h)
+            .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
+        model.quantize_head(&scheme)?;
+    }
     let vocab = model.config.vocab_size as u64;
     // Deterministic pseudo-random tokens (content does not change the cost).
     let mut s = 0x9e3779b97f4a7c15u64;
@@ -116,16 +126,15 @@ pub fn run(args: Args) -> Result<()> {
             model.config.hidden_size
         );
         println!(
-            "| threads | pp{} tok/s | tg{} tok/s | decode GB/s (f32 weights) |",
+            "| threads | pp{} tok/s | tg{} tok/s | weight MB/token | decode GB/s | read GB/s | ratio |",
             args.prompt, args.gen
         );
-        println!("|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
     }
-    // Bytes of weights streamed per decoded token: every linear + the LM head (f32).
-    let c = &model.config;
-    let per_layer =
-        c.hidden_size * (2 * c.q_dim() + 2 * c.kv_dim()) + 3 * c.hidden_size * c.intermediate_size;
-    let weight_bytes = 4.0 * (c.n_layers * per_layer + c.vocab_size * c.hidden_size) as f64;
+    // Bytes of weights streamed per decoded token: every linear as stored (packed or f32) + the
+    // output head; compared with a plain read of as many bytes, measured in the same run.
+    let weight_bytes = model.streamed_weight_bytes() as f64;
+    let read_buf = vec![1u8; (model.streamed_weight_bytes() * 2).max(256 << 20)];
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
@@ -159,16 +168,33 @@ pub fn run(args: Args) -> Result<()> {
             pb.inc(1);
         }
         let (pp, tg) = (median(pp), median(tg));
+        // Read bandwidth at this thread count over a buffer larger than the weights (DRAM).
+        let read_gbs = pool.install(|| {
+            let mut best = 0f64;
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                std::hint::black_box(lowbit_kernels::membw::par_sum_words(&read_buf));
+                best = best.max(read_buf.len() as f64 / t0.elapsed().as_secs_f64() / 1e9);
+            }
+            best
+        });
+        let dec_gbs = tg * weight_bytes / 1e9;
         pb.suspend(|| {
             if args.json {
                 println!(
                     "{}",
                     json!({"bench": "model", "model": path, "threads": t, "prompt_tokens": args.prompt,
                            "gen_tokens": args.gen, "prefill_tok_s": pp, "decode_tok_s": tg,
-                           "decode_gb_s": tg * weight_bytes / 1e9, "kv": args.kv, "reps": reps})
+                           "weight_bytes_per_token": weight_bytes, "decode_gb_s": dec_gbs,
+                           "read_bw_gbps": read_gbs, "ratio_to_read_bw": dec_gbs / read_gbs,
+                           "head": args.head, "kv": args.kv, "reps": reps})
                 );
             } else {
-                println!("| {t} | {pp:.1} | {tg:.2} | {:.2} |", tg * weight_bytes / 1e9);
+                println!(
+                    "| {t} | {pp:.1} | {tg:.2} | {:.1} | {dec_gbs:.2} | {read_gbs:.2} | {:.2} |",
+                    weight_bytes / 1e6,
+                    dec_gbs / read_gbs
+                );
             }
         });
     }
