@@ -2,7 +2,9 @@
 //! allocate without bound; the `fuzz_targets/*.rs` binaries wrap them for cargo-fuzz, and
 //! `tests/replay.rs` runs them over the corpus and generated inputs on the stable toolchain.
 
+use lowbit_model::ct::{config::format_for, reader::{decode_module, RawTensor}};
 use lowbit_model::gguf::GgufFile;
+use lowbit_model::hf::SafetensorsFile;
 use lowbit_numerics::gguf::{self as gg, GgmlType};
 use lowbit_numerics::{
     quantize, FloatFormat, Overflow, QuantOptions, QuantizedTensor, Rounding, Scheme,
@@ -172,6 +174,42 @@ pub fn minifloat(data: &[u8]) {
             }
             let _ = f.encode_stochastic(x, u32::from_le_bytes(w).rotate_left(7), Overflow::Saturate);
             let _ = f.decode(chunk[0]);
+        }
+    }
+}
+
+/// Parse a safetensors file from bytes with lowbit's reader (header JSON, dtype, shape and
+/// offset checks); when it parses, read the metadata and convert every small tensor to f32.
+pub fn safetensors_file(data: &[u8]) {
+    let Ok(f) = SafetensorsFile::from_bytes("fuzz.safetensors", data.to_vec()) else { return };
+    let _ = f.metadata();
+    for name in f.names() {
+        if let Ok((_, shape, _)) = f.tensor_raw(&name) {
+            let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+            if n.is_some_and(|n| n <= MAX_ELEMS) {
+                let _ = f.tensor_f32(&name);
+            }
+        }
+    }
+    let _ = f.tensor_f32("not-there");
+}
+
+/// Decode one compressed-tensors module (`m.weight_packed`, `m.weight_scale`, ...) from a
+/// safetensors file in the fuzz bytes: the first byte picks the scheme (and so the
+/// compressed-tensors format), the rest is the file. Exercises every length, dtype and shape
+/// check of the checkpoint reader on hostile tensors.
+pub fn ct_module(data: &[u8]) {
+    let Some((&sel, rest)) = data.split_first() else { return };
+    let scheme = Scheme::from_name(SCHEMES[sel as usize % SCHEMES.len()]).expect("known");
+    let Ok(st) = safetensors::SafeTensors::deserialize(rest) else { return };
+    let get = |suffix: &str| -> Option<RawTensor> {
+        let v = st.tensor(&format!("m.{suffix}")).ok()?;
+        Some(RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() })
+    };
+    let hint = if sel & 0x80 != 0 { Some((1 + (sel as usize & 7), 32)) } else { None };
+    if let Ok(q) = decode_module("m", scheme, format_for(&scheme), &get, hint) {
+        if (q.rows as u64) * (q.cols as u64) <= MAX_ELEMS {
+            let _ = q.dequantize();
         }
     }
 }
