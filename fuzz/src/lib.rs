@@ -2,7 +2,10 @@
 //! allocate without bound; the `fuzz_targets/*.rs` binaries wrap them for cargo-fuzz, and
 //! `tests/replay.rs` runs them over the corpus and generated inputs on the stable toolchain.
 
-use lowbit_model::ct::{config::format_for, reader::{decode_module, RawTensor}};
+use lowbit_model::ct::{
+    config::format_for,
+    reader::{decode_module, RawTensor},
+};
 use lowbit_model::gguf::GgufFile;
 use lowbit_model::hf::SafetensorsFile;
 use lowbit_numerics::gguf::{self as gg, GgmlType};
@@ -37,7 +40,9 @@ const MAX_ELEMS: u64 = 1 << 20;
 
 /// Parse a GGUF file from bytes; when it parses, dequantize every small tensor.
 pub fn gguf_file(data: &[u8]) {
-    let Ok(f) = GgufFile::from_bytes(data.to_vec()) else { return };
+    let Ok(f) = GgufFile::from_bytes(data.to_vec()) else {
+        return;
+    };
     for kv in f.metadata() {
         let _ = kv.1.as_str();
     }
@@ -50,13 +55,18 @@ pub fn gguf_file(data: &[u8]) {
 }
 
 fn codec_types() -> Vec<GgmlType> {
-    (0u32..64).filter_map(|id| GgmlType::from_id(id).ok()).filter(|t| t.has_codec()).collect()
+    (0u32..64)
+        .filter_map(|id| GgmlType::from_id(id).ok())
+        .filter(|t| t.has_codec())
+        .collect()
 }
 
 /// Decode arbitrary bytes as blocks of a GGUF type chosen by the first byte; also call the
 /// decoder with deliberately wrong lengths.
 pub fn gguf_blocks(data: &[u8]) {
-    let Some((&sel, rest)) = data.split_first() else { return };
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
     let types = codec_types();
     let ty = types[sel as usize % types.len()];
     let blocks = rest.len() / ty.type_size();
@@ -103,7 +113,9 @@ pub fn packed_decode(data: &[u8]) {
         cols,
         data: (0..rows * row_bytes).map(|_| b.u8()).collect(),
         scales: (0..gr * gc).map(|_| b.f32()).collect(),
-        zero_points: scheme.asymmetric.then(|| (0..gr * gc).map(|_| b.u8()).collect()),
+        zero_points: scheme
+            .asymmetric
+            .then(|| (0..gr * gc).map(|_| b.u8()).collect()),
         global_scale: scheme.global_scale.then(|| b.f32()),
         g_idx: None,
         nested: None,
@@ -172,7 +184,8 @@ pub fn minifloat(data: &[u8]) {
                     let _ = f.encode_checked(x, r, o);
                 }
             }
-            let _ = f.encode_stochastic(x, u32::from_le_bytes(w).rotate_left(7), Overflow::Saturate);
+            let _ =
+                f.encode_stochastic(x, u32::from_le_bytes(w).rotate_left(7), Overflow::Saturate);
             let _ = f.decode(chunk[0]);
         }
     }
@@ -181,7 +194,9 @@ pub fn minifloat(data: &[u8]) {
 /// Parse a safetensors file from bytes with lowbit's reader (header JSON, dtype, shape and
 /// offset checks); when it parses, read the metadata and convert every small tensor to f32.
 pub fn safetensors_file(data: &[u8]) {
-    let Ok(f) = SafetensorsFile::from_bytes("fuzz.safetensors", data.to_vec()) else { return };
+    let Ok(f) = SafetensorsFile::from_bytes("fuzz.safetensors", data.to_vec()) else {
+        return;
+    };
     let _ = f.metadata();
     for name in f.names() {
         if let Ok((_, shape, _)) = f.tensor_raw(&name) {
@@ -199,14 +214,26 @@ pub fn safetensors_file(data: &[u8]) {
 /// compressed-tensors format), the rest is the file. Exercises every length, dtype and shape
 /// check of the checkpoint reader on hostile tensors.
 pub fn ct_module(data: &[u8]) {
-    let Some((&sel, rest)) = data.split_first() else { return };
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
     let scheme = Scheme::from_name(SCHEMES[sel as usize % SCHEMES.len()]).expect("known");
-    let Ok(st) = safetensors::SafeTensors::deserialize(rest) else { return };
+    let Ok(st) = safetensors::SafeTensors::deserialize(rest) else {
+        return;
+    };
     let get = |suffix: &str| -> Option<RawTensor> {
         let v = st.tensor(&format!("m.{suffix}")).ok()?;
-        Some(RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() })
+        Some(RawTensor {
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            data: v.data().to_vec(),
+        })
     };
-    let hint = if sel & 0x80 != 0 { Some((1 + (sel as usize & 7), 32)) } else { None };
+    let hint = if sel & 0x80 != 0 {
+        Some((1 + (sel as usize & 7), 32))
+    } else {
+        None
+    };
     if let Ok(q) = decode_module("m", scheme, format_for(&scheme), &get, hint) {
         if (q.rows as u64) * (q.cols as u64) <= MAX_ELEMS {
             let _ = q.dequantize();

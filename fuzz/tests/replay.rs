@@ -37,15 +37,20 @@ fn tiny_gguf() -> Vec<u8> {
     w.add_kv("llama.block_count", GgufValue::U32(1));
     w.add_kv(
         "tokenizer.ggml.tokens",
-        GgufValue::Array(vec![GgufValue::String("a".into()), GgufValue::String("b".into())]),
+        GgufValue::Array(vec![
+            GgufValue::String("a".into()),
+            GgufValue::String("b".into()),
+        ]),
     );
     let f: Vec<f32> = (0..15).map(|i| i as f32 * 0.25 - 1.0).collect();
     let bytes: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
-    w.add_tensor("t.f32", &[5, 3], GgmlType::F32, bytes).expect("f32 tensor");
+    w.add_tensor("t.f32", &[5, 3], GgmlType::F32, bytes)
+        .expect("f32 tensor");
     let mut q = Vec::new();
     let x: Vec<f32> = (0..64).map(|i| (i as f32).sin()).collect();
     lowbit_numerics::gguf::quantize(GgmlType::Q8_0, &x, &mut q).expect("q8_0");
-    w.add_tensor("t.q8", &[64, 1], GgmlType::Q8_0, q).expect("q8 tensor");
+    w.add_tensor("t.q8", &[64, 1], GgmlType::Q8_0, q)
+        .expect("q8 tensor");
     w.to_bytes().expect("serialize")
 }
 
@@ -53,13 +58,20 @@ fn tiny_gguf() -> Vec<u8> {
 fn safetensors_bytes(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("valid view")))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).expect("valid view"),
+            )
+        })
         .collect();
     safetensors::serialize(views, None).expect("serialize")
 }
 
 fn tiny_safetensors() -> Vec<u8> {
-    let f32s: Vec<u8> = (0..6).flat_map(|i| (i as f32 - 2.5).to_le_bytes()).collect();
+    let f32s: Vec<u8> = (0..6)
+        .flat_map(|i| (i as f32 - 2.5).to_le_bytes())
+        .collect();
     let f16s: Vec<u8> = (0..4).flat_map(|i| half_bits(i as f32)).collect();
     safetensors_bytes(&[
         ("a.weight".into(), Dtype::F32, vec![2, 3], f32s),
@@ -71,7 +83,9 @@ fn tiny_safetensors() -> Vec<u8> {
 
 /// f16 bits of small integers (exact), little-endian.
 fn half_bits(x: f32) -> [u8; 2] {
-    let bits: u16 = if x == 0.0 { 0 } else {
+    let bits: u16 = if x == 0.0 {
+        0
+    } else {
         let e = x.log2().floor() as i32;
         let m = ((x / 2f32.powi(e) - 1.0) * 1024.0) as u16;
         (((e + 15) as u16) << 10) | m
@@ -84,12 +98,18 @@ fn half_bits(x: f32) -> [u8; 2] {
 fn ct_seeds() -> Vec<Vec<u8>> {
     use lowbit_model::ct::{config::format_for, writer::encode_module};
     let (rows, cols) = (4, 96);
-    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0).collect();
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
+        .collect();
     let mut out = Vec::new();
     for (i, name) in lowbit_fuzz::SCHEMES.iter().enumerate() {
         let scheme = Scheme::from_name(name).expect("known");
-        let Ok(q) = quantize(&w, rows, cols, &scheme, &QuantOptions::default()) else { continue };
-        let Ok(ts) = encode_module("m", &q, format_for(&scheme)) else { continue };
+        let Ok(q) = quantize(&w, rows, cols, &scheme, &QuantOptions::default()) else {
+            continue;
+        };
+        let Ok(ts) = encode_module("m", &q, format_for(&scheme)) else {
+            continue;
+        };
         let tensors: Vec<_> = ts
             .into_iter()
             .map(|(n, t)| (format!("m.{n}"), t.dtype, t.shape, t.data))
@@ -116,7 +136,9 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
     for len in [7usize, 40, 300, 2000] {
         s.push((0..len).map(|_| r.next() as u8).collect());
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     if let Ok(rd) = std::fs::read_dir(&dir) {
         let mut files: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
         files.sort();
@@ -151,7 +173,10 @@ fn mutate(r: &mut Rng, base: &[u8]) -> Vec<u8> {
 
 #[test]
 fn replay_all_targets() {
-    let per_seed = std::env::var("LOWBIT_FUZZ_MUTATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
+    let per_seed = std::env::var("LOWBIT_FUZZ_MUTATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
     for (name, f) in TARGETS {
         let seeds = seeds(name);
         let mut r = Rng(name.len() as u64);
@@ -168,7 +193,9 @@ fn replay_all_targets() {
         // CI sets this before the libFuzzer runs so they start from valid files (a real GGUF,
         // real compressed-tensors modules) instead of random bytes.
         if std::env::var_os("LOWBIT_FUZZ_WRITE_SEEDS").is_some() {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(name);
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("corpus")
+                .join(name);
             std::fs::create_dir_all(&dir).expect("corpus dir");
             for (i, s) in seeds.iter().enumerate() {
                 std::fs::write(dir.join(format!("seed-{i:03}")), s).expect("write seed");
@@ -194,7 +221,11 @@ fn valid_safetensors_and_ct_seeds_parse() {
     assert!(f.tensor_f32("d.i8").is_err(), "I8 does not convert to f32");
     // Every ct seed must decode back to its module, else the mutations test only the header.
     let seeds = ct_seeds();
-    assert!(seeds.len() >= 10, "only {} schemes made ct seeds", seeds.len());
+    assert!(
+        seeds.len() >= 10,
+        "only {} schemes made ct seeds",
+        seeds.len()
+    );
     for s in &seeds {
         let scheme = Scheme::from_name(lowbit_fuzz::SCHEMES[s[0] as usize]).unwrap();
         let st = safetensors::SafeTensors::deserialize(&s[1..]).unwrap();
