@@ -478,6 +478,8 @@ pub struct SpinOptions {
     pub tokens_per_layer: usize,
     /// Token rows sampled per problem per iteration.
     pub tokens_per_iter: usize,
+    /// Problems (layer sites) sampled per iteration (of 2 per layer for R1, 1 for R2).
+    pub problems_per_iter: usize,
     /// RNG seed (also QuaRot's initial signs).
     pub seed: u64,
 }
@@ -489,6 +491,7 @@ impl Default for SpinOptions {
             lr: 0.5,
             tokens_per_layer: 256,
             tokens_per_iter: 128,
+            problems_per_iter: 2,
             seed: 0,
         }
     }
@@ -598,7 +601,7 @@ pub fn spinquant_rotations(
         act: act.clone(),
         weight_scheme: *weight_scheme,
         tokens_per_iter: opts.tokens_per_iter,
-        problems_per_iter: 2,
+        problems_per_iter: opts.problems_per_iter,
         seed: opts.seed,
     };
     let (r1, rep1) = spinquant_optimise(&init.r1, h, &p1, &cfg)?;
