@@ -339,7 +339,7 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
     let mut vb = Vec::new();
     let mut kt = Vec::new();
     let mut ktr = Vec::new();
-    let mut tmp = vec![0u16; d];
+    let mut tmp: Vec<u16> = Vec::with_capacity(tmax_hint(d));
     let mut ranges = vec![(0usize, 0usize); rows];
 
     for reg in &j.regions {
@@ -382,18 +382,28 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
                     let vc = v_codec(p);
                     let vu = vc.record_bytes(d);
                     vb.resize(tmax * d, 0.0);
-                    for t in 0..cnt {
-                        let rec = &qv[((b0 + t) * j.nh_kv + kvh) * vu..][..vu];
-                        vc.decode(rec, &mut vb[t * d..][..d], &mut tmp);
-                    }
+                    let step = j.nh_kv * vu;
+                    vc.decode_tile(
+                        qv,
+                        (b0 * j.nh_kv + kvh) * vu,
+                        step,
+                        cnt,
+                        &mut vb[..cnt * d],
+                        &mut tmp,
+                    );
                     match p.k {
                         Side::Token(c) => {
                             let ku = c.record_bytes(d);
                             kb.resize(tmax * d, 0.0);
-                            for t in 0..cnt {
-                                let rec = &qk[((b0 + t) * j.nh_kv + kvh) * ku..][..ku];
-                                c.decode(rec, &mut kb[t * d..][..d], &mut tmp);
-                            }
+                            let step = j.nh_kv * ku;
+                            c.decode_tile(
+                                qk,
+                                (b0 * j.nh_kv + kvh) * ku,
+                                step,
+                                cnt,
+                                &mut kb[..cnt * d],
+                                &mut tmp,
+                            );
                             (&kb[..], d, false, &vb[..], d)
                         }
                         Side::KiviChannel { bits } => {
@@ -483,6 +493,10 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
         }
     }
     Partial { m, l, acc }
+}
+
+fn tmax_hint(d: usize) -> usize {
+    TILE * d
 }
 
 fn v_codec(p: &Policy) -> TokenCodec {

@@ -191,6 +191,76 @@ impl TokenCodec {
     }
 }
 
+impl TokenCodec {
+    /// Decode `cnt` records `buf[off + t * step..]` into `out[t * d..][..d]`. FP8 and f16
+    /// records go through one half-to-f32 conversion for the whole tile (one call instead of
+    /// one per record); other codecs decode record by record. `tmp` is scratch.
+    #[inline(always)]
+    pub(crate) fn decode_tile(
+        &self,
+        buf: &[u8],
+        off: usize,
+        step: usize,
+        cnt: usize,
+        out: &mut [f32],
+        tmp: &mut Vec<u16>,
+    ) {
+        let d = out.len() / cnt.max(1);
+        let ru = self.record_bytes(d);
+        match *self {
+            TokenCodec::Fp8(kind) => {
+                tmp.resize(cnt * d, 0);
+                for t in 0..cnt {
+                    let rec = &buf[off + t * step..][..ru];
+                    let dst = &mut tmp[t * d..][..d];
+                    match kind {
+                        Fp8Kind::E4M3 => {
+                            for (o, &c) in dst.iter_mut().zip(&rec[1..]) {
+                                *o = e4m3_to_f16_bits(c);
+                            }
+                        }
+                        Fp8Kind::E5M2 => {
+                            for (o, &c) in dst.iter_mut().zip(&rec[1..]) {
+                                *o = (c as u16) << 8;
+                            }
+                        }
+                    }
+                }
+                half::slice::HalfBitsSliceExt::reinterpret_cast::<f16>(&tmp[..cnt * d])
+                    .convert_to_f32_slice(&mut out[..cnt * d]);
+                let bias = match kind {
+                    Fp8Kind::E4M3 => 8,
+                    Fp8Kind::E5M2 => 0,
+                };
+                for t in 0..cnt {
+                    let e = buf[off + t * step] as i32 - 127;
+                    let mul = 2f32.powi(e + bias);
+                    for o in &mut out[t * d..][..d] {
+                        *o *= mul;
+                    }
+                }
+            }
+            TokenCodec::F16 => {
+                tmp.resize(cnt * d, 0);
+                for t in 0..cnt {
+                    let rec = &buf[off + t * step..][..ru];
+                    for (o, b) in tmp[t * d..][..d].iter_mut().zip(rec.chunks_exact(2)) {
+                        *o = u16::from_le_bytes([b[0], b[1]]);
+                    }
+                }
+                half::slice::HalfBitsSliceExt::reinterpret_cast::<f16>(&tmp[..cnt * d])
+                    .convert_to_f32_slice(&mut out[..cnt * d]);
+            }
+            _ => {
+                tmp.resize(d, 0);
+                for t in 0..cnt {
+                    self.decode(&buf[off + t * step..][..ru], &mut out[t * d..][..d], tmp);
+                }
+            }
+        }
+    }
+}
+
 /// Scale and minimum (both f16) of an asymmetric `levels`-step grid covering `x`.
 pub(crate) fn int_params(x: &[f32], levels: f32) -> (f16, f16) {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
