@@ -176,6 +176,8 @@ pub struct LayerReport {
     pub mean_rel_error: Option<f64>,
     /// Wall time of the layer (calibration passes + quantization + propagation).
     pub secs: f64,
+    /// Of which the calibration passes (layer forward steps and input statistics).
+    pub pass_secs: f64,
 }
 
 /// The whole run.
@@ -313,6 +315,30 @@ fn par_add(acc: &mut [f32], x: &[f32]) {
 /// statistics of the keys present in `stats`.
 #[allow(clippy::too_many_arguments)]
 fn run_steps(
+    model: &Model,
+    rope: &Rope,
+    li: usize,
+    deq: &Deq,
+    acts: &mut Acts,
+    steps: &[Step],
+    stats: &mut BTreeMap<&'static str, Stats>,
+    what: &'static str,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<()> {
+    let t = Instant::now();
+    let r = run_steps_inner(model, rope, li, deq, acts, steps, stats, what, on_event);
+    PASS_SECS.with(|p| p.set(p.get() + t.elapsed().as_secs_f64()));
+    r
+}
+
+thread_local! {
+    /// Seconds spent in [`run_steps`] on this thread since the last reset (the layer report's
+    /// `pass_secs`).
+    static PASS_SECS: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_steps_inner(
     model: &Model,
     rope: &Rope,
     li: usize,
@@ -468,6 +494,7 @@ pub fn quantize_model(
     let mut layers = Vec::with_capacity(n_layers);
     for li in 0..n_layers {
         let lt = Instant::now();
+        PASS_SECS.with(|p| p.set(0.0));
         on_event(&Event::LayerStart {
             layer: li,
             n_layers,
@@ -631,6 +658,7 @@ pub fn quantize_model(
                 .then(|| errs.iter().sum::<f64>() / errs.len() as f64),
             modules,
             secs: lt.elapsed().as_secs_f64(),
+            pass_secs: PASS_SECS.with(|p| p.get()),
         };
         on_event(&Event::LayerDone(rep.clone()));
         layers.push(rep);
