@@ -206,15 +206,15 @@ fn max_mag_bits(xs: &[f32]) -> u32 {
     m.iter().fold(0i32, |a, &v| if v > a { v } else { a }) as u32
 }
 
-/// Pack `G` 4-bit codes (held in bytes) two per byte, low nibble first.
+/// Eight 4-bit codes (u32 lanes, each < 16) packed into four bytes, low nibble first:
+/// code `l` lands in bits `4l..4l+4` of a little-endian u32.
 #[inline(always)]
-fn pack4<const G: usize, const B: usize>(c: &[u8; G], out: &mut [u8]) {
-    let Ok(out) = <&mut [u8; B]>::try_from(out) else {
-        return;
-    };
-    for k in 0..B {
-        out[k] = (c[2 * k] & 15) | (c[2 * k + 1] << 4);
+fn nib8(c: &[u32; 8], out: &mut [u8]) {
+    let mut p = 0u32;
+    for (l, &v) in c.iter().enumerate() {
+        p |= v << (4 * l);
     }
+    out.copy_from_slice(&p.to_le_bytes());
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -319,18 +319,19 @@ fn int4_row(
         let (qlo, qhi) = (-zpf, 15.0 - zpf);
         let zpi = zp as i32;
         let out = &mut drow[j * g / 2..(j + 1) * g / 2];
-        for (xc, oc) in xs.chunks_exact(16).zip(out.chunks_exact_mut(8)) {
-            let mut c = [0u8; 16];
-            for i in 0..16 {
+        for (xc, oc) in xs.chunks_exact(8).zip(out.chunks_exact_mut(4)) {
+            let mut c = [0u32; 8];
+            for i in 0..8 {
                 let v = (xc[i] / s).max(qlo).min(qhi) + 12_582_912.0;
-                c[i] = ((v.to_bits() as i32 - 0x4B40_0000) + zpi) as u8;
+                c[i] = ((v.to_bits() as i32 - 0x4B40_0000) + zpi) as u32;
             }
-            pack4::<16, 8>(&c, oc);
+            nib8(&c, oc);
         }
     }
 }
 
-/// E2M1 codes of `G` scaled values `f(x)`, packed: `#(thr < |y|) | sign << 3`.
+/// E2M1 codes of `G` scaled values `f(x)`, packed: `#(thr < |y|) | sign << 3`, eight lanes
+/// at a time.
 #[inline(always)]
 fn e2m1_pack<const G: usize, const B: usize>(
     xs: &[f32],
@@ -339,23 +340,27 @@ fn e2m1_pack<const G: usize, const B: usize>(
     thr: &[f32; 7],
     sign: SignRule,
 ) {
-    let Ok(xs) = <&[f32; G]>::try_from(xs) else {
+    let (Ok(xs), Ok(out)) = (<&[f32; G]>::try_from(xs), <&mut [u8; B]>::try_from(out)) else {
         return;
     };
-    let mut c = [0u8; G];
-    for i in 0..G {
-        let y = f(xs[i]);
-        let a = y.abs();
-        let mut m = match sign {
-            SignRule::Bit => (y.to_bits() >> 31) as u8,
-            SignRule::Less => u8::from(y < 0.0),
-        } << 3;
-        for &t in thr {
-            m += u8::from(a > t);
+    for (xc, oc) in xs.chunks_exact(8).zip(out.chunks_exact_mut(4)) {
+        let mut a = [0f32; 8];
+        let mut c = [0u32; 8];
+        for l in 0..8 {
+            let y = f(xc[l]);
+            a[l] = y.abs();
+            c[l] = match sign {
+                SignRule::Bit => y.to_bits() >> 31,
+                SignRule::Less => u32::from(y < 0.0),
+            } << 3;
         }
-        c[i] = m;
+        for &t in thr {
+            for l in 0..8 {
+                c[l] += u32::from(a[l] > t);
+            }
+        }
+        nib8(&c, oc);
     }
-    pack4::<G, B>(&c, out);
 }
 
 /// [`crate::nvfp4::e4m3_round`] on eight non-NaN values of magnitude at most 448 (the same
@@ -478,19 +483,112 @@ fn nf4_row<const G: usize, const B: usize>(
         // scale = round_scale(amax, F32) = amax
         let s = f32::from_bits(b);
         srow[j] = s;
-        let Ok(xs) = <&[f32; G]>::try_from(xs) else {
+        let (Ok(xs), Ok(out)) = (
+            <&[f32; G]>::try_from(xs),
+            <&mut [u8; B]>::try_from(&mut drow[j * B..(j + 1) * B]),
+        ) else {
             continue;
         };
-        let mut y = [0f32; G];
-        for i in 0..G {
-            y[i] = xs[i] / s;
+        for (xc, oc) in xs.chunks_exact(8).zip(out.chunks_exact_mut(4)) {
+            let mut y = [0f32; 8];
+            for l in 0..8 {
+                y[l] = xc[l] / s;
+            }
+            let mut c = [0u32; 8];
+            for &t in mids {
+                for l in 0..8 {
+                    c[l] += u32::from(y[l] > t);
+                }
+            }
+            nib8(&c, oc);
         }
-        let mut c = [0u8; G];
-        for &t in mids {
-            for i in 0..G {
-                c[i] += u8::from(y[i] > t);
+    }
+}
+
+/// E4M3 value of a code by its bits (the f32 exponent re-biased by 120; the subnormals
+/// `m * 2^-9` exact), with the two NaN codes taken from the reference table `nan = (lut[0x7f],
+/// lut[0xff])`. Equal to [`FloatFormat::decode`] for all 256 codes (tested).
+#[inline(always)]
+pub(crate) fn e4m3_decode_bits(c: u8, nan: (f32, f32)) -> f32 {
+    let c = c as u32;
+    let m = c & 0x7f;
+    let sign = (c & 0x80) << 24;
+    let norm = f32::from_bits((m << 20) + (120 << 23));
+    let sub = (m as f32) * (1.0 / 512.0);
+    let v = f32::from_bits((if m < 8 { sub } else { norm }).to_bits() | sign);
+    let n = if sign != 0 { nan.1 } else { nan.0 };
+    if m == 0x7f {
+        n
+    } else {
+        v
+    }
+}
+
+/// Dequantize one row of E4M3 codes (one per byte) in groups of `g`: `(E4M3(code) - z) * s`
+/// with `(z, s) = mult(j)` for group `j`, the same arithmetic as the table path.
+pub(crate) fn dequant_e4m3_row(
+    row: &[u8],
+    out: &mut [f32],
+    g: usize,
+    nan: (f32, f32),
+    mult: impl Fn(usize) -> (f32, f32),
+) {
+    struct Job<'a, M> {
+        row: &'a [u8],
+        out: &'a mut [f32],
+        g: usize,
+        nan: (f32, f32),
+        mult: M,
+    }
+    impl<M: Fn(usize) -> (f32, f32)> pulp::WithSimd for Job<'_, M> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _simd: S) {
+            let Job {
+                row,
+                out,
+                g,
+                nan,
+                mult,
+            } = self;
+            for (j, (o, c)) in out.chunks_mut(g).zip(row.chunks(g)).enumerate() {
+                let (z, s) = mult(j);
+                let mut oc = o.chunks_exact_mut(8);
+                let mut cc = c.chunks_exact(8);
+                for (o8, c8) in (&mut oc).zip(&mut cc) {
+                    for l in 0..8 {
+                        o8[l] = (e4m3_decode_bits(c8[l], nan) - z) * s;
+                    }
+                }
+                for (o1, &c1) in oc.into_remainder().iter_mut().zip(cc.remainder()) {
+                    *o1 = (e4m3_decode_bits(c1, nan) - z) * s;
+                }
             }
         }
-        pack4::<G, B>(&c, &mut drow[j * B..(j + 1) * B]);
+    }
+    pulp::Arch::new().dispatch(Job {
+        row,
+        out,
+        g,
+        nan,
+        mult,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_decode_bits_matches_the_codec() {
+        let f = FloatFormat::E4M3;
+        let nan = (f.decode(0x7f), f.decode(0xff));
+        for c in 0..=255u8 {
+            assert_eq!(
+                e4m3_decode_bits(c, nan).to_bits(),
+                f.decode(c).to_bits(),
+                "code {c:#x}"
+            );
+        }
     }
 }
