@@ -90,7 +90,7 @@ pub fn build(policy: &str, shape: KvShape) -> Result<Box<dyn KvCache>> {
 }
 
 /// Split a list of policies separated by commas or semicolons, keeping the items of a mixed
-/// policy together: `v=`, `sink=`, `r=`, `g=` items (and `s=`, `residual=`, `group=`) belong to
+/// policy together: `v=`, `sink=`, `r=`, `g=`, `rot=` items (and `s=`, `residual=`, `group=`) belong to
 /// the policy before them, and a `v=` right after a `k=` too.
 ///
 /// ```
@@ -108,7 +108,7 @@ pub fn split_policies(list: &str) -> Vec<String> {
             let key = item.split_once('=').map(|(k, _)| k.trim());
             let attaches = matches!(
                 key,
-                Some("v" | "sink" | "s" | "r" | "residual" | "g" | "group")
+                Some("v" | "sink" | "s" | "r" | "residual" | "g" | "group" | "rot")
             );
             match out.last_mut() {
                 Some(last) if attaches && !first => {

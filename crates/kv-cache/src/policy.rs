@@ -36,6 +36,9 @@ pub struct Policy {
     pub residual: usize,
     /// Tokens per KIVI key group (also the flush granularity when K is KIVI).
     pub group: usize,
+    /// Rotate keys (and queries) per head by the normalized Walsh-Hadamard transform before
+    /// storing (`rot=h`): `q·k` is unchanged, outlier channels are spread over all channels.
+    pub rotate: bool,
 }
 
 fn bad(policy: &str, reason: impl Into<String>) -> Error {
@@ -135,6 +138,7 @@ impl Policy {
         let (mut k, mut v) = (None, None);
         let (mut sink, mut residual, mut group) = (0usize, None, None);
         let mut kivi = false;
+        let mut rotate = false;
         for item in p.split(',').map(str::trim) {
             if item.is_empty() {
                 return Err(bad(policy, "empty item (two commas in a row?)"));
@@ -159,6 +163,24 @@ impl Policy {
                         kivi |= kv;
                     }
                     "sink" | "s" => sink = parse_num(policy, key, val.trim())?,
+                    "rot" => match val.trim() {
+                        "h" | "hadamard" => {
+                            if !d.is_power_of_two() {
+                                return Err(bad(
+                                    policy,
+                                    format!("`rot=h` needs a power-of-two head_dim, not {d}"),
+                                ));
+                            }
+                            rotate = true;
+                        }
+                        "none" | "0" => rotate = false,
+                        o => {
+                            return Err(bad(
+                                policy,
+                                format!("`rot={o}`: known rotations are h (Hadamard) and none"),
+                            ))
+                        }
+                    },
                     "r" | "residual" => residual = Some(parse_num(policy, key, val.trim())?),
                     "g" | "group" => {
                         let g = parse_num(policy, key, val.trim())?;
@@ -170,7 +192,7 @@ impl Policy {
                     other => {
                         return Err(bad(
                             policy,
-                            format!("unknown key `{other}`; known: k, v, sink, r, g"),
+                            format!("unknown key `{other}`; known: k, v, sink, r, g, rot"),
                         ))
                     }
                 },
@@ -213,6 +235,7 @@ impl Policy {
             sink,
             residual,
             group,
+            rotate,
         })
     }
 

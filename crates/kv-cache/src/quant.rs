@@ -33,6 +33,25 @@ struct Layer {
     shadow: usize,
 }
 
+/// In-place normalized Walsh-Hadamard transform of one head vector (length a power of two,
+/// checked by [`Policy::parse`]): orthogonal, so rotating both `q` and `k` keeps `q·k`.
+fn hadamard(x: &mut [f32]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (x[j], x[j + h]);
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let s = 1.0 / (n as f32).sqrt();
+    x.iter_mut().for_each(|v| *v *= s);
+}
+
 /// A cache storing K and V as a [`Policy`] says (FP8, INT, KIVI, sinks, residual window).
 #[derive(Debug, Clone)]
 pub struct QuantCache {
@@ -169,6 +188,15 @@ impl KvCache for QuantCache {
             )));
         }
         let len_before = self.len(layer);
+        let rotated;
+        let k = if self.policy.rotate {
+            let mut x = k.to_vec();
+            x.chunks_exact_mut(self.shape.head_dim).for_each(hadamard);
+            rotated = x;
+            &rotated[..]
+        } else {
+            k
+        };
         let l = &mut self.layers[layer];
         // The previous append's shadow is no longer needed.
         if l.shadow > 0 {
@@ -230,6 +258,15 @@ impl KvCache for QuantCache {
             return Ok(());
         }
         let row = self.row();
+        let rotated;
+        let q = if self.policy.rotate {
+            let mut x = q.to_vec();
+            x.chunks_exact_mut(self.shape.head_dim).for_each(hadamard);
+            rotated = x;
+            &rotated[..]
+        } else {
+            q
+        };
         let l = &self.layers[layer];
         let n_sink = l.sink_k.len() / row;
         let body0 = n_sink;

@@ -564,6 +564,43 @@ fn byte_accounting_is_exact() {
     }
 }
 
+/// `rot=h` rotates keys and queries by the same orthogonal transform: lossless K/V through the
+/// rotation give the unrotated attention (up to rounding), and `rot=h` on a lossy codec
+/// changes what is stored (so the option is not a no-op).
+#[test]
+fn hadamard_rotation_keeps_attention() {
+    let mut r = Rng(99);
+    let (nh, d, n_heads) = (3usize, 64usize, 9usize);
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: nh,
+        head_dim: d,
+    };
+    let len = 90;
+    let k = r.vec(len * nh * d, 2.0);
+    let v = r.vec(len * nh * d, 1.0);
+    let q = r.vec(5 * n_heads * d, 1.0);
+    let run = |pol: &str| {
+        let mut c = build(pol, shape).unwrap();
+        c.append(0, &k, &v, len).unwrap();
+        let mut o = vec![0f32; q.len()];
+        c.attend(0, &q, 5, n_heads, 0.125, &mut o).unwrap();
+        o
+    };
+    let plain = run("k=f32,v=f32");
+    let rot = run("k=f32,v=f32,rot=h");
+    assert!(max_abs_diff(&plain, &rot) < 1e-5);
+    assert_ne!(run("fp8"), run("fp8,rot=h"));
+    assert!(build("fp8,rot=x", shape).is_err());
+    let odd = KvShape {
+        n_layers: 1,
+        n_kv_heads: 1,
+        head_dim: 12,
+    };
+    let e = build("fp8,rot=h", odd).err().unwrap().to_string();
+    assert!(e.contains("power-of-two"), "{e}");
+}
+
 #[test]
 fn bad_arguments_are_errors() {
     let shape = KvShape {
