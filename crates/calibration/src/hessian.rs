@@ -66,11 +66,21 @@ impl HessianAccumulator {
             let m = (n_rows - r0).min(CHUNK);
             let xt = &mut xt[..c * m];
             // Transpose the chunk: xt[j][t] = x[r0 + t][j].
-            xt.par_chunks_mut(m).enumerate().for_each(|(j, col)| {
-                for (t, v) in col.iter_mut().enumerate() {
-                    *v = x[(r0 + t) * c + j];
-                }
-            });
+            // Tiles of 32 columns x 32 rows keep both sides in cache.
+            xt.par_chunks_mut(32 * m)
+                .enumerate()
+                .for_each(|(jb, cols)| {
+                    let j0 = jb * 32;
+                    let nj = cols.len() / m;
+                    for t0 in (0..m).step_by(32) {
+                        for t in t0..(t0 + 32).min(m) {
+                            let xr = &x[(r0 + t) * c + j0..(r0 + t) * c + j0 + nj];
+                            for (dj, &v) in xr.iter().enumerate() {
+                                cols[dj * m + t] = v;
+                            }
+                        }
+                    }
+                });
             let xt = &*xt;
             // Split the f64 sum into the blocks' row ranges so each block adds into its own.
             let mut rows_of: Vec<&mut [f64]> = Vec::with_capacity(blocks.len());
