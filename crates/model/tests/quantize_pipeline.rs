@@ -338,3 +338,31 @@ fn hqq_runs_without_calibration() {
         assert!(m.linear(&n).unwrap().quantized().unwrap().scheme.asymmetric);
     }
 }
+
+/// A dead input channel (the attention norm's weight is zero there, so q/k/v's Hessian has a zero
+/// row and column): GPTQ reports it, zeroes those weights and still quantizes every linear.
+#[test]
+fn dead_input_channel_is_zeroed_and_reported() {
+    let mut m = model();
+    m.layers[0].attn_norm[5] = 0.0;
+    let r = quantize_model(
+        &mut m,
+        &windows(),
+        &PipelineOptions::new(Method::Gptq, Recipe::new("int4-g32-sym")),
+        &mut |_| {},
+    )
+    .unwrap();
+    for md in &r.layers[0].modules {
+        let want = usize::from(
+            md.name.contains("q_proj") || md.name.contains("k_proj") || md.name.contains("v_proj"),
+        );
+        assert_eq!(md.dead_channels, want, "{}", md.name);
+        assert!(md.rel_error.unwrap().is_finite(), "{}", md.name);
+    }
+    let q = m.linear("model.layers.0.self_attn.q_proj").unwrap();
+    assert!(q.is_quantized());
+    let (rows, cols) = (q.out, q.inp);
+    let w = q.weight_f32();
+    assert!((0..rows).all(|r| w[r * cols + 5] == 0.0));
+    assert!(r.layers[1].modules.iter().all(|md| md.dead_channels == 0));
+}
