@@ -217,6 +217,42 @@ fn nib8(c: &[u32; 8], out: &mut [u8]) {
     out.copy_from_slice(&p.to_le_bytes());
 }
 
+/// `c[i] += #(t < a[i])` over the thresholds, threshold loop outermost over a run-time length
+/// so that the loop vectorizer (not the SLP vectorizer) handles the comparisons.
+#[inline(always)]
+fn count_above(a: &[f32], c: &mut [u32], thr: &[f32]) {
+    let n = a.len().min(c.len());
+    let (a, c) = (&a[..n], &mut c[..n]);
+    for &t in thr {
+        for (c, &a) in c.iter_mut().zip(a) {
+            *c += u32::from(a > t);
+        }
+    }
+}
+
+/// Pack 4-bit codes (u32 lanes) eight at a time (`c.len()` a multiple of 8).
+#[inline(always)]
+fn pack_nibbles(c: &[u32], out: &mut [u8]) {
+    for (c8, o4) in c.chunks_exact(8).zip(out.chunks_exact_mut(4)) {
+        if let Ok(c8) = <&[u32; 8]>::try_from(c8) {
+            nib8(c8, o4);
+        }
+    }
+}
+
+/// Scaled magnitude and sign bit (`<< 3`) of E2M1 inputs `y = f(x)`.
+#[inline(always)]
+fn e2m1_prep(xs: &[f32], a: &mut [f32], c: &mut [u32], f: impl Fn(f32) -> f32, sign: SignRule) {
+    for ((a, c), &x) in a.iter_mut().zip(c.iter_mut()).zip(xs) {
+        let y = f(x);
+        *a = y.abs();
+        *c = match sign {
+            SignRule::Bit => y.to_bits() >> 31,
+            SignRule::Less => u32::from(y < 0.0),
+        } << 3;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fp8_row(
@@ -330,39 +366,6 @@ fn int4_row(
     }
 }
 
-/// E2M1 codes of `G` scaled values `f(x)`, packed: `#(thr < |y|) | sign << 3`, eight lanes
-/// at a time.
-#[inline(always)]
-fn e2m1_pack<const G: usize, const B: usize>(
-    xs: &[f32],
-    out: &mut [u8],
-    f: impl Fn(f32) -> f32,
-    thr: &[f32; 7],
-    sign: SignRule,
-) {
-    let (Ok(xs), Ok(out)) = (<&[f32; G]>::try_from(xs), <&mut [u8; B]>::try_from(out)) else {
-        return;
-    };
-    for (xc, oc) in xs.chunks_exact(8).zip(out.chunks_exact_mut(4)) {
-        let mut a = [0f32; 8];
-        let mut c = [0u32; 8];
-        for l in 0..8 {
-            let y = f(xc[l]);
-            a[l] = y.abs();
-            c[l] = match sign {
-                SignRule::Bit => y.to_bits() >> 31,
-                SignRule::Less => u32::from(y < 0.0),
-            } << 3;
-        }
-        for &t in thr {
-            for l in 0..8 {
-                c[l] += u32::from(a[l] > t);
-            }
-        }
-        nib8(&c, oc);
-    }
-}
-
 /// [`crate::nvfp4::e4m3_round`] on eight non-NaN values of magnitude at most 448 (the same
 /// arithmetic, both branches evaluated and selected).
 #[inline(always)]
@@ -406,22 +409,22 @@ fn nvfp4_ct_row(x: &[f32], gs: f32, drow: &mut [u8], srow: &mut [f32], pending: 
             s[i] = if r[i] == 0.0 { 0.125 } else { r[i] };
             d[i] = s[i] / gs;
         }
+        let mut a = [0f32; 8 * G];
+        let mut c = [0u32; 8 * G];
         for k in 0..n {
             let j = j0 + k;
+            let (a, c) = (&mut a[k * G..(k + 1) * G], &mut c[k * G..(k + 1) * G]);
             if !ok[k] {
+                // left to the reference (which rewrites these bytes)
                 pending.push(j);
                 continue;
             }
             srow[j] = s[k];
             let dk = d[k];
-            e2m1_pack::<16, 8>(
-                &x[j * G..(j + 1) * G],
-                &mut drow[j * G / 2..(j + 1) * G / 2],
-                |v| v / dk,
-                &mx::E2M1_EVEN_T,
-                SignRule::Less,
-            );
+            e2m1_prep(&x[j * G..(j + 1) * G], a, c, |v| v / dk, SignRule::Less);
         }
+        count_above(&a[..n * G], &mut c[..n * G], &mx::E2M1_EVEN_T);
+        pack_nibbles(&c[..n * G], &mut drow[j0 * G / 2..(j0 + n) * G / 2]);
         j0 += n;
     }
 }
@@ -439,27 +442,38 @@ fn mxfp4_row(
     pending: &mut Vec<usize>,
 ) {
     const G: usize = 32;
+    const NB: usize = 4;
     let full = x.len() / G;
-    for j in 0..full {
-        let xs = &x[j * G..(j + 1) * G];
-        let b = max_mag_bits(xs);
-        if b >= 0x7f80_0000 {
-            pending.push(j);
-            continue;
+    let mut j0 = 0;
+    while j0 < full {
+        let n = (full - j0).min(NB);
+        let mut a = [0f32; NB * G];
+        let mut c = [0u32; NB * G];
+        for k in 0..n {
+            let j = j0 + k;
+            let (a, c) = (&mut a[k * G..(k + 1) * G], &mut c[k * G..(k + 1) * G]);
+            let xs = &x[j * G..(j + 1) * G];
+            let b = max_mag_bits(xs);
+            if b >= 0x7f80_0000 {
+                pending.push(j);
+                continue;
+            }
+            let cm = f32::from_bits(b);
+            let s = params_from_range(kind, -cm, cm, cm, 0.0, 1.0, ctx).scale;
+            if !(s > 0.0 && s.is_finite()) {
+                pending.push(j);
+                continue;
+            }
+            srow[j] = s;
+            let inv = 1.0 / s;
+            match sign {
+                SignRule::Bit => e2m1_prep(xs, a, c, |v| v * inv, SignRule::Bit),
+                SignRule::Less => e2m1_prep(xs, a, c, |v| v * inv, SignRule::Less),
+            }
         }
-        let c = f32::from_bits(b);
-        let s = params_from_range(kind, -c, c, c, 0.0, 1.0, ctx).scale;
-        if !(s > 0.0 && s.is_finite()) {
-            pending.push(j);
-            continue;
-        }
-        srow[j] = s;
-        let inv = 1.0 / s;
-        let out = &mut drow[j * G / 2..(j + 1) * G / 2];
-        match sign {
-            SignRule::Bit => e2m1_pack::<32, 16>(xs, out, |v| v * inv, thr, SignRule::Bit),
-            SignRule::Less => e2m1_pack::<32, 16>(xs, out, |v| v * inv, thr, SignRule::Less),
-        }
+        count_above(&a[..n * G], &mut c[..n * G], thr);
+        pack_nibbles(&c[..n * G], &mut drow[j0 * G / 2..(j0 + n) * G / 2]);
+        j0 += n;
     }
 }
 
@@ -470,38 +484,34 @@ fn nf4_row<const G: usize, const B: usize>(
     srow: &mut [f32],
     pending: &mut Vec<usize>,
 ) {
+    const CH: usize = 128;
     let mids = &crate::quantize::nf4_encoder().mids;
+    let nb = CH / G;
     let full = x.len() / G;
-    for j in 0..full {
-        let xs = &x[j * G..(j + 1) * G];
-        let b = max_mag_bits(xs);
-        // NaN/Inf and all-zero groups: reference
-        if b >= 0x7f80_0000 || b == 0 {
-            pending.push(j);
-            continue;
-        }
-        // scale = round_scale(amax, F32) = amax
-        let s = f32::from_bits(b);
-        srow[j] = s;
-        let (Ok(xs), Ok(out)) = (
-            <&[f32; G]>::try_from(xs),
-            <&mut [u8; B]>::try_from(&mut drow[j * B..(j + 1) * B]),
-        ) else {
-            continue;
-        };
-        for (xc, oc) in xs.chunks_exact(8).zip(out.chunks_exact_mut(4)) {
-            let mut y = [0f32; 8];
-            for l in 0..8 {
-                y[l] = xc[l] / s;
+    let mut j0 = 0;
+    while j0 < full {
+        let n = (full - j0).min(nb);
+        let mut y = [0f32; CH];
+        let mut c = [0u32; CH];
+        for k in 0..n {
+            let j = j0 + k;
+            let xs = &x[j * G..(j + 1) * G];
+            let b = max_mag_bits(xs);
+            // NaN/Inf and all-zero groups: reference (which rewrites these bytes)
+            if b >= 0x7f80_0000 || b == 0 {
+                pending.push(j);
+                continue;
             }
-            let mut c = [0u32; 8];
-            for &t in mids {
-                for l in 0..8 {
-                    c[l] += u32::from(y[l] > t);
-                }
+            // scale = round_scale(amax, F32) = amax
+            let s = f32::from_bits(b);
+            srow[j] = s;
+            for (y, &v) in y[k * G..(k + 1) * G].iter_mut().zip(xs) {
+                *y = v / s;
             }
-            nib8(&c, oc);
         }
+        count_above(&y[..n * G], &mut c[..n * G], mids);
+        pack_nibbles(&c[..n * G], &mut drow[j0 * B..(j0 + n) * B]);
+        j0 += n;
     }
 }
 
