@@ -108,10 +108,11 @@ pub fn matmul_wt_ref(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    /// Deterministic values in [-1, 1) for the kernel tests of this crate.
+    pub(crate) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

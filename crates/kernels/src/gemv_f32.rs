@@ -84,17 +84,17 @@ pub fn block_scalar(x: &[f32], w: &[f32], y: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
+    /// Horizontal sum of 8 lanes (shared with the packed kernels).
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
+        // SAFETY: hsum256 needs AVX2+FMA+F16C, the same features this function is compiled
+        // for (and that `Isa::Avx2` checks before any of this module runs).
+        unsafe { crate::x86::hsum256(v) }
     }
 
     /// Mask of the first `r` (< 8) lanes for `maskload`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn tail_mask(r: usize) -> __m256i {
         let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -102,8 +102,8 @@ mod avx2 {
     }
 
     /// # Safety
-    /// AVX2 and FMA must be available and `w.len() == y.len() * x.len()`.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2, FMA and F16C must be available (as `Isa::Avx2` checks) and `w.len() == y.len() * x.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn block(x: &[f32], w: &[f32], y: &mut [f32]) {
         let k = x.len();
         let k16 = k - k % 16;
@@ -180,13 +180,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::dense::tests::lcg;
 
     /// Every supported path against an f64 dot product, on shapes with ragged row counts
     /// (not multiples of 4) and ragged k (tails of 1..15 past a 16-multiple), single- and
