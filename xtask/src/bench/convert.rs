@@ -13,11 +13,12 @@
 //! * `fp8-pc`, `int4-g128-asym`, `nvfp4`, `mxfp4`, `nf4-g64`: `lowbit_numerics::quantize` /
 //!   `QuantizedTensor::dequantize_row` (scales computed and stored, codes packed);
 //! * `q4_k`: the GGUF block codec (`lowbit_numerics::gguf::{quantize, dequantize}`), rows of
-//!   the matrix in parallel.
+//!   the matrix in parallel; `q4_k-fast`: the same with `KQuantSearch::Fast` (not bit-exact
+//!   with ggml; same dequantizer).
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use lowbit_numerics::gguf::{self, GgmlType};
+use lowbit_numerics::gguf::{self, GgmlType, KQuantSearch};
 use lowbit_numerics::quantize::{quantize, QuantOptions};
 use lowbit_numerics::{decode_slice, encode_slice, sr_bits, FloatFormat, Overflow, Rounding};
 use lowbit_numerics::{QuantizedTensor, Scheme};
@@ -38,6 +39,7 @@ const ALL: &[&str] = &[
     "mxfp4",
     "nf4-g64",
     "q4_k",
+    "q4_k-fast",
 ];
 
 /// Arguments of `cargo xtask bench convert`.
@@ -58,7 +60,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// Comma-separated subset of formats (fp8_e4m3, fp8-pc, int4-g128-asym, nvfp4, mxfp4,
-    /// nf4-g64, q4_k). Default: all.
+    /// nf4-g64, q4_k, q4_k-fast). Default: all.
     #[arg(long)]
     pub formats: Option<String>,
 }
@@ -151,8 +153,13 @@ impl Bench<'_> {
                     })?;
                 *packed = Some(Packed::Codes(codes));
             }
-            "q4_k" => {
+            "q4_k" | "q4_k-fast" => {
                 let ty = GgmlType::from_name("Q4_K")?;
+                let search = if fmt == "q4_k" {
+                    KQuantSearch::Reference
+                } else {
+                    KQuantSearch::Fast
+                };
                 let row_bytes = ty.row_bytes(COLS)?;
                 // One output Vec per chunk of rows, reused across runs.
                 let per = rows_per_task(self.rows);
@@ -167,7 +174,7 @@ impl Bench<'_> {
                     .try_for_each(|(buf, xs)| {
                         buf.clear();
                         xs.chunks(COLS)
-                            .try_for_each(|row| gguf::quantize(ty, row, buf))
+                            .try_for_each(|row| gguf::quantize_with(ty, row, buf, search))
                     })?;
                 *packed = Some(Packed::Gguf(bufs));
             }

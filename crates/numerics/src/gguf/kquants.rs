@@ -7,7 +7,7 @@
 //!
 //! Callers have checked sizes and finiteness.
 
-use super::{f16_bits, f16_le, f16_round, lanes, nearest_int};
+use super::{f16_bits, f16_le, f16_round, lanes, nearest_int, KQuantSearch};
 
 const QK_K: usize = 256;
 /// ggml's `GROUP_MAX_EPS`: sub-blocks whose |max| is below this count as all-zero.
@@ -198,6 +198,23 @@ fn search_k_asym(
     (scales, mins, l)
 }
 
+/// A super-block's eight sub-blocks side by side (`xt[i][j]` = element i of sub-block j) and
+/// their [`k_weights`] in the same layout.
+#[inline(always)]
+fn lanes_with_weights(x: &[f32; QK_K]) -> ([[f32; 8]; 32], [[f32; 8]; 32]) {
+    let mut xt = [[0.0f32; 8]; 32];
+    let mut wt = [[0.0f32; 8]; 32];
+    for j in 0..8 {
+        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
+        let w = k_weights(xs);
+        for i in 0..32 {
+            xt[i][j] = xs[i];
+            wt[i][j] = w[i];
+        }
+    }
+    (xt, wt)
+}
+
 /// [`search_k_asym`] with the AVX2 lane search ([`lanes::avx2::qkx2_search`]); super-blocks
 /// whose values leave its exact range take the portable path.
 #[cfg(target_arch = "x86_64")]
@@ -209,16 +226,7 @@ fn search_k_asym_avx2(
     rmin: f32,
     nstep: i32,
 ) -> ([f32; 8], [f32; 8], [u8; QK_K]) {
-    let mut xt = [[0.0f32; 8]; 32];
-    let mut wt = [[0.0f32; 8]; 32];
-    for j in 0..8 {
-        let xs: &[f32; 32] = x[32 * j..32 * j + 32].try_into().expect("32");
-        let w = k_weights(xs);
-        for i in 0..32 {
-            xt[i][j] = xs[i];
-            wt[i][j] = w[i];
-        }
-    }
+    let (xt, wt) = lanes_with_weights(x);
     let mut lt = [[0.0f32; 8]; 32];
     let Some((scales, mins)) =
         lanes::avx2::qkx2_search(simd, nmax as f32, &xt, &wt, &mut lt, rmin, 0.1, nstep)
@@ -236,10 +244,14 @@ fn search_k_asym_avx2(
 
 /// Shared body of the Q4_K / Q5_K quantizers: returns (d, dmin, scales[12], codes L[256]).
 #[inline(always)]
+/// With `exact`, elements are re-quantized as ggml does, `(x + dm) / d`; without (the Fast
+/// search, which is not bit-exact anyway), as `(x + dm) * (1 / d)`, one multiply instead of
+/// a divide per element.
 fn quant_k_asym(
     x: &[f32; QK_K],
     nmax: i32,
     searched: ([f32; 8], [f32; 8], [u8; QK_K]),
+    exact: bool,
 ) -> (u16, u16, [u8; 12], [u8; QK_K]) {
     let (scales, mins, mut l) = searched;
     let mut max_scale = 0.0f32;
@@ -277,9 +289,17 @@ fn quant_k_asym(
             continue;
         }
         let dm = dmin_all * m as f32;
-        for ii in 0..32 {
-            let q = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
-            l[32 * j + ii] = q as u8;
+        if exact {
+            for ii in 0..32 {
+                let q = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
+                l[32 * j + ii] = q as u8;
+            }
+        } else {
+            let id = 1.0 / d;
+            for ii in 0..32 {
+                let q = nearest_int((x[32 * j + ii] + dm) * id).clamp(0, nmax);
+                l[32 * j + ii] = q as u8;
+            }
         }
     }
     (
@@ -317,6 +337,8 @@ pub(super) fn dequant_q4_k(bytes: &[u8], out: &mut [f32]) {
 /// A Q4_K/Q5_K sub-block search: `(x, nmax, rmin, nstep)` -> (scales, mins, codes). A trait
 /// (not a function pointer) so the search is inlined into the runtime-dispatched body.
 trait KSearch: Copy {
+    /// Whether this is ggml's search (then the final re-quantization is ggml's too).
+    const EXACT: bool;
     fn search(self, x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32) -> SearchOut;
 }
 
@@ -327,6 +349,7 @@ type SearchOut = ([f32; 8], [f32; 8], [u8; QK_K]);
 struct Portable;
 
 impl KSearch for Portable {
+    const EXACT: bool = true;
     #[inline(always)]
     fn search(self, x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32) -> SearchOut {
         search_k_asym(x, nmax, rmin, nstep)
@@ -340,6 +363,7 @@ struct Avx2(pulp::x86::V3);
 
 #[cfg(target_arch = "x86_64")]
 impl KSearch for Avx2 {
+    const EXACT: bool = true;
     #[inline(always)]
     fn search(self, x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32) -> SearchOut {
         search_k_asym_avx2(self.0, x, nmax, rmin, nstep)
@@ -373,24 +397,86 @@ impl<S: KSearch> pulp::NullaryFnOnce for KQuantRun<'_, S> {
     }
 }
 
-pub(super) fn quant_q4_k(x: &[f32], out: &mut [u8]) {
+/// [`KQuantSearch::Fast`]: [`lanes::qkx_fast`] with this many refits.
+const FAST_ITERS: usize = 2;
+
+/// The sub-block search of [`KQuantSearch::Fast`] (not ggml's; see [`lanes::qkx_fast`]).
+#[derive(Clone, Copy)]
+struct Fast;
+
+impl KSearch for Fast {
+    const EXACT: bool = false;
+    #[inline(always)]
+    fn search(self, x: &[f32; QK_K], nmax: i32, _rmin: f32, _nstep: i32) -> SearchOut {
+        let (scales, mins) = lanes::qkx_fast(nmax as f32, &lanes_of(x), FAST_ITERS);
+        (scales, mins, [0u8; QK_K])
+    }
+}
+
+/// [`Fast`] in explicit AVX2 ([`lanes::avx2::qkx_fast`]; same bits).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct FastAvx2(pulp::x86::V3);
+
+#[cfg(target_arch = "x86_64")]
+impl KSearch for FastAvx2 {
+    const EXACT: bool = false;
+    #[inline(always)]
+    fn search(self, x: &[f32; QK_K], nmax: i32, _rmin: f32, _nstep: i32) -> SearchOut {
+        let (scales, mins) = lanes::avx2::qkx_fast(self.0, nmax as f32, &lanes_of(x), FAST_ITERS);
+        (scales, mins, [0u8; QK_K])
+    }
+}
+
+/// A super-block's eight sub-blocks side by side: `xt[i][j]` = element i of sub-block j.
+#[inline(always)]
+fn lanes_of(x: &[f32; QK_K]) -> [[f32; 8]; 32] {
+    let mut xt = [[0.0f32; 8]; 32];
+    for j in 0..8 {
+        for i in 0..32 {
+            xt[i][j] = x[32 * j + i];
+        }
+    }
+    xt
+}
+
+/// Q4_K (`five = false`) or Q5_K quantization of whole super-blocks with the given search,
+/// under AVX2 where the CPU has it.
+fn quant_k(x: &[f32], out: &mut [u8], five: bool, search: KQuantSearch) {
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
-        return simd.vectorize(KQuantRun {
-            x,
-            out,
-            search: Avx2(simd),
-            five: false,
-        });
+        return match search {
+            KQuantSearch::Reference => simd.vectorize(KQuantRun {
+                x,
+                out,
+                search: Avx2(simd),
+                five,
+            }),
+            KQuantSearch::Fast => simd.vectorize(KQuantRun {
+                x,
+                out,
+                search: FastAvx2(simd),
+                five,
+            }),
+        };
     }
-    quant_q4_k_with(x, out, Portable)
+    match (search, five) {
+        (KQuantSearch::Reference, false) => quant_q4_k_with(x, out, Portable),
+        (KQuantSearch::Reference, true) => quant_q5_k_with(x, out, Portable),
+        (KQuantSearch::Fast, false) => quant_q4_k_with(x, out, Fast),
+        (KQuantSearch::Fast, true) => quant_q5_k_with(x, out, Fast),
+    }
+}
+
+pub(super) fn quant_q4_k(x: &[f32], out: &mut [u8], search: KQuantSearch) {
+    quant_k(x, out, false, search)
 }
 
 #[inline(always)]
-fn quant_q4_k_with(x: &[f32], out: &mut [u8], search: impl KSearch) {
+fn quant_q4_k_with<S: KSearch>(x: &[f32], out: &mut [u8], search: S) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
         let xb: &[f32; QK_K] = xb.try_into().expect("256");
-        let (d, dmin, scales, l) = quant_k_asym(xb, 15, search.search(xb, 15, -1.0, 20));
+        let (d, dmin, scales, l) = quant_k_asym(xb, 15, search.search(xb, 15, -1.0, 20), S::EXACT);
         b[0..2].copy_from_slice(&d.to_le_bytes());
         b[2..4].copy_from_slice(&dmin.to_le_bytes());
         b[4..16].copy_from_slice(&scales);
@@ -430,24 +516,15 @@ pub(super) fn dequant_q5_k(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-pub(super) fn quant_q5_k(x: &[f32], out: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V3::try_new() {
-        return simd.vectorize(KQuantRun {
-            x,
-            out,
-            search: Avx2(simd),
-            five: true,
-        });
-    }
-    quant_q5_k_with(x, out, Portable)
+pub(super) fn quant_q5_k(x: &[f32], out: &mut [u8], search: KQuantSearch) {
+    quant_k(x, out, true, search)
 }
 
 #[inline(always)]
-fn quant_q5_k_with(x: &[f32], out: &mut [u8], search: impl KSearch) {
+fn quant_q5_k_with<S: KSearch>(x: &[f32], out: &mut [u8], search: S) {
     for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(176)) {
         let xb: &[f32; QK_K] = xb.try_into().expect("256");
-        let (d, dmin, scales, l) = quant_k_asym(xb, 31, search.search(xb, 31, -0.5, 15));
+        let (d, dmin, scales, l) = quant_k_asym(xb, 31, search.search(xb, 31, -0.5, 15), S::EXACT);
         b[0..2].copy_from_slice(&d.to_le_bytes());
         b[2..4].copy_from_slice(&dmin.to_le_bytes());
         b[4..16].copy_from_slice(&scales);
@@ -781,6 +858,16 @@ mod tests {
                     assert_eq!(fast.0.map(f32::to_bits), slow.0.map(f32::to_bits));
                     assert_eq!(fast.1.map(f32::to_bits), slow.1.map(f32::to_bits));
                     assert_eq!(fast.2, slow.2);
+                }
+            }
+            // The Fast search gives the same bits portable and in AVX2.
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                for nmax in [15, 31] {
+                    let a = Fast.search(&x, nmax, 0.0, 0);
+                    let b = FastAvx2(simd).search(&x, nmax, 0.0, 0);
+                    assert_eq!(a.0.map(f32::to_bits), b.0.map(f32::to_bits));
+                    assert_eq!(a.1.map(f32::to_bits), b.1.map(f32::to_bits));
                 }
             }
             let (fs, fl) = search_q6(&x);

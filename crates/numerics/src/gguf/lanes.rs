@@ -326,6 +326,11 @@ pub(super) mod avx2 {
         fn bits(self, mask: __m256) -> i32 {
             self.0.avx._mm256_movemask_ps(mask)
         }
+        /// `-a` (sign flip, as in scalar code).
+        #[inline(always)]
+        fn neg(self, a: __m256) -> __m256 {
+            self.0.avx._mm256_xor_ps(a, self.splat(-0.0))
+        }
         #[inline(always)]
         fn abs(self, a: __m256) -> __m256 {
             self.0.avx._mm256_andnot_ps(self.splat(-0.0), a)
@@ -465,4 +470,193 @@ pub(super) mod avx2 {
         }
         Some((out_scale, the_min))
     }
+
+    /// [`super::qkx_fast`] with `N = 8` in explicit AVX2: the same operations in the same
+    /// order, so the same bits.
+    #[inline(always)]
+    pub(in crate::gguf) fn qkx_fast(
+        simd: V3,
+        nmax: f32,
+        x: &[[f32; 8]; 32],
+        iters: usize,
+    ) -> ([f32; 8], [f32; 8]) {
+        let o = Ops(simd);
+        let xv: [__m256; 32] = cast(*x);
+        let zero = o.splat(0.0);
+        let nmaxv = o.splat(nmax);
+        let mut sum_x2 = zero;
+        for v in xv {
+            sum_x2 = o.add(sum_x2, o.mul(v, v));
+        }
+        let av = simd.avx._mm256_sqrt_ps(o.div(sum_x2, o.splat(32.0)));
+        let mut wv = [zero; 32];
+        for i in 0..32 {
+            wv[i] = o.add(av, o.abs(xv[i]));
+        }
+        let mut min = xv[0];
+        let mut max = xv[0];
+        let mut sum_w = wv[0];
+        let mut sum_x = o.mul(wv[0], xv[0]);
+        for i in 1..32 {
+            min = o.min_first(xv[i], min);
+            max = o.max_first(xv[i], max);
+            sum_w = o.add(sum_w, wv[i]);
+            sum_x = o.add(sum_x, o.mul(wv[i], xv[i]));
+        }
+        min = o.min_first(min, zero);
+        let min0 = min;
+        let mut scale = o.div(o.sub(max, min), nmaxv);
+        let mut iscale = o.div(nmaxv, o.sub(max, min));
+        for _ in 0..iters {
+            let mut sum_l = zero;
+            let mut sum_l2 = zero;
+            let mut sum_xl = zero;
+            for i in 0..32 {
+                let v = o.mul(o.sub(xv[i], min), iscale);
+                let q = o.min_first(o.max_first(v, zero), nmaxv);
+                let q = simd.avx._mm256_round_ps::<RNE>(q);
+                let wq = o.mul(wv[i], q);
+                sum_l = o.add(sum_l, wq);
+                sum_l2 = o.add(sum_l2, o.mul(wq, q));
+                sum_xl = o.add(sum_xl, o.mul(wq, xv[i]));
+            }
+            let det = o.sub(o.mul(sum_w, sum_l2), o.mul(sum_l, sum_l));
+            let s = o.div(o.sub(o.mul(sum_w, sum_xl), o.mul(sum_x, sum_l)), det);
+            let m = o.div(o.sub(o.mul(sum_l2, sum_x), o.mul(sum_l, sum_xl)), det);
+            let pos = o.gt(m, zero);
+            let m = o.select(pos, zero, m);
+            let s = o.select(pos, o.div(sum_xl, sum_l2), s);
+            let ok = o.and(
+                o.and(o.gt(det, zero), o.gt(s, zero)),
+                o.and(
+                    o.lt(s, o.splat(f32::INFINITY)),
+                    o.gt(m, o.splat(f32::NEG_INFINITY)),
+                ),
+            );
+            scale = o.select(ok, s, scale);
+            min = o.select(ok, m, min);
+            iscale = o.select(ok, o.div(o.splat(1.0), s), iscale);
+        }
+        let constant = o.eq(max, min0);
+        let scale = o.select(constant, zero, scale);
+        let the_min = o.neg(o.select(constant, min0, min));
+        (cast(scale), cast(the_min))
+    }
+}
+
+/// `if a > b { a } else { b }` (one MAXPS; a NaN `a` gives `b`).
+#[inline(always)]
+fn max_first(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// `if a < b { a } else { b }` (one MINPS; a NaN `a` gives `b`).
+#[inline(always)]
+fn min_first(a: f32, b: f32) -> f32 {
+    if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+/// The Q4_K/Q5_K sub-block search of [`KQuantSearch::Fast`](super::KQuantSearch::Fast), `N`
+/// sub-blocks side by side: start from the min/max grid (`scale = (max - min) / nmax`,
+/// `min = min(data min, 0)`), then `iters` times quantize to the nearest code in `0..=nmax`
+/// and refit `(scale, min)` by weighted least squares with `min <= 0`, the same closed form
+/// ggml's search uses for each of its candidates. Each refit can only lower the weighted
+/// squared error for the current codes and each re-quantization can only lower it for the
+/// current `(scale, min)`, so the error never rises (up to f32 rounding), but the result is
+/// generally not ggml's. Returns `(scale, -min)` per lane; constant sub-blocks give
+/// `(0, -min)` as in ggml. Codes are not returned: the caller re-quantizes every element
+/// against the stored 6-bit scales, and a sub-block whose stored scale is 0 decodes to
+/// `-dmin·m` whatever its codes.
+#[inline(always)]
+pub(super) fn qkx_fast<const N: usize>(
+    nmax: f32,
+    x: &[[f32; N]; 32],
+    iters: usize,
+) -> ([f32; N], [f32; N]) {
+    // The weights `av_x + |x|` of the reference search (`av_x` = RMS of the sub-block).
+    let mut sum_x2 = [0.0f32; N];
+    for row in x {
+        for j in 0..N {
+            sum_x2[j] += row[j] * row[j];
+        }
+    }
+    let mut w = [[0.0f32; N]; 32];
+    for i in 0..32 {
+        for j in 0..N {
+            w[i][j] = (sum_x2[j] / 32.0).sqrt() + x[i][j].abs();
+        }
+    }
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = w[0];
+    let mut sum_x = [0.0f32; N];
+    for j in 0..N {
+        sum_x[j] = sum_w[j] * x[0][j];
+    }
+    for i in 1..32 {
+        for j in 0..N {
+            let v = x[i][j];
+            min[j] = min_first(v, min[j]);
+            max[j] = max_first(v, max[j]);
+            sum_w[j] += w[i][j];
+            sum_x[j] += w[i][j] * v;
+        }
+    }
+    let mut scale = [0.0f32; N];
+    let mut iscale = [0.0f32; N];
+    for j in 0..N {
+        min[j] = min_first(min[j], 0.0);
+        scale[j] = (max[j] - min[j]) / nmax;
+        iscale[j] = nmax / (max[j] - min[j]);
+    }
+    let min0 = min;
+    for _ in 0..iters {
+        let mut sum_l = [0.0f32; N];
+        let mut sum_l2 = [0.0f32; N];
+        let mut sum_xl = [0.0f32; N];
+        for i in 0..32 {
+            for j in 0..N {
+                let v = (x[i][j] - min[j]) * iscale[j];
+                let q = min_first(max_first(v, 0.0), nmax).round_ties_even();
+                let wq = w[i][j] * q;
+                sum_l[j] += wq;
+                sum_l2[j] += wq * q;
+                sum_xl[j] += wq * x[i][j];
+            }
+        }
+        for j in 0..N {
+            let det = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
+            let mut s = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / det;
+            let mut m = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / det;
+            if m > 0.0 {
+                m = 0.0;
+                s = sum_xl[j] / sum_l2[j];
+            }
+            // det > 0 (at least two distinct codes), a positive finite scale and a finite
+            // min; otherwise keep the current grid.
+            if det > 0.0 && s > 0.0 && s < f32::INFINITY && m > f32::NEG_INFINITY {
+                scale[j] = s;
+                min[j] = m;
+                iscale[j] = 1.0 / s;
+            }
+        }
+    }
+    let mut the_min = [0.0f32; N];
+    for j in 0..N {
+        if max[j] == min0[j] {
+            scale[j] = 0.0;
+            the_min[j] = -min0[j];
+        } else {
+            the_min[j] = -min[j];
+        }
+    }
+    (scale, the_min)
 }

@@ -370,10 +370,37 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// How the Q4_K and Q5_K quantizers choose each 32-element sub-block's scale and min.
+/// Other types ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KQuantSearch {
+    /// ggml's `make_qkx2_quants` search (21 candidate grids for Q4_K, 16 for Q5_K, each with
+    /// a weighted least-squares fit and a weighted error): bit-exact with ggml's
+    /// `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref`. The default, and what the golden
+    /// vectors and the GGUF exporter use.
+    #[default]
+    Reference,
+    /// Min/max grid followed by two quantize + weighted least-squares refits (no candidate
+    /// grids): about a tenth of the arithmetic, same block layout, not bit-exact with ggml;
+    /// its reconstruction error is close to the reference's (`docs/benchmarks.md`).
+    Fast,
+}
+
 /// Quantize `x` to `ty` with ggml's reference quantizer (`quantize_row_*_ref`, no importance
 /// matrix) and append the blocks to `out`. `x.len()` must be a multiple of the block size;
 /// NaN/Inf inputs give [`Error::NonFinite`] (F32/F16/BF16 accept them and store them as is).
 pub fn quantize(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    quantize_with(ty, x, out, KQuantSearch::Reference)
+}
+
+/// [`quantize`] with a choice of Q4_K/Q5_K sub-block search ([`KQuantSearch`]); with
+/// [`KQuantSearch::Reference`] it is exactly [`quantize`].
+pub fn quantize_with(
+    ty: GgmlType,
+    x: &[f32],
+    out: &mut Vec<u8>,
+    search: KQuantSearch,
+) -> Result<()> {
     let nbytes = ty.row_bytes(x.len())?;
     use GgmlType::*;
     match ty {
@@ -422,8 +449,8 @@ pub fn quantize(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
         Q5_0 => legacy::quant_q5_0(x, dst),
         Q5_1 => legacy::quant_q5_1(x, dst),
         Q8_0 => legacy::quant_q8_0(x, dst),
-        Q4_K => kquants::quant_q4_k(x, dst),
-        Q5_K => kquants::quant_q5_k(x, dst),
+        Q4_K => kquants::quant_q4_k(x, dst, search),
+        Q5_K => kquants::quant_q5_k(x, dst, search),
         Q6_K => kquants::quant_q6_k(x, dst),
         IQ4_NL => fp4::quant_iq4_nl(x, dst),
         MXFP4 => fp4::quant_mxfp4(x, dst),
