@@ -18,6 +18,12 @@ const SCHEMES: &[&str] = &[
     "nf4-g64",
     "int4-g32-asym",
     "nf4-g16",
+    // more shapes of the dispatched row kernels (src/fastq.rs)
+    "nf4-g32",
+    "int4-g16-asym",
+    "int4-g64-sym-f16",
+    "fp8-pc-bf16",
+    "mxfp8-e5m2",
 ];
 
 /// Deterministic varied data: weight-like values, exact zeros and -0.0, small integers and
