@@ -126,14 +126,24 @@ pub fn run(args: Args) -> Result<()> {
             model.config.hidden_size
         );
         println!(
-            "| threads | pp{} tok/s | tg{} tok/s | weight MB/token | decode GB/s | read GB/s | ratio |",
+            "| threads | pp{} tok/s | prefill GFLOP/s | GEMM GFLOP/s | vs GEMM | tg{} tok/s | weight MB/token | decode GB/s | read GB/s | ratio |",
             args.prompt, args.gen
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
     }
     // Bytes of weights streamed per decoded token: every linear as stored (packed or f32) + the
     // output head; compared with a plain read of as many bytes, measured in the same run.
     let weight_bytes = model.streamed_weight_bytes() as f64;
+    // Arithmetic of the prefill (logits of the last token only): 2 flops per weight of every
+    // decoder linear per token, causal attention (q·k and p·v over on average (n+1)/2 keys), the
+    // head once. Compared below with this machine's dense f32 GEMM rate measured in the same run.
+    let c = &model.config;
+    let n = tokens.len() as f64;
+    let layer_w =
+        c.hidden_size * (2 * c.q_dim() + 2 * c.kv_dim()) + 3 * c.hidden_size * c.intermediate_size;
+    let prefill_flops = n * 2.0 * (c.n_layers * layer_w) as f64
+        + c.n_layers as f64 * 4.0 * c.q_dim() as f64 * n * (n + 1.0) / 2.0
+        + 2.0 * (c.vocab_size * c.hidden_size) as f64;
     let read_buf = vec![1u8; (model.streamed_weight_bytes() * 2).max(256 << 20)];
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -179,6 +189,20 @@ pub fn run(args: Args) -> Result<()> {
             best
         });
         let dec_gbs = tg * weight_bytes / 1e9;
+        // Dense f32 GEMM rate of this machine at this thread count (1024^3, best of 3).
+        let gemm_gflops = pool.install(|| -> Result<f64> {
+            let d = 1024;
+            let a = vec![0.5f32; d * d];
+            let mut o = vec![0f32; d * d];
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                lowbit_kernels::dense::matmul_wt(&a, &a, &mut o, d, d, d)?;
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            Ok(2.0 * (d * d * d) as f64 / best / 1e9)
+        })?;
+        let pp_gflops = pp * prefill_flops / n / 1e9;
         pb.suspend(|| {
             if args.json {
                 println!(
@@ -187,11 +211,14 @@ pub fn run(args: Args) -> Result<()> {
                            "gen_tokens": args.gen, "prefill_tok_s": pp, "decode_tok_s": tg,
                            "weight_bytes_per_token": weight_bytes, "decode_gb_s": dec_gbs,
                            "read_bw_gbps": read_gbs, "ratio_to_read_bw": dec_gbs / read_gbs,
+                           "prefill_gflops": pp_gflops, "gemm_gflops": gemm_gflops,
+                           "prefill_vs_gemm": pp_gflops / gemm_gflops,
                            "head": args.head, "kv": args.kv, "reps": reps})
                 );
             } else {
                 println!(
-                    "| {t} | {pp:.1} | {tg:.2} | {:.1} | {dec_gbs:.2} | {read_gbs:.2} | {:.2} |",
+                    "| {t} | {pp:.1} | {pp_gflops:.1} | {gemm_gflops:.1} | {:.2} | {tg:.2} | {:.1} | {dec_gbs:.2} | {read_gbs:.2} | {:.2} |",
+                    pp_gflops / gemm_gflops,
                     weight_bytes / 1e6,
                     dec_gbs / read_gbs
                 );
