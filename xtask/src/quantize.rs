@@ -142,6 +142,31 @@ impl Default for RotateArgs {
 /// Whether `args` asks for the rotation / weight+activation path ([`RotateArgs`]): a rotation,
 /// or a scheme with 4-bit or block-format activations (`w8a8-int8` without a rotation stays on
 /// the standard pipeline, SmoothQuant included).
+/// Tokenize `--calib` (refusing the `--eval` text), draw `--samples` windows of `--seqlen`
+/// tokens with `--seed`, and describe each source file (path, sha256, bytes, tokens) for the
+/// report.
+fn calibration_windows(args: &Args, src: &Source) -> Result<(Vec<Vec<u32>>, Vec<Value>)> {
+    let files = read_calibration_files(&args.calib, args.eval.as_deref())?;
+    let mut toks = Vec::new();
+    let mut srcs = Vec::new();
+    for (text, s) in &files {
+        let ids = src
+            .tokenizer
+            .encode(text)
+            .with_context(|| format!("tokenizing {}", s.path.display()))?;
+        srcs.push(
+            json!({"path": s.path, "sha256": s.sha256, "bytes": s.bytes, "tokens": ids.len()}),
+        );
+        toks.extend(ids);
+    }
+    let cfg = CalibConfig {
+        samples: args.samples,
+        seqlen: args.seqlen,
+        seed: args.seed,
+    };
+    Ok((sample_windows(&toks, &cfg)?, srcs))
+}
+
 fn wants_rotation_path(args: &Args) -> bool {
     let s = args.scheme.trim().to_ascii_lowercase();
     !args.rot.rotate.trim().eq_ignore_ascii_case("none")
@@ -179,25 +204,7 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
         bail!("--rotate spinquant and --method gptq need --calib FILE (never the evaluation text)");
     }
     let (windows, sources) = if needs {
-        let files = read_calibration_files(&args.calib, args.eval.as_deref())?;
-        let mut toks = Vec::new();
-        let mut srcs = Vec::new();
-        for (text, s) in &files {
-            let ids = src
-                .tokenizer
-                .encode(text)
-                .with_context(|| format!("tokenizing {}", s.path.display()))?;
-            srcs.push(
-                json!({"path": s.path, "sha256": s.sha256, "bytes": s.bytes, "tokens": ids.len()}),
-            );
-            toks.extend(ids);
-        }
-        let cfg = CalibConfig {
-            samples: args.samples,
-            seqlen: args.seqlen,
-            seed: args.seed,
-        };
-        (sample_windows(&toks, &cfg)?, srcs)
+        calibration_windows(args, &src)?
     } else {
         (Vec::new(), Vec::new())
     };
@@ -403,25 +410,7 @@ pub fn quantize_to_folder(args: &Args, quiet: bool) -> Result<RunOutput> {
     // Calibration windows.
     let needs = !args.calib.is_empty() || !matches!(method, Method::Rtn | Method::Hqq);
     let (windows, sources) = if needs {
-        let files = read_calibration_files(&args.calib, args.eval.as_deref())?;
-        let mut toks = Vec::new();
-        let mut srcs = Vec::new();
-        for (text, s) in &files {
-            let ids = src
-                .tokenizer
-                .encode(text)
-                .with_context(|| format!("tokenizing {}", s.path.display()))?;
-            srcs.push(
-                json!({"path": s.path, "sha256": s.sha256, "bytes": s.bytes, "tokens": ids.len()}),
-            );
-            toks.extend(ids);
-        }
-        let cfg = CalibConfig {
-            samples: args.samples,
-            seqlen: args.seqlen,
-            seed: args.seed,
-        };
-        (sample_windows(&toks, &cfg)?, srcs)
+        calibration_windows(args, &src)?
     } else {
         (Vec::new(), Vec::new())
     };
