@@ -6,6 +6,7 @@
 //! INT8 x INT8 path ([`w8a8`]). Design notes: `docs/kernels.md`.
 #![warn(missing_docs)]
 
+pub mod act8;
 pub mod codes;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -19,6 +20,7 @@ pub mod w8a8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use act8::ActMode;
 pub use error::{Error, Result};
 pub use isa::Isa;
 pub use packed::PackedLinear;

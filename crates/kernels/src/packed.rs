@@ -33,6 +33,7 @@ use std::borrow::Cow;
 use lowbit_numerics::{ElemFormat, FloatFormat, NestedScales, QuantizedTensor, Scheme};
 use rayon::prelude::*;
 
+use crate::act8::ActMode;
 use crate::codes;
 use crate::isa::{self, Isa};
 use crate::{Error, Result};
@@ -163,6 +164,8 @@ pub struct PackedLinear {
     pub(crate) data: Vec<u8>,
     /// `v(code)` for all 256 codes (scalar path).
     pub(crate) vtab: Box<[f32; 256]>,
+    /// Activation handling of `forward` (see [`ActMode`]).
+    act: ActMode,
     orig: Orig,
 }
 
@@ -398,6 +401,7 @@ impl PackedLinear {
             stab,
             data,
             vtab,
+            act: ActMode::F32,
             orig: Orig {
                 scheme: q.scheme,
                 scales: q.scales.clone(),
@@ -465,6 +469,9 @@ impl PackedLinear {
 
     /// `y[t][out] = sum_in x[t][in] * W[out][in]` for `n_tokens` token rows, on the path chosen
     /// by [`isa::selected`] (`LOWBIT_KERNEL` to force one), threaded over the current rayon pool.
+    /// With [`ActMode::Int8Block`] (see [`PackedLinear::set_act_mode`]) the activations are
+    /// first quantized to INT8 per 32-column block and the products are integer dot products
+    /// (module `act8`), at every batch size.
     pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<()> {
         self.forward_with(isa::selected(), x, n_tokens, y)
     }
@@ -485,6 +492,13 @@ impl PackedLinear {
         }
         let isa = Isa::clamp(isa);
         let xp = self.gather(x, n_tokens);
+        if self.act == ActMode::Int8Block {
+            let qa = self.quantize_act(&xp, n_tokens, isa != Isa::Scalar);
+            self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
+                self.run_tile_act8(isa, tile, &qa, tok, tb, buf)
+            });
+            return Ok(());
+        }
         let nseg = self.segs.len();
         let mut xs = vec![0f32; n_tokens * nseg];
         for t in 0..n_tokens {
@@ -496,6 +510,37 @@ impl PackedLinear {
         if isa != Isa::Scalar && n_tokens >= GEMM_MIN_TOKENS {
             return self.forward_gemm(isa, &xp, n_tokens, y);
         }
+        self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
+            self.run_tile(isa, tile, &xp, &xs, tok, tb, buf)
+        });
+        Ok(())
+    }
+
+    /// The activation handling of [`PackedLinear::forward`].
+    pub fn act_mode(&self) -> ActMode {
+        self.act
+    }
+
+    /// Choose the activation handling of [`PackedLinear::forward`]. [`ActMode::Int8Block`]
+    /// needs INT4 codes ([`PackedLinear::supports_int8_act`]); otherwise
+    /// [`Error::Unsupported`] and the mode is unchanged.
+    pub fn set_act_mode(&mut self, mode: ActMode) -> Result<()> {
+        if mode == ActMode::Int8Block && !self.supports_int8_act() {
+            return Err(Error::Unsupported(format!(
+                "INT8 block activations need INT4 weight codes, this layer is {:?}",
+                self.orig.scheme
+            )));
+        }
+        self.act = mode;
+        Ok(())
+    }
+
+    /// Threads over row blocks (about 8 tasks per thread): `tile_fn(tile, tok, tb, buf)` fills
+    /// `buf[t][row]` for tokens `tok..tok+tb` (`tb <= TB`) of one row tile.
+    fn run_row_blocks<F>(&self, n_tokens: usize, y: &mut [f32], tile_fn: F)
+    where
+        F: Fn(usize, usize, usize, &mut [[f32; TILE_ROWS]; TB]) + Sync,
+    {
         let threads = rayon::current_num_threads().max(1);
         let tiles_per_task = self.ntiles.div_ceil(threads * 8).max(1);
         let blocks: Vec<(usize, Vec<f32>)> = (0..self.ntiles.div_ceil(tiles_per_task))
@@ -510,7 +555,7 @@ impl PackedLinear {
                     let mut tok = 0;
                     while tok < n_tokens {
                         let tb = (n_tokens - tok).min(TB);
-                        self.run_tile(isa, tile, &xp, &xs, tok, tb, &mut buf);
+                        tile_fn(tile, tok, tb, &mut buf);
                         for (t, b) in buf.iter().enumerate().take(tb) {
                             let o = (tok + t) * nrows + (tile - t0) * TILE_ROWS;
                             out[o..o + TILE_ROWS].copy_from_slice(b);
@@ -530,7 +575,43 @@ impl PackedLinear {
                     .copy_from_slice(&out[t * nrows..t * nrows + take]);
             }
         }
-        Ok(())
+    }
+
+    /// One row tile of the INT8-activation path.
+    fn run_tile_act8(
+        &self,
+        isa: Isa,
+        tile: usize,
+        qa: &crate::act8::QuantAct,
+        t0: usize,
+        tb: usize,
+        out: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Scalar {
+            assert!(
+                self.store == Store::B4
+                    && tile < self.ntiles
+                    && (1..=TB).contains(&tb)
+                    && qa.xperm.len() >= (t0 + tb) * self.pcols
+                    && qa.sx.len() >= (t0 + tb) * qa.nblk
+                    && isa.supported()
+            );
+            use crate::act8::avx2::tile_b4;
+            // SAFETY: isa was clamped to a supported SIMD path (AVX2+FMA at least, checked
+            // above); the layer is 4-bit (set_act_mode checks); tile and token bounds asserted.
+            unsafe {
+                match tb {
+                    1 => tile_b4::<1>(self, tile, qa, t0, out),
+                    2 => tile_b4::<2>(self, tile, qa, t0, out),
+                    3 => tile_b4::<3>(self, tile, qa, t0, out),
+                    _ => tile_b4::<4>(self, tile, qa, t0, out),
+                }
+            }
+            return;
+        }
+        let _ = isa;
+        self.tile_act8_scalar(tile, qa, t0, tb, out)
     }
 
     /// Activations in packed column order (zero in padding), `n_tokens x pcols`.
