@@ -88,9 +88,12 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
         return (0.0, 0);
     }
     let scale = amax / 127.0;
+    // round-half-even of |v / scale| <= 127.0001 by the 1.5 * 2^23 trick (exactly
+    // `round_ties_even` in the default rounding mode; no libm call, vectorizes)
+    const MAGIC: f32 = 12_582_912.0;
     let mut sum = 0i32;
     for (d, &v) in q.iter_mut().zip(x) {
-        let c = (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
+        let c = (((v / scale) + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
         sum += c as i32;
         *d = c;
     }
@@ -206,7 +209,17 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::QuantAct;
-    use crate::packed::{PackedLinear, CHUNK, TB, TILE_ROWS};
+    use crate::packed::{HdrMode, PackedLinear, CHUNK, TB, TILE_ROWS};
+
+    /// `[v0, v0, v1, v1, v2, v2, v3, v3]`: a per-row value on both lanes of its row.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn dup_rows(v: __m128) -> __m256 {
+        _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(v),
+            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+        )
+    }
 
     /// i16 sum of the 4-row products of one 4-bit chunk (`w` = 32 code bytes) with the
     /// activation codes at `x` (16 bytes in nibble order).
@@ -253,7 +266,6 @@ pub(crate) mod avx2 {
         // SAFETY: tile < ntiles, so the tile's tile_bytes bytes lie inside pk.data.
         let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
         let mut acc = [_mm256_setzero_ps(); NT];
-        let mut bias = [[0f32; TILE_ROWS]; NT];
         for (k, seg) in pk.segs.iter().enumerate() {
             let hoff = tile * pk.tile_bytes + seg.byte_off;
             // SAFETY: the segment's chunks follow its header inside the tile.
@@ -310,16 +322,43 @@ pub(crate) mod avx2 {
                     g[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), g[t]);
                 }
             }
-            let sc = pk.scales4(hoff);
-            let sv = _mm256_setr_ps(sc[0], sc[0], sc[1], sc[1], sc[2], sc[2], sc[3], sc[3]);
-            for t in 0..NT {
-                acc[t] = _mm256_fmadd_ps(g[t], sv, acc[t]);
-            }
-            if with_bias {
-                for r in 0..TILE_ROWS {
-                    let (_, b) = pk.sb(hoff, r);
+            // Fold the group: acc += s * g + b * X. Each row owns 2 lanes, so the bias term
+            // is added as b/2 (exact) to both of them.
+            let xs = |t: usize| _mm256_set1_ps(qa.xsum[(t0 + t) * nseg + k]);
+            match pk.hmode {
+                HdrMode::ScaleBias => {
+                    // SAFETY: the header holds 4 f32 scales then 4 f32 biases.
+                    let (sv, bv) = unsafe {
+                        let p = pk.data.as_ptr().add(hoff) as *const f32;
+                        (dup_rows(_mm_loadu_ps(p)), dup_rows(_mm_loadu_ps(p.add(4))))
+                    };
+                    let bv = _mm256_mul_ps(bv, _mm256_set1_ps(0.5));
                     for t in 0..NT {
-                        bias[t][r] += b * qa.xsum[(t0 + t) * nseg + k];
+                        acc[t] = _mm256_fmadd_ps(g[t], sv, acc[t]);
+                        acc[t] = _mm256_fmadd_ps(bv, xs(t), acc[t]);
+                    }
+                }
+                _ => {
+                    let sv = match pk.hmode {
+                        // SAFETY: the header holds 4 f32 scales.
+                        HdrMode::Scale => unsafe {
+                            dup_rows(_mm_loadu_ps(pk.data.as_ptr().add(hoff) as *const f32))
+                        },
+                        _ => {
+                            let sc = pk.scales4(hoff);
+                            _mm256_setr_ps(sc[0], sc[0], sc[1], sc[1], sc[2], sc[2], sc[3], sc[3])
+                        }
+                    };
+                    if with_bias {
+                        // b = s * bmul: acc += s * (g + bmul * X)
+                        let hb = _mm256_set1_ps(0.5 * pk.bmul);
+                        for t in 0..NT {
+                            acc[t] = _mm256_fmadd_ps(_mm256_fmadd_ps(hb, xs(t), g[t]), sv, acc[t]);
+                        }
+                    } else {
+                        for t in 0..NT {
+                            acc[t] = _mm256_fmadd_ps(g[t], sv, acc[t]);
+                        }
                     }
                 }
             }
@@ -329,7 +368,7 @@ pub(crate) mod avx2 {
             // SAFETY: a has 8 f32.
             unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[t]) };
             for r in 0..TILE_ROWS {
-                out[t][r] = (a[2 * r] + a[2 * r + 1]) + bias[t][r];
+                out[t][r] = a[2 * r] + a[2 * r + 1];
             }
         }
     }

@@ -154,11 +154,11 @@ pub struct PackedLinear {
     col_pos: Vec<u32>,
     pub(crate) tile_bytes: usize,
     pub(crate) ntiles: usize,
-    hmode: HdrMode,
+    pub(crate) hmode: HdrMode,
     /// Header bytes per segment.
     pub(crate) hdr: usize,
     /// Bias multiplier for `Scale`/`Coded` headers (`-zero_point` of symmetric integers, else 0).
-    bmul: f32,
+    pub(crate) bmul: f32,
     /// Scale table of `Coded` headers.
     stab: Box<[f32; 256]>,
     pub(crate) data: Vec<u8>,
