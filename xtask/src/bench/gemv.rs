@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use lowbit_kernels::{dense, membw, PackedLinear, W8A8Linear};
+use lowbit_kernels::{dense, membw, ActMode, PackedLinear, W8A8Linear};
 use lowbit_numerics::{ElemFormat, FloatFormat, QuantizedTensor, ScaleDtype, Scheme};
 
 /// Arguments of `cargo xtask bench gemv`.
@@ -43,6 +43,11 @@ pub struct Args {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// INT4 formats: run `PackedLinear` with INT8 block activations (`ActMode::Int8Block`,
+    /// integer dot products) and also time, in the same rounds, the f32-activation kernel of the
+    /// same weights and the dense f32 GEMV (`gemv_f32`, one call per token).
+    #[arg(long)]
+    pub act8: bool,
 }
 
 /// Uniform-ish pseudo-random bytes (xorshift), enough for codes and activations.
@@ -149,6 +154,8 @@ struct Line {
     kernel_s: f64,
     read_s: f64,
     f32_s: f64,
+    /// `--act8`: the f32-activation kernel of the same weights, and `gemv_f32`.
+    act8_base: Option<(f64, f64)>,
 }
 
 /// Seconds per pass of `f` over `passes` consecutive buffers (cycling), median of rounds.
@@ -188,6 +195,24 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
     } else {
         1
     };
+    // --act8: the measured kernel runs on INT8 activations, `base` is the same weights on the
+    // f32-activation kernel
+    let base = match (&one, args.act8) {
+        (Kernel::Packed(v), true) => {
+            let b = v[0].clone();
+            Some(Kernel::Packed(vec![b; copies]))
+        }
+        (_, true) => bail!("--act8 needs a packed INT4 format (int4-g128-sym, int4-g32-asym, ...)"),
+        _ => None,
+    };
+    let one = match one {
+        Kernel::Packed(mut v) if args.act8 => {
+            v[0].set_act_mode(ActMode::Int8Block)
+                .context("--act8 needs INT4 codes")?;
+            Kernel::Packed(v)
+        }
+        k => k,
+    };
     let kern = match one {
         Kernel::Packed(v) => Kernel::Packed(vec![v[0].clone(); copies]),
         Kernel::W8a8(v) => Kernel::W8a8(vec![v[0].clone(); copies]),
@@ -216,6 +241,7 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
     }
     dense::matmul_wt(&x, &wf[0], &mut y, batch, cols, rows)?;
     let (mut tk, mut tr, mut tf) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tb, mut tg) = (Vec::new(), Vec::new());
     for _ in 0..args.reps.max(1) {
         tr.extend(time_passes(1, passes_k, |i| {
             sink = sink.wrapping_add(membw::par_sum_words(&reads[i % copies]));
@@ -228,6 +254,16 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
             dense::matmul_wt(&x, &wf[i % f32_copies], &mut y, batch, cols, rows)?;
             Ok(())
         })?);
+        if let Some(b) = &base {
+            tb.extend(time_passes(1, passes_k, |i| b.run(i, &x, batch, &mut y))?);
+            tg.extend(time_passes(1, passes_f, |i| {
+                let w = &wf[i % f32_copies];
+                for (xt, yt) in x.chunks_exact(cols).zip(y.chunks_exact_mut(rows)) {
+                    lowbit_kernels::gemv_f32::gemv(xt, w, yt)?;
+                }
+                Ok(())
+            })?);
+        }
     }
     std::hint::black_box(sink);
     std::hint::black_box(&y);
@@ -238,6 +274,7 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
         kernel_s: median(tk),
         read_s: median(tr),
         f32_s: median(tf),
+        act8_base: base.map(|_| (median(tb), median(tg))),
     })
 }
 
@@ -302,7 +339,11 @@ pub fn run(args: Args) -> Result<()> {
                     "threads": threads, "regime": l.regime, "weight_gbps": gbps, "read_bw_gbps": read,
                     "ratio_to_read_bw": gbps / read, "speedup_vs_f32": speedup, "isa": isa,
                     "weight_bytes": l.weight_bytes, "copies": l.copies, "kernel_ms": l.kernel_s * 1e3,
-                    "f32_ms": l.f32_s * 1e3, "reps": args.reps,
+                    "f32_ms": l.f32_s * 1e3, "reps": args.reps, "act8": args.act8,
+                    "f32_act_kernel_ms": l.act8_base.map(|b| b.0 * 1e3),
+                    "speedup_vs_f32_act": l.act8_base.map(|b| b.0 / l.kernel_s),
+                    "gemv_f32_ms": l.act8_base.map(|b| b.1 * 1e3),
+                    "speedup_vs_gemv_f32": l.act8_base.map(|b| b.1 / l.kernel_s),
                 })
             );
         } else {
@@ -318,6 +359,15 @@ pub fn run(args: Args) -> Result<()> {
                 l.f32_s * 1e3,
                 speedup
             );
+            if let Some((b, g)) = l.act8_base {
+                println!(
+                    "       act8: f32-activation kernel {:.3} ms ({:.2}x slower), gemv_f32 {:.3} ms ({:.2}x slower)",
+                    b * 1e3,
+                    b / l.kernel_s,
+                    g * 1e3,
+                    g / l.kernel_s
+                );
+            }
         }
     }
     Ok(())
