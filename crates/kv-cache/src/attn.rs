@@ -13,10 +13,12 @@
 //!   rows at a time (register-blocked: 3 rows x 4 keys for row-major keys, 3 rows x 16 keys for
 //!   KIVI's channel-major keys), and folds it into each row's online softmax (running max, sum,
 //!   rescaled accumulator) with a polynomial `exp` and a `P·V` accumulation over `head_dim`;
-//! * the task function is compiled twice, portable and with AVX2+FMA enabled (runtime
-//!   dispatch); both use the same operation order, so they agree to the last bit in practice.
+//! * the task function is compiled twice, portable and for AVX2+FMA (pulp's V3, runtime
+//!   dispatch, no `unsafe`); both use the same operation order, so they agree to the last bit
+//!   in practice. FP8 tiles are decoded by explicit AVX2 code in the V3 build
+//!   ([`crate::codec::decode_fp8_records`], bit-identical to the scalar decode).
 
-use crate::codec::TokenCodec;
+use crate::codec::{Simd, TokenCodec};
 use crate::kivi;
 use crate::policy::{Policy, Side};
 use rayon::prelude::*;
@@ -297,7 +299,7 @@ fn pv(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
 /// One task: query positions `qs` (indices into the job's queries) of the query heads of KV
 /// head `kvh`, keys `keys` (absolute positions).
 #[inline(always)]
-fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partial {
+fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>, simd: Simd) -> Partial {
     let d = j.d;
     let g = j.n_heads / j.nh_kv;
     let row = j.nh_kv * d;
@@ -390,6 +392,7 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
                         cnt,
                         &mut vb[..cnt * d],
                         &mut tmp,
+                        simd,
                     );
                     match p.k {
                         Side::Token(c) => {
@@ -403,6 +406,7 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partia
                                 cnt,
                                 &mut kb[..cnt * d],
                                 &mut tmp,
+                                simd,
                             );
                             (&kb[..], d, false, &vb[..], d)
                         }
@@ -507,14 +511,26 @@ fn v_codec(p: &Policy) -> TokenCodec {
     }
 }
 
-/// [`task`] compiled with AVX2 and FMA enabled.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
+/// [`task`] for [`pulp`]'s runtime dispatch: `with_simd` runs inside pulp's AVX2+FMA (V3)
+/// `target_feature` function and everything below it is `#[inline(always)]`, so the whole task
+/// is compiled for V3 (safe code: pulp checked the CPU when it made the token).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>) -> Partial {
-    task(j, kvh, qs, keys)
+struct V3Task<'a, 'b> {
+    j: &'b Job<'a>,
+    kvh: usize,
+    qs: Range<usize>,
+    keys: Range<usize>,
+    v3: pulp::x86::V3,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::WithSimd for V3Task<'_, '_> {
+    type Output = Partial;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Partial {
+        task(self.j, self.kvh, self.qs, self.keys, Some(self.v3))
+    }
 }
 
 fn run_task(
@@ -525,12 +541,22 @@ fn run_task(
     scalar: bool,
 ) -> Partial {
     #[cfg(target_arch = "x86_64")]
-    if !scalar && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA were detected on this CPU just above.
-        return unsafe { task_avx2(j, kvh, qs, keys) };
+    if !scalar {
+        if let Some(v3) = pulp::x86::V3::try_new() {
+            return pulp::Simd::vectorize(
+                v3,
+                V3Task {
+                    j,
+                    kvh,
+                    qs,
+                    keys,
+                    v3,
+                },
+            );
+        }
     }
     let _ = scalar;
-    task(j, kvh, qs, keys)
+    task(j, kvh, qs, keys, None)
 }
 
 /// Run the attention described by `j` into `out` (`[n_q][n_heads][d]`). The caller has

@@ -42,10 +42,203 @@ pub enum TokenCodec {
 
 /// The E4M3 byte `s.eeee.mmm` placed into an f16 (`s.eeeee.mmmmmmmmmm`) as `s.0eeee.mmm0000000`
 /// is the same number times 2^-8, subnormals included (both are `2^(e-bias)·1.m` or
-/// `2^(1-bias)·0.m` with biases 7 and 15).
+/// `2^(1-bias)·0.m` with biases 7 and 15). Kept as the reference the f32 decode is tested
+/// against.
+#[cfg(test)]
 #[inline(always)]
 fn e4m3_to_f16_bits(c: u8) -> u16 {
     (((c & 0x80) as u16) << 8) | (((c & 0x7f) as u16) << 7)
+}
+
+/// Exact f32 value of the E4M3 code `c` by integer arithmetic only (branch-free, so a loop
+/// over it vectorizes): normal codes are the f32 with the code's 7 magnitude bits placed at
+/// bit 20 and the exponent re-biased by 120; subnormals (`e = 0`) use the magic-number form
+/// `2^-6·(1 + m/8) - 2^-6 = 2^-6·m/8`. The NaN codes 0x7f/0xff decode to ±480 instead (the
+/// saturating encoder never writes them for finite input).
+#[inline(always)]
+pub(crate) fn e4m3_to_f32(c: u8) -> f32 {
+    let x = (c & 0x7f) as u32;
+    let sub = x < 8;
+    let bits = (x << 20) + if sub { 121 << 23 } else { 120 << 23 };
+    let v = f32::from_bits(bits) - if sub { 1.0 / 64.0 } else { 0.0 };
+    f32::from_bits(v.to_bits() | (((c & 0x80) as u32) << 24))
+}
+
+/// Exact f32 value of the E5M2 code `c` (the same construction: bits at 21, re-bias 112,
+/// subnormals `2^-14·m/4`). Infinity/NaN codes (exponent 31) decode to finite values; the
+/// saturating encoder never writes them for finite input.
+#[inline(always)]
+pub(crate) fn e5m2_to_f32(c: u8) -> f32 {
+    let x = (c & 0x7f) as u32;
+    let sub = x < 4;
+    let bits = (x << 21) + if sub { 113 << 23 } else { 112 << 23 };
+    let v = f32::from_bits(bits) - if sub { 1.0 / 16384.0 } else { 0.0 };
+    f32::from_bits(v.to_bits() | (((c & 0x80) as u32) << 24))
+}
+
+/// The SIMD level the FP8 decode may use: `Some(V3)` (AVX2, detected by the caller) or `None`
+/// (the portable reference).
+#[cfg(target_arch = "x86_64")]
+pub(crate) type Simd = Option<pulp::x86::V3>;
+/// The SIMD level the FP8 decode may use (none off x86-64).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) type Simd = Option<std::convert::Infallible>;
+
+/// `out[t * d..][..d] = FP8(record t) * 2^e(t)` for `cnt` FP8 records of `d` codes, record `t`
+/// at `buf[off + t * step..]`, laid out as `header` scale bytes (E8M0 exponent, or none when
+/// `exps` gives the exponent) then `d` codes. With `simd`, one AVX2 pass per record (8 codes
+/// per vector, see [`fp8_x8`]); otherwise the scalar [`e4m3_to_f32`] / [`e5m2_to_f32`]. Both
+/// give the same bits (tested for every code).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_fp8_records(
+    kind: Fp8Kind,
+    buf: &[u8],
+    off: usize,
+    step: usize,
+    cnt: usize,
+    d: usize,
+    fixed_exp: Option<i32>,
+    out: &mut [f32],
+    simd: Simd,
+) {
+    let hdr = usize::from(fixed_exp.is_none());
+    let rec_mul = |t: usize| -> (usize, f32) {
+        let o = off + t * step;
+        let e = fixed_exp.unwrap_or_else(|| buf[o] as i32 - 127);
+        (o + hdr, pow2(e))
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = simd {
+        struct Op<'a, F> {
+            v3: pulp::x86::V3,
+            kind: Fp8Kind,
+            buf: &'a [u8],
+            cnt: usize,
+            d: usize,
+            out: &'a mut [f32],
+            rec_mul: F,
+        }
+        impl<F: Fn(usize) -> (usize, f32)> pulp::WithSimd for Op<'_, F> {
+            type Output = ();
+            #[inline(always)]
+            fn with_simd<S: pulp::Simd>(self, _s: S) {
+                let Op {
+                    v3,
+                    kind,
+                    buf,
+                    cnt,
+                    d,
+                    out,
+                    rec_mul,
+                } = self;
+                for t in 0..cnt {
+                    let (o, mul) = rec_mul(t);
+                    let codes = &buf[o..][..d];
+                    let dst = &mut out[t * d..][..d];
+                    let n8 = d / 8 * 8;
+                    match kind {
+                        Fp8Kind::E4M3 => {
+                            fp8_x8::<20, 120, 8>(v3, &codes[..n8], mul, &mut dst[..n8])
+                        }
+                        Fp8Kind::E5M2 => {
+                            fp8_x8::<21, 112, 4>(v3, &codes[..n8], mul, &mut dst[..n8])
+                        }
+                    }
+                    fp8_scalar(kind, &codes[n8..], mul, &mut dst[n8..]);
+                }
+            }
+        }
+        pulp::Simd::vectorize(
+            v3,
+            Op {
+                v3,
+                kind,
+                buf,
+                cnt,
+                d,
+                out,
+                rec_mul,
+            },
+        );
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
+    for t in 0..cnt {
+        let (o, mul) = rec_mul(t);
+        fp8_scalar(kind, &buf[o..][..d], mul, &mut out[t * d..][..d]);
+    }
+}
+
+/// `2^e` for `e` in `-149..=127` (exact; E8M0 exponents are `-127..=127`).
+#[inline(always)]
+pub(crate) fn pow2(e: i32) -> f32 {
+    if e >= -126 {
+        f32::from_bits(((e.min(127) + 127) as u32) << 23)
+    } else {
+        f32::from_bits(1u32 << (e.max(-149) + 149))
+    }
+}
+
+/// The scalar reference decode: `out[i] = FP8(codes[i]) * mul`.
+#[inline(always)]
+fn fp8_scalar(kind: Fp8Kind, codes: &[u8], mul: f32, out: &mut [f32]) {
+    let f = match kind {
+        Fp8Kind::E4M3 => e4m3_to_f32,
+        Fp8Kind::E5M2 => e5m2_to_f32,
+    };
+    for (o, &c) in out.iter_mut().zip(codes) {
+        *o = f(c) * mul;
+    }
+}
+
+/// 8 codes per AVX2 vector (`codes.len()` a multiple of 8): the magnitude bits `x` placed at
+/// bit `SH` with the exponent re-biased by `BIAS`; codes with `x < SUB` (zero, subnormals) get
+/// one more exponent step and the format's smallest normal `2^(BIAS + 1 - 127)` subtracted
+/// (magic-number subnormal); sign ORed in; times `mul`. Called in a V3 (AVX2) context.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn fp8_x8<const SH: i32, const BIAS: i32, const SUB: i32>(
+    v3: pulp::x86::V3,
+    codes: &[u8],
+    mul: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::{__m128i, __m256};
+    let (a, a2) = (v3.avx, v3.avx2);
+    let min_normal = pow2(BIAS + 1 - 127);
+    let m7 = a._mm256_set1_epi32(0x7f);
+    let m80 = a._mm256_set1_epi32(0x80);
+    let lim = a._mm256_set1_epi32(SUB);
+    let one_exp = a._mm256_set1_epi32(1 << 23);
+    let rebias = a._mm256_set1_epi32(BIAS << 23);
+    let minn = a._mm256_set1_ps(min_normal);
+    let vm = a._mm256_set1_ps(mul);
+    for (c, o) in codes.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let b: __m128i = pulp::cast([w, 0u64]);
+        let x32 = a2._mm256_cvtepu8_epi32(b);
+        let x = a2._mm256_and_si256(x32, m7);
+        let is_sub = a2._mm256_cmpgt_epi32(lim, x);
+        let shifted = if SH == 20 {
+            a2._mm256_slli_epi32::<20>(x)
+        } else {
+            a2._mm256_slli_epi32::<21>(x)
+        };
+        let bits = a2._mm256_add_epi32(
+            a2._mm256_add_epi32(shifted, rebias),
+            a2._mm256_and_si256(is_sub, one_exp),
+        );
+        let v = a._mm256_sub_ps(
+            a._mm256_castsi256_ps(bits),
+            a._mm256_and_ps(a._mm256_castsi256_ps(is_sub), minn),
+        );
+        let sign = a2._mm256_slli_epi32::<24>(a2._mm256_and_si256(x32, m80));
+        let v = a._mm256_mul_ps(a._mm256_or_ps(v, a._mm256_castsi256_ps(sign)), vm);
+        let r: [f32; 8] = pulp::cast::<__m256, [f32; 8]>(v);
+        o.copy_from_slice(&r);
+    }
 }
 
 impl TokenCodec {
@@ -157,27 +350,7 @@ impl TokenCodec {
                 }
             }
             TokenCodec::Fp8(kind) => {
-                let e = rec[0] as i32 - 127;
-                let t = &mut tmp[..d];
-                let mul = match kind {
-                    Fp8Kind::E4M3 => {
-                        for (o, &c) in t.iter_mut().zip(&rec[1..]) {
-                            *o = e4m3_to_f16_bits(c);
-                        }
-                        2f32.powi(e + 8)
-                    }
-                    Fp8Kind::E5M2 => {
-                        for (o, &c) in t.iter_mut().zip(&rec[1..]) {
-                            *o = (c as u16) << 8;
-                        }
-                        2f32.powi(e)
-                    }
-                };
-                half::slice::HalfBitsSliceExt::reinterpret_cast::<f16>(&*t)
-                    .convert_to_f32_slice(out);
-                for o in out.iter_mut() {
-                    *o *= mul;
-                }
+                decode_fp8_records(kind, rec, 0, 0, 1, d, None, out, None);
             }
             TokenCodec::Int { bits, group } => {
                 let gb = group * bits as usize / 8 + 4;
@@ -192,10 +365,12 @@ impl TokenCodec {
 }
 
 impl TokenCodec {
-    /// Decode `cnt` records `buf[off + t * step..]` into `out[t * d..][..d]`. FP8 and f16
-    /// records go through one half-to-f32 conversion for the whole tile (one call instead of
-    /// one per record); other codecs decode record by record. `tmp` is scratch.
+    /// Decode `cnt` records `buf[off + t * step..]` into `out[t * d..][..d]`. FP8 records in
+    /// one pass per record (AVX2 when `simd` is given, see [`decode_fp8_records`]); f16 records
+    /// through one half-to-f32 conversion for the whole tile; other codecs record by record.
+    /// `tmp` is scratch.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn decode_tile(
         &self,
         buf: &[u8],
@@ -204,41 +379,13 @@ impl TokenCodec {
         cnt: usize,
         out: &mut [f32],
         tmp: &mut Vec<u16>,
+        simd: Simd,
     ) {
         let d = out.len() / cnt.max(1);
         let ru = self.record_bytes(d);
         match *self {
             TokenCodec::Fp8(kind) => {
-                tmp.resize(cnt * d, 0);
-                for t in 0..cnt {
-                    let rec = &buf[off + t * step..][..ru];
-                    let dst = &mut tmp[t * d..][..d];
-                    match kind {
-                        Fp8Kind::E4M3 => {
-                            for (o, &c) in dst.iter_mut().zip(&rec[1..]) {
-                                *o = e4m3_to_f16_bits(c);
-                            }
-                        }
-                        Fp8Kind::E5M2 => {
-                            for (o, &c) in dst.iter_mut().zip(&rec[1..]) {
-                                *o = (c as u16) << 8;
-                            }
-                        }
-                    }
-                }
-                half::slice::HalfBitsSliceExt::reinterpret_cast::<f16>(&tmp[..cnt * d])
-                    .convert_to_f32_slice(&mut out[..cnt * d]);
-                let bias = match kind {
-                    Fp8Kind::E4M3 => 8,
-                    Fp8Kind::E5M2 => 0,
-                };
-                for t in 0..cnt {
-                    let e = buf[off + t * step] as i32 - 127;
-                    let mul = 2f32.powi(e + bias);
-                    for o in &mut out[t * d..][..d] {
-                        *o *= mul;
-                    }
-                }
+                decode_fp8_records(kind, buf, off, step, cnt, d, None, out, simd);
             }
             TokenCodec::F16 => {
                 tmp.resize(cnt * d, 0);
@@ -329,22 +476,96 @@ mod tests {
     }
 
     #[test]
-    fn e4m3_bit_trick_matches_numerics_decode_for_all_finite_codes() {
+    fn fp8_decode_matches_numerics_for_every_code() {
         for c in 0..=255u8 {
-            if c & 0x7f == 0x7f {
-                continue; // NaN codes are never produced by the saturating encoder.
-            }
-            let via = f16::from_bits(e4m3_to_f16_bits(c)).to_f32() * 256.0;
             let want = FloatFormat::E4M3.decode(c);
-            assert_eq!(via.to_bits(), want.to_bits(), "code {c:#x}");
+            if c & 0x7f == 0x7f {
+                assert!(want.is_nan()); // never written: the encoder saturates
+                continue;
+            }
+            // The f16 placement trick and the integer f32 decode agree with the reference.
+            let via16 = f16::from_bits(e4m3_to_f16_bits(c)).to_f32() * 256.0;
+            assert_eq!(via16.to_bits(), want.to_bits(), "f16 trick, code {c:#x}");
+            assert_eq!(e4m3_to_f32(c).to_bits(), want.to_bits(), "E4M3 code {c:#x}");
         }
         for c in 0..=255u8 {
             let want = FloatFormat::E5M2.decode(c);
-            let via = f16::from_bits((c as u16) << 8).to_f32();
-            if want.is_nan() {
-                assert!(via.is_nan());
+            if want.is_finite() {
+                assert_eq!(e5m2_to_f32(c).to_bits(), want.to_bits(), "E5M2 code {c:#x}");
+                let via16 = f16::from_bits((c as u16) << 8).to_f32();
+                assert_eq!(via16.to_bits(), want.to_bits(), "code {c:#x}");
             } else {
-                assert_eq!(via.to_bits(), want.to_bits(), "code {c:#x}");
+                assert_eq!(c & 0x7c, 0x7c); // exponent 31: never written
+            }
+        }
+        // The record decode (portable and, where the CPU has it, AVX2; records of 8k and
+        // 8k + 5 codes, so the tail runs too) times each power-of-two scale equals the reference
+        // code by code, for every finite code.
+        #[cfg(target_arch = "x86_64")]
+        let levels: Vec<Simd> = vec![None, pulp::x86::V3::try_new()];
+        #[cfg(not(target_arch = "x86_64"))]
+        let levels: Vec<Simd> = vec![None];
+        for kind in [Fp8Kind::E4M3, Fp8Kind::E5M2] {
+            let fmt = match kind {
+                Fp8Kind::E4M3 => FloatFormat::E4M3,
+                Fp8Kind::E5M2 => FloatFormat::E5M2,
+            };
+            let codes: Vec<u8> = (0..=255u8).filter(|&c| fmt.decode(c).is_finite()).collect();
+            for d in [8, 13] {
+                // Records: one E8M0 byte, then `d` codes (cycling through all finite codes).
+                let cnt = codes.len().div_ceil(d);
+                for e in [-20i32, -3, 0, 5] {
+                    let mut buf = Vec::new();
+                    for t in 0..cnt {
+                        buf.push((e + 127) as u8);
+                        buf.extend((0..d).map(|i| codes[(t * d + i) % codes.len()]));
+                    }
+                    for &simd in &levels {
+                        let mut out = vec![0f32; cnt * d];
+                        decode_fp8_records(kind, &buf, 0, d + 1, cnt, d, None, &mut out, simd);
+                        for (i, &y) in out.iter().enumerate() {
+                            let c = codes[i % codes.len()];
+                            let want = fmt.decode(c) * 2f32.powi(e);
+                            assert_eq!(y.to_bits(), want.to_bits(), "{kind:?} {c:#x} 2^{e}");
+                        }
+                        // The same with the exponent given outside the record (no header).
+                        let bare: Vec<u8> = buf
+                            .chunks_exact(d + 1)
+                            .flat_map(|r| r[1..].to_vec())
+                            .collect();
+                        let mut out2 = vec![0f32; cnt * d];
+                        decode_fp8_records(kind, &bare, 0, d, cnt, d, Some(e), &mut out2, simd);
+                        assert_eq!(out, out2);
+                    }
+                }
+            }
+        }
+        assert_eq!(pow2(-149), f32::from_bits(1));
+        assert_eq!(pow2(-127), 2f32.powi(-127));
+        assert_eq!(pow2(127), 2f32.powi(127));
+        assert_eq!(pow2(-3), 0.125);
+    }
+
+    #[test]
+    fn saturating_encoder_never_writes_nan_codes() {
+        for kind in [Fp8Kind::E4M3, Fp8Kind::E5M2] {
+            let c = TokenCodec::Fp8(kind);
+            let x: Vec<f32> = (0..64)
+                .map(|i| match i {
+                    0 => 1e30,
+                    1 => -1e30,
+                    2 => 3e38,
+                    _ => (i as f32 - 30.0) * 1e3,
+                })
+                .collect();
+            let mut rec = vec![0u8; c.record_bytes(64)];
+            c.encode(&x, &mut rec);
+            for &b in &rec[1..] {
+                let v = match kind {
+                    Fp8Kind::E4M3 => FloatFormat::E4M3.decode(b),
+                    Fp8Kind::E5M2 => FloatFormat::E5M2.decode(b),
+                };
+                assert!(v.is_finite(), "{kind:?} wrote {b:#x}");
             }
         }
     }

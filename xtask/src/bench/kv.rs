@@ -1,6 +1,7 @@
 //! `cargo xtask bench kv`: decode-step cost of the KV cache alone (append one token + attend
 //! one query, every layer) after a prefill of `--ctx` tokens, per policy, against f32 in the
-//! same run; and (`--prefill N`, default 512) the attention of an N-token prefill (append N +
+//! same run (the caches are filled first, then the steps of all policies interleaved, so a
+//! load change on a shared machine hits every policy alike); and (`--prefill N`, default 512) the attention of an N-token prefill (append N +
 //! attend N queries, every layer) per policy against a naive one-query-at-a-time attention
 //! (the pre-tiling algorithm, kept here only as the baseline) in the same run. Shape:
 //! SmolLM2-135M (30 layers, 9 query heads, 3 KV heads, head_dim 64). K/V are random (speed
@@ -22,7 +23,8 @@ pub struct Args {
     /// Tokens in the cache before the decode steps.
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
-    /// Decode steps timed per policy (the median step is reported).
+    /// Decode steps timed per policy (the median step is reported; steps of the policies are
+    /// interleaved).
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
     /// Prefill length for the prefill-attention table (0: skip it).
@@ -77,9 +79,11 @@ pub fn run(args: Args) -> Result<()> {
         );
         println!("|---|---|---|---|---|---|");
     }
-    let mut base = None;
+    // Fill every cache first, then time the steps interleaved (step i of every policy, then
+    // step i + 1, ...), so load changes on a shared machine hit every policy alike.
+    let mut caches = Vec::new();
     for p in &pols {
-        pb.set_message(p.clone());
+        pb.set_message(format!("fill {p}"));
         let mut cache = build(p, shape).with_context(|| format!("--kv {p}"))?;
         let mut filled = 0;
         while filled < args.ctx {
@@ -89,15 +93,22 @@ pub fn run(args: Args) -> Result<()> {
             }
             filled += n;
         }
-        let mut times = Vec::new();
-        for _ in 0..args.steps.max(1) {
+        caches.push(cache);
+        pb.inc(1);
+    }
+    let mut times = vec![Vec::new(); pols.len()];
+    for _ in 0..args.steps.max(1) {
+        for (cache, ts) in caches.iter_mut().zip(&mut times) {
             let t0 = Instant::now();
             for l in 0..shape.n_layers {
                 cache.append(l, &step_k, &step_v, 1)?;
                 cache.attend(l, &q, 1, n_heads, 0.125, &mut out)?;
             }
-            times.push(t0.elapsed().as_secs_f64());
+            ts.push(t0.elapsed().as_secs_f64());
         }
+    }
+    let mut base = None;
+    for ((p, cache), mut times) in pols.iter().zip(&caches).zip(times) {
         times.sort_by(f64::total_cmp);
         let ms = times[times.len() / 2] * 1e3;
         let tps = 1e3 / ms;
@@ -108,7 +119,6 @@ pub fn run(args: Args) -> Result<()> {
             Policy::parse(p, shape, None)?.bytes_per_token(shape)
         };
         let bytes = cache.bytes();
-        pb.inc(1);
         pb.suspend(|| {
             if args.json {
                 println!(
@@ -125,6 +135,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         });
     }
+    drop(caches);
     pb.finish_and_clear();
     if args.prefill > 0 {
         prefill_table(&args, &pols, shape, n_heads, &mut rnd)?;
