@@ -36,6 +36,10 @@ pub struct Args {
     /// decode benchmark's `--head` does, to measure what that costs in quality.
     #[arg(long)]
     pub head: Option<String>,
+    /// INT8 block activations on the INT4 quantized linears (W4A8 integer dot products,
+    /// `lowbit_kernels::ActMode::Int8Block`; changes the numerics slightly).
+    #[arg(long)]
+    pub act8: bool,
     /// KV-cache policy of the evaluated model (`f32`, `fp8`, ...; see docs/kv-cache.md).
     #[arg(long, default_value = "f32")]
     pub kv: String,
@@ -116,6 +120,15 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
         model.quantize_head(&scheme)?;
     }
+    if args.act8 {
+        let mut n = 0;
+        for name in model.linear_names() {
+            if let Some(l) = model.linear_mut(&name) {
+                n += usize::from(l.set_act8(true)?);
+            }
+        }
+        eprintln!("--act8: INT8 block activations on {n} linear layers");
+    }
     let reference = match &args.reference {
         Some(r) => Some(
             lowbit_model::load::load(r, false)
@@ -191,7 +204,7 @@ pub fn run(args: Args) -> Result<()> {
             "model": args.model, "text": args.text, "ctx": args.ctx, "kv": args.kv,
             "ppl": rep.ppl, "mean_nll": rep.mean_nll, "tokens": rep.tokens, "windows": rep.windows,
             "text_tokens": tokens.len(), "tail_tokens": rep.tail_tokens, "bos": false,
-            "eval_seconds": eval_s,
+            "eval_seconds": eval_s, "act8": args.act8,
         });
         if let Some((r, m)) = &rot_report {
             let m2 = o.as_object_mut().expect("object");

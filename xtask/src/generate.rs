@@ -43,6 +43,10 @@ pub struct Args {
     /// Quantize the output head at load time (RTN, e.g. `int8-pc`) for faster decoding.
     #[arg(long)]
     pub head: Option<String>,
+    /// INT8 block activations on the INT4 quantized linears (W4A8 integer dot products,
+    /// `lowbit_kernels::ActMode::Int8Block`; changes the numerics slightly).
+    #[arg(long)]
+    pub act8: bool,
     /// Print one JSON object (text, tokens, speed) instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -56,6 +60,15 @@ pub fn run(args: Args) -> Result<()> {
         let scheme = lowbit_numerics::Scheme::from_name(h)
             .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
         model.quantize_head(&scheme)?;
+    }
+    if args.act8 {
+        let mut n = 0;
+        for name in model.linear_names() {
+            if let Some(l) = model.linear_mut(&name) {
+                n += usize::from(l.set_act8(true)?);
+            }
+        }
+        eprintln!("--act8: INT8 block activations on {n} linear layers");
     }
     let tok = tok.context("the model has no tokenizer")?;
     let text = if args.chat {

@@ -183,6 +183,30 @@ impl Linear {
         Ok(self.uses_kernels())
     }
 
+    /// INT8 block activations for this layer's packed kernel
+    /// ([`lowbit_kernels::ActMode::Int8Block`]: the input is rounded to 8 bits per 32 columns
+    /// and the products are integer dot products), or back to f32 activations. It changes the
+    /// numerics, so it is off unless asked for. Only layers whose packed kernel has the mode
+    /// (INT4 codes) take it; returns whether this layer now runs it. Rebuilding the packed
+    /// layout ([`Self::set_use_kernels`]) resets it.
+    pub fn set_act8(&mut self, on: bool) -> Result<bool> {
+        if let Weight::Quantized {
+            packed: Some(p), ..
+        } = &mut self.weight
+        {
+            if p.supports_int8_act() {
+                let mode = if on {
+                    lowbit_kernels::ActMode::Int8Block
+                } else {
+                    lowbit_kernels::ActMode::F32
+                };
+                p.set_act_mode(mode)?;
+                return Ok(on);
+            }
+        }
+        Ok(false)
+    }
+
     /// Attach a bias of `out` values.
     pub fn with_bias(mut self, b: Vec<f32>) -> Result<Self> {
         if b.len() != self.out {
@@ -366,6 +390,49 @@ mod tests {
         let mut y = [0f32];
         l.forward(&[0.4, 1.6], 1, &mut y).unwrap();
         assert_eq!(y[0], 2.0);
+    }
+
+    #[test]
+    fn act8_is_opt_in_and_close_to_f32_activations() {
+        let (out, inp) = (12, 200);
+        let w = data(out * inp, 4);
+        let scheme = lowbit_numerics::Scheme::from_name("int4-g64-asym").unwrap();
+        let q = lowbit_numerics::quantize(
+            &w,
+            out,
+            inp,
+            &scheme,
+            &lowbit_numerics::QuantOptions::default(),
+        )
+        .unwrap();
+        let mut l = Linear::quantized_with(q, |q| Ok(q.dequantize()?)).unwrap();
+        if !l.uses_kernels() {
+            return; // LOWBIT_LINEAR=dense: no packed kernel, nothing to switch
+        }
+        let x = data(inp, 5);
+        let (mut a, mut b) = (vec![0f32; out], vec![0f32; out]);
+        l.forward(&x, 1, &mut a).unwrap();
+        assert!(l.set_act8(true).unwrap());
+        l.forward(&x, 1, &mut b).unwrap();
+        assert_ne!(a, b);
+        // per 32-column block the rounding moves the output by at most sum|w| * max|x| / 254
+        let bound: f32 = l
+            .weight_f32()
+            .chunks(inp)
+            .map(|r| r.iter().map(|v| v.abs()).sum::<f32>())
+            .fold(0.0, f32::max)
+            / 254.0;
+        for (u, v) in a.iter().zip(&b) {
+            assert!(
+                (u - v).abs() <= bound * 1.01 + 1e-5,
+                "{u} vs {v} (bound {bound})"
+            );
+        }
+        assert!(!l.set_act8(false).unwrap());
+        l.forward(&x, 1, &mut b).unwrap();
+        assert_eq!(a, b);
+        let mut d = Linear::dense(w, out, inp).unwrap();
+        assert!(!d.set_act8(true).unwrap());
     }
 
     #[test]

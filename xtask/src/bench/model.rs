@@ -20,6 +20,10 @@ pub struct Args {
     /// store it; the head otherwise dominates the bytes a small quantized model reads per token.
     #[arg(long)]
     pub head: Option<String>,
+    /// INT8 block activations on the INT4 quantized linears (W4A8 integer dot products,
+    /// `lowbit_kernels::ActMode::Int8Block`; changes the numerics slightly).
+    #[arg(long)]
+    pub act8: bool,
     /// Comma-separated thread counts (default: 1 and all cores).
     #[arg(long, value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -91,6 +95,15 @@ pub fn run(args: Args) -> Result<()> {
         let scheme = lowbit_numerics::Scheme::from_name(h)
             .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
         model.quantize_head(&scheme)?;
+    }
+    if args.act8 {
+        let mut n = 0;
+        for name in model.linear_names() {
+            if let Some(l) = model.linear_mut(&name) {
+                n += usize::from(l.set_act8(true)?);
+            }
+        }
+        eprintln!("--act8: INT8 block activations on {n} linear layers");
     }
     let vocab = model.config.vocab_size as u64;
     // Deterministic pseudo-random tokens (content does not change the cost).
@@ -213,7 +226,7 @@ pub fn run(args: Args) -> Result<()> {
                            "read_bw_gbps": read_gbs, "ratio_to_read_bw": dec_gbs / read_gbs,
                            "prefill_gflops": pp_gflops, "gemm_gflops": gemm_gflops,
                            "prefill_vs_gemm": pp_gflops / gemm_gflops,
-                           "head": args.head, "kv": args.kv, "reps": reps})
+                           "head": args.head, "act8": args.act8, "kv": args.kv, "reps": reps})
                 );
             } else {
                 println!(
