@@ -121,6 +121,25 @@ impl RowKernel {
         zrow: &mut [u8],
         pending: &mut Vec<usize>,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::run(self, x, gs, ctx, drow, srow, zrow, pending) {
+            return;
+        }
+        self.run_portable(x, gs, ctx, drow, srow, zrow, pending);
+    }
+
+    /// [`Self::run`] through the portable (auto-vectorized) kernels only.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_portable(
+        &self,
+        x: &[f32],
+        gs: f32,
+        ctx: &Ctx,
+        drow: &mut [u8],
+        srow: &mut [f32],
+        zrow: &mut [u8],
+        pending: &mut Vec<usize>,
+    ) {
         pulp::Arch::new().dispatch(RowJob {
             k: *self,
             x,
@@ -178,13 +197,15 @@ impl pulp::WithSimd for RowJob<'_> {
     }
 }
 
-/// NF4's table is sorted, so the rank among the midpoints is the code.
+/// NF4's table is sorted, so the rank among the midpoints is the code; the midpoints strictly
+/// increase (the AVX2 kernel's binary search relies on it).
 fn nf4_rank_is_code() -> bool {
     let enc = crate::quantize::nf4_encoder();
     enc.code_of_rank
         .iter()
         .enumerate()
         .all(|(i, &c)| c as usize == i)
+        && enc.mids.windows(2).all(|w| w[0] < w[1])
 }
 
 /// Largest magnitude (as f32 bits) of a slice, 8 lanes; `>= 0x7f80_0000` means a NaN or an
@@ -204,6 +225,16 @@ fn max_mag_bits(xs: &[f32]) -> u32 {
         m[j] = if b > m[j] { b } else { m[j] };
     }
     m.iter().fold(0i32, |a, &v| if v > a { v } else { a }) as u32
+}
+
+/// Largest magnitude of a slice as f32 bits (`> 0x7f80_0000`: a NaN is present), with AVX2
+/// where the CPU has it.
+pub(crate) fn max_mag_bits_slice(xs: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b) = avx2::max_mag_bits_slice(xs) {
+        return b;
+    }
+    max_mag_bits(xs)
 }
 
 /// Eight 4-bit codes (u32 lanes, each < 16) packed into four bytes, low nibble first:
@@ -585,9 +616,796 @@ pub(crate) fn dequant_e4m3_row(
     });
 }
 
+/// AVX2 kernels with explicit intrinsics, called through `pulp`'s `V3` token: `V3::try_new`
+/// checks the CPU once, and `V3::vectorize` runs the `#[inline(always)]` body inside a function
+/// compiled with AVX2+FMA, so the token's (safe) intrinsic methods become single instructions.
+/// Each kernel computes exactly what the portable kernel above computes (same f32 operations,
+/// no FMA contraction, the same 8-lane reduction order), eight lanes per instruction; codes
+/// are packed to nibbles in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Ctx, Kind, RowKernel, SignRule};
+    use crate::quantize::params_from_range;
+    use bytemuck::cast;
+    use core::arch::x86_64::{__m128i, __m256, __m256i, _CMP_GT_OQ, _CMP_LT_OQ, _CMP_UNORD_Q};
+    use pulp::x86::V3;
+
+    /// Thin wrappers over the token's intrinsics (all inlined into the AVX2 body).
+    #[derive(Clone, Copy)]
+    struct K(V3);
+
+    impl K {
+        #[inline(always)]
+        fn ld(self, a: &[f32; 8]) -> __m256 {
+            cast(*a)
+        }
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m256 {
+            self.0.avx._mm256_set1_ps(v)
+        }
+        #[inline(always)]
+        fn splati(self, v: i32) -> __m256i {
+            self.0.avx._mm256_set1_epi32(v)
+        }
+        #[inline(always)]
+        fn bits(self, v: __m256) -> __m256i {
+            self.0.avx._mm256_castps_si256(v)
+        }
+        #[inline(always)]
+        fn flt(self, v: __m256i) -> __m256 {
+            self.0.avx._mm256_castsi256_ps(v)
+        }
+        #[inline(always)]
+        fn div(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_div_ps(a, b)
+        }
+        #[inline(always)]
+        fn mul(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        fn add(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        fn sub(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_sub_ps(a, b)
+        }
+        /// `if a < b { a } else { b }` per lane (b when either is NaN).
+        #[inline(always)]
+        fn min(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_min_ps(a, b)
+        }
+        /// `if a > b { a } else { b }` per lane (b when either is NaN).
+        #[inline(always)]
+        fn max(self, a: __m256, b: __m256) -> __m256 {
+            self.0.avx._mm256_max_ps(a, b)
+        }
+        /// All-ones lanes where `a > b` (false on NaN).
+        #[inline(always)]
+        fn gt(self, a: __m256, b: __m256) -> __m256i {
+            self.bits(self.0.avx._mm256_cmp_ps::<_CMP_GT_OQ>(a, b))
+        }
+        /// All-ones lanes where `a < b` (false on NaN).
+        #[inline(always)]
+        fn lt(self, a: __m256, b: __m256) -> __m256i {
+            self.bits(self.0.avx._mm256_cmp_ps::<_CMP_LT_OQ>(a, b))
+        }
+        /// All-ones lanes where `a` is NaN.
+        #[inline(always)]
+        fn isnan(self, a: __m256) -> __m256i {
+            self.bits(self.0.avx._mm256_cmp_ps::<_CMP_UNORD_Q>(a, a))
+        }
+        /// `m ? b : a` per lane (`m` all-ones or zero).
+        #[inline(always)]
+        fn sel(self, a: __m256, b: __m256, m: __m256i) -> __m256 {
+            self.0.avx._mm256_blendv_ps(a, b, self.flt(m))
+        }
+        #[inline(always)]
+        fn and(self, a: __m256i, b: __m256i) -> __m256i {
+            self.0.avx2._mm256_and_si256(a, b)
+        }
+        #[inline(always)]
+        fn or(self, a: __m256i, b: __m256i) -> __m256i {
+            self.0.avx2._mm256_or_si256(a, b)
+        }
+        #[inline(always)]
+        fn addi(self, a: __m256i, b: __m256i) -> __m256i {
+            self.0.avx2._mm256_add_epi32(a, b)
+        }
+        #[inline(always)]
+        fn subi(self, a: __m256i, b: __m256i) -> __m256i {
+            self.0.avx2._mm256_sub_epi32(a, b)
+        }
+        #[inline(always)]
+        fn maxi(self, a: __m256i, b: __m256i) -> __m256i {
+            self.0.avx2._mm256_max_epi32(a, b)
+        }
+        /// Magnitude bits `bits(v) & 0x7fff_ffff` (as non-negative i32).
+        #[inline(always)]
+        fn mag(self, v: __m256) -> __m256i {
+            self.and(self.bits(v), self.splati(0x7fff_ffff))
+        }
+        /// `max(unpacklo32(a, b), unpackhi32(a, b))` (a transpose-reduce step).
+        #[inline(always)]
+        fn max_lo_hi32(self, a: __m256i, b: __m256i) -> __m256i {
+            let a2 = self.0.avx2;
+            self.maxi(
+                a2._mm256_unpacklo_epi32(a, b),
+                a2._mm256_unpackhi_epi32(a, b),
+            )
+        }
+        /// `max(unpacklo64(a, b), unpackhi64(a, b))`.
+        #[inline(always)]
+        fn max_lo_hi64(self, a: __m256i, b: __m256i) -> __m256i {
+            let a2 = self.0.avx2;
+            self.maxi(
+                a2._mm256_unpacklo_epi64(a, b),
+                a2._mm256_unpackhi_epi64(a, b),
+            )
+        }
+        /// Largest lane of non-negative i32 lanes.
+        #[inline(always)]
+        fn hmax(self, v: __m256i) -> u32 {
+            let (sse2, sse41) = (self.0.sse2, self.0.sse4_1);
+            let h = sse41._mm_max_epi32(
+                self.0.avx._mm256_castsi256_si128(v),
+                self.0.avx2._mm256_extracti128_si256::<1>(v),
+            );
+            let h = sse41._mm_max_epi32(h, sse2._mm_shuffle_epi32::<0b01_00_11_10>(h));
+            let h = sse41._mm_max_epi32(h, sse2._mm_shuffle_epi32::<0b10_11_00_01>(h));
+            sse2._mm_cvtsi128_si32(h) as u32
+        }
+        /// [`super::max_mag_bits`] of whole vectors.
+        #[inline(always)]
+        fn max_mag(self, xs: &[[f32; 8]]) -> u32 {
+            let mut m = self.0.avx._mm256_setzero_si256();
+            for v in xs {
+                m = self.maxi(m, self.mag(self.ld(v)));
+            }
+            self.hmax(m)
+        }
+        /// `#(t < a)` over the thresholds (as i32 lanes).
+        #[inline(always)]
+        fn count(self, a: __m256, thr: &[f32]) -> __m256i {
+            let mut c = self.0.avx._mm256_setzero_si256();
+            for &t in thr {
+                c = self.subi(c, self.gt(a, self.splat(t)));
+            }
+            c
+        }
+        /// Thirty-two 4-bit codes (i32 lanes, each < 16) as sixteen bytes, low nibble first.
+        #[inline(always)]
+        fn pack32(self, c: [__m256i; 4]) -> [u8; 16] {
+            let a2 = self.0.avx2;
+            let a = a2._mm256_packus_epi32(c[0], c[1]);
+            let b = a2._mm256_packus_epi32(c[2], c[3]);
+            // per 128-bit lane: bytes 0..4 of c0, c1, c2, c3 (low lane) / 4..8 (high lane)
+            let p = a2._mm256_packus_epi16(a, b);
+            // u16: even byte + 16 * odd byte
+            let m = a2._mm256_maddubs_epi16(p, self.0.avx._mm256_set1_epi16(0x1001));
+            let r = a2._mm256_packus_epi16(m, m);
+            let lo = self.0.avx._mm256_castsi256_si128(r);
+            let hi = a2._mm256_extracti128_si256::<1>(r);
+            cast::<__m128i, [u8; 16]>(self.0.sse2._mm_unpacklo_epi16(lo, hi))
+        }
+        /// Sixteen 4-bit codes as eight bytes, low nibble first.
+        #[inline(always)]
+        fn pack16(self, c0: __m256i, c1: __m256i) -> [u8; 8] {
+            let a2 = self.0.avx2;
+            let a = a2._mm256_packus_epi32(c0, c1);
+            let p = a2._mm256_packus_epi16(a, a);
+            let m = a2._mm256_maddubs_epi16(p, self.0.avx._mm256_set1_epi16(0x1001));
+            let r = a2._mm256_packus_epi16(m, m);
+            let lo = self.0.avx._mm256_castsi256_si128(r);
+            let hi = a2._mm256_extracti128_si256::<1>(r);
+            let o = cast::<__m128i, [u8; 16]>(self.0.sse2._mm_unpacklo_epi16(lo, hi));
+            let mut r8 = [0u8; 8];
+            r8.copy_from_slice(&o[..8]);
+            r8
+        }
+        /// E2M1 code (magnitude count | sign << 3) of `y`.
+        #[inline(always)]
+        fn e2m1(self, y: __m256, thr: &[f32; 7], sign: SignRule) -> __m256i {
+            let a = self.flt(self.mag(y));
+            let c = self.count(a, thr);
+            let s = match sign {
+                SignRule::Bit => self.0.avx2._mm256_srli_epi32::<31>(self.bits(y)),
+                SignRule::Less => {
+                    self.and(self.lt(y, self.0.avx._mm256_setzero_ps()), self.splati(1))
+                }
+            };
+            self.or(c, self.0.avx2._mm256_slli_epi32::<3>(s))
+        }
+    }
+
+    /// [`super::max_mag_bits`] of any slice, `None` without AVX2.
+    pub(super) fn max_mag_bits_slice(xs: &[f32]) -> Option<u32> {
+        let simd = V3::try_new()?;
+        Some(simd.vectorize(MaxMag { s: K(simd), xs }))
+    }
+
+    struct MaxMag<'a> {
+        s: K,
+        xs: &'a [f32],
+    }
+
+    impl pulp::NullaryFnOnce for MaxMag<'_> {
+        type Output = u32;
+
+        #[inline(always)]
+        fn call(self) -> u32 {
+            let MaxMag { s, xs } = self;
+            let (v, tail) = pulp::as_arrays::<8, f32>(xs);
+            // four accumulators (the max has a latency of one, loads come two per cycle)
+            let z = s.0.avx._mm256_setzero_si256();
+            let mut m = [z; 4];
+            let mut c4 = v.chunks_exact(4);
+            for c in &mut c4 {
+                for (mk, x) in m.iter_mut().zip(c) {
+                    *mk = s.maxi(*mk, s.mag(s.ld(x)));
+                }
+            }
+            for x in c4.remainder() {
+                m[0] = s.maxi(m[0], s.mag(s.ld(x)));
+            }
+            let mut b = s.hmax(s.maxi(s.maxi(m[0], m[1]), s.maxi(m[2], m[3])));
+            for t in tail {
+                b = b.max(t.to_bits() & 0x7fff_ffff);
+            }
+            b
+        }
+    }
+
+    /// Run `k` on one row with AVX2 if the CPU has it and there is a kernel for it here;
+    /// `false` leaves the row to the portable kernels.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run(
+        k: &RowKernel,
+        x: &[f32],
+        gs: f32,
+        ctx: &Ctx,
+        drow: &mut [u8],
+        srow: &mut [f32],
+        zrow: &mut [u8],
+        pending: &mut Vec<usize>,
+    ) -> bool {
+        if matches!(k, RowKernel::Fp8 { .. }) {
+            return false;
+        }
+        let Some(simd) = V3::try_new() else {
+            return false;
+        };
+        simd.vectorize(Job {
+            s: K(simd),
+            k: *k,
+            x,
+            gs,
+            ctx,
+            drow,
+            srow,
+            zrow,
+            pending,
+        });
+        true
+    }
+
+    struct Job<'a> {
+        s: K,
+        k: RowKernel,
+        x: &'a [f32],
+        gs: f32,
+        ctx: &'a Ctx,
+        drow: &'a mut [u8],
+        srow: &'a mut [f32],
+        zrow: &'a mut [u8],
+        pending: &'a mut Vec<usize>,
+    }
+
+    impl pulp::NullaryFnOnce for Job<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            let Job {
+                s,
+                k,
+                x,
+                gs,
+                ctx,
+                drow,
+                srow,
+                zrow,
+                pending,
+            } = self;
+            match k {
+                RowKernel::Fp8 { .. } => {}
+                RowKernel::Int4 { kind, g } => {
+                    int4_row(s, kind, g, x, ctx, drow, srow, zrow, pending)
+                }
+                RowKernel::Nvfp4Ct => nvfp4_ct_row(s, x, gs, drow, srow, pending),
+                RowKernel::Mxfp4 { kind, thr, sign } => {
+                    mxfp4_row(s, kind, thr, sign, x, ctx, drow, srow, pending)
+                }
+                RowKernel::Nf4 { g } => nf4_row(s, g, x, drow, srow, pending),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn int4_row(
+        s: K,
+        kind: Kind,
+        g: usize,
+        x: &[f32],
+        ctx: &Ctx,
+        drow: &mut [u8],
+        srow: &mut [f32],
+        zrow: &mut [u8],
+        pending: &mut Vec<usize>,
+    ) {
+        for (j, ((xs, out), (sj, zj))) in x
+            .chunks_exact(g)
+            .zip(drow.chunks_exact_mut(g / 2))
+            .zip(srow.iter_mut().zip(zrow.iter_mut()))
+            .enumerate()
+        {
+            let (xv, _) = pulp::as_arrays::<8, f32>(xs);
+            // the reference's 8-lane statistics pass
+            let mut mnv = s.splat(f32::INFINITY);
+            let mut mxv = s.splat(f32::NEG_INFINITY);
+            let mut nan = s.0.avx._mm256_setzero_si256();
+            for v in xv {
+                let v = s.ld(v);
+                mnv = s.min(v, mnv);
+                mxv = s.max(v, mxv);
+                nan = s.or(nan, s.isnan(v));
+            }
+            if s.0.avx._mm256_movemask_ps(s.flt(nan)) != 0 {
+                pending.push(j);
+                continue;
+            }
+            let (mnv, mxv) = (cast::<__m256, [f32; 8]>(mnv), cast::<__m256, [f32; 8]>(mxv));
+            let lo = mnv
+                .iter()
+                .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+            let hi = mxv
+                .iter()
+                .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            if lo == f32::NEG_INFINITY || hi == f32::INFINITY {
+                pending.push(j);
+                continue;
+            }
+            let amax = (-lo).max(hi).abs();
+            let p = params_from_range(kind, lo, hi, amax, 0.0, 1.0, ctx);
+            let sc = p.scale;
+            if !(sc > 0.0 && sc.is_finite()) {
+                pending.push(j);
+                continue;
+            }
+            let zp = p.zero_point.unwrap_or(8);
+            *sj = sc;
+            *zj = p.zero_point.unwrap_or(0);
+            let zpf = zp as f32;
+            let (qlo, qhi) = (s.splat(-zpf), s.splat(15.0 - zpf));
+            let (vs, magic) = (s.splat(sc), s.splat(12_582_912.0));
+            let off = s.splati((zp as i32).wrapping_sub(0x4B40_0000));
+            let p = Int4Code {
+                vs,
+                qlo,
+                qhi,
+                magic,
+                off,
+            };
+            let mut oc = out.chunks_exact_mut(16);
+            let mut xc = xv.chunks_exact(4);
+            for (o, v) in (&mut oc).zip(&mut xc) {
+                o.copy_from_slice(&s.pack32([
+                    p.code(s, &v[0]),
+                    p.code(s, &v[1]),
+                    p.code(s, &v[2]),
+                    p.code(s, &v[3]),
+                ]));
+            }
+            if let ([v0, v1], o) = (xc.remainder(), oc.into_remainder()) {
+                o.copy_from_slice(&s.pack16(p.code(s, v0), p.code(s, v1)));
+            }
+        }
+    }
+
+    /// Constants of one INT4 group: `clamp(x / s) + 1.5 * 2^23`, re-based bits + zero point.
+    #[derive(Clone, Copy)]
+    struct Int4Code {
+        vs: __m256,
+        qlo: __m256,
+        qhi: __m256,
+        magic: __m256,
+        off: __m256i,
+    }
+
+    impl Int4Code {
+        #[inline(always)]
+        fn code(&self, s: K, v: &[f32; 8]) -> __m256i {
+            let q = s.add(
+                s.min(s.max(s.div(s.ld(v), self.vs), self.qlo), self.qhi),
+                self.magic,
+            );
+            s.addi(s.bits(q), self.off)
+        }
+    }
+
+    /// Eight NVFP4 groups (128 values): codes into `out`, block scales and "finite" flags.
+    #[inline(always)]
+    fn nvfp4_batch(s: K, xv: &[[f32; 8]], gs: f32, out: &mut [u8]) -> ([f32; 8], i32) {
+        let (a2, avx) = (s.0.avx2, s.0.avx);
+        // per-group magnitude maxima, then an 8x8 transpose-reduce: lane k = group k
+        let mut m = [avx._mm256_setzero_si256(); 8];
+        for (mk, v) in m.iter_mut().zip(xv.chunks_exact(2)) {
+            *mk = s.maxi(s.mag(s.ld(&v[0])), s.mag(s.ld(&v[1])));
+        }
+        let (t01, t23) = (s.max_lo_hi32(m[0], m[1]), s.max_lo_hi32(m[2], m[3]));
+        let (t45, t67) = (s.max_lo_hi32(m[4], m[5]), s.max_lo_hi32(m[6], m[7]));
+        let (u03, u47) = (s.max_lo_hi64(t01, t23), s.max_lo_hi64(t45, t67));
+        let amb = s.maxi(
+            a2._mm256_permute2x128_si256::<0x20>(u03, u47),
+            a2._mm256_permute2x128_si256::<0x31>(u03, u47),
+        );
+        // finite: bits < 0x7f80_0000; the others get amax 0 (scale unused)
+        let ok = a2._mm256_cmpgt_epi32(s.splati(0x7f80_0000), amb);
+        let amax = s.flt(s.and(amb, ok));
+        // nvfp4::block_scale_ct lane-wise: clamp(gs * (amax / 6)), e4m3_round, 0 -> 0.125
+        let vg = s.splat(gs);
+        let v = s.min(
+            s.max(s.mul(vg, s.div(amax, s.splat(6.0))), s.splat(-448.0)),
+            s.splat(448.0),
+        );
+        let a = s.flt(s.mag(v));
+        let m512 = s.splat(12_582_912.0);
+        let sub = s.mul(
+            s.sub(s.add(s.mul(a, s.splat(512.0)), m512), m512),
+            s.splat(1.0 / 512.0),
+        );
+        let b = s.bits(a);
+        let lsb = s.and(a2._mm256_srli_epi32::<20>(b), s.splati(1));
+        let nb = s.and(
+            s.addi(s.addi(b, s.splati(0x7_FFFF)), lsb),
+            s.splati(!0xF_FFFF),
+        );
+        let r = s.sel(s.flt(nb), sub, s.lt(a, s.splat(0.015625)));
+        let r = s.flt(s.or(s.bits(r), s.and(s.bits(v), s.splati(i32::MIN))));
+        let zero = avx._mm256_setzero_ps();
+        let sc = s.sel(
+            r,
+            s.splat(0.125),
+            s.bits(avx._mm256_cmp_ps::<{ core::arch::x86_64::_CMP_EQ_OQ }>(r, zero)),
+        );
+        let d = cast::<__m256, [f32; 8]>(s.div(sc, vg));
+        let okm = avx._mm256_movemask_ps(s.flt(ok));
+        for ((v, o), dk) in xv.chunks_exact(4).zip(out.chunks_exact_mut(16)).zip(
+            // two groups per 32 values
+            d.chunks_exact(2),
+        ) {
+            let (d0, d1) = (s.splat(dk[0]), s.splat(dk[1]));
+            let t = &mx_e2m1_even();
+            let c = [
+                s.e2m1(s.div(s.ld(&v[0]), d0), t, SignRule::Less),
+                s.e2m1(s.div(s.ld(&v[1]), d0), t, SignRule::Less),
+                s.e2m1(s.div(s.ld(&v[2]), d1), t, SignRule::Less),
+                s.e2m1(s.div(s.ld(&v[3]), d1), t, SignRule::Less),
+            ];
+            o.copy_from_slice(&s.pack32(c));
+        }
+        (cast::<__m256, [f32; 8]>(sc), okm)
+    }
+
+    #[inline(always)]
+    fn mx_e2m1_even() -> [f32; 7] {
+        crate::mx::E2M1_EVEN_T
+    }
+
+    #[inline(always)]
+    fn nvfp4_ct_row(
+        s: K,
+        x: &[f32],
+        gs: f32,
+        drow: &mut [u8],
+        srow: &mut [f32],
+        pending: &mut Vec<usize>,
+    ) {
+        const G: usize = 16;
+        let full = x.len() / G;
+        let mut j0 = 0;
+        while j0 < full {
+            let n = (full - j0).min(8);
+            let xs = &x[j0 * G..(j0 + n) * G];
+            let out = &mut drow[j0 * G / 2..(j0 + n) * G / 2];
+            let (sc, ok) = if n == 8 {
+                nvfp4_batch(s, pulp::as_arrays::<8, f32>(xs).0, gs, out)
+            } else {
+                // the last few groups of a row, zero-padded to a batch
+                let mut xt = [0f32; 8 * G];
+                xt[..n * G].copy_from_slice(xs);
+                let mut ot = [0u8; 8 * G / 2];
+                let r = nvfp4_batch(s, pulp::as_arrays::<8, f32>(&xt).0, gs, &mut ot);
+                out.copy_from_slice(&ot[..n * G / 2]);
+                r
+            };
+            for k in 0..n {
+                if ok & (1 << k) != 0 {
+                    srow[j0 + k] = sc[k];
+                } else {
+                    // left to the reference (which rewrites these bytes)
+                    pending.push(j0 + k);
+                }
+            }
+            j0 += n;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn mxfp4_row(
+        s: K,
+        kind: Kind,
+        thr: &[f32; 7],
+        sign: SignRule,
+        x: &[f32],
+        ctx: &Ctx,
+        drow: &mut [u8],
+        srow: &mut [f32],
+        pending: &mut Vec<usize>,
+    ) {
+        const G: usize = 32;
+        for (j, ((xs, out), sj)) in x
+            .chunks_exact(G)
+            .zip(drow.chunks_exact_mut(G / 2))
+            .zip(srow.iter_mut())
+            .enumerate()
+        {
+            let (xv, _) = pulp::as_arrays::<8, f32>(xs);
+            let b = s.max_mag(xv);
+            if b >= 0x7f80_0000 {
+                pending.push(j);
+                continue;
+            }
+            let cm = f32::from_bits(b);
+            let sc = params_from_range(kind, -cm, cm, cm, 0.0, 1.0, ctx).scale;
+            if !(sc > 0.0 && sc.is_finite()) {
+                pending.push(j);
+                continue;
+            }
+            *sj = sc;
+            let inv = s.splat(1.0 / sc);
+            out.copy_from_slice(&s.pack32([
+                s.e2m1(s.mul(s.ld(&xv[0]), inv), thr, sign),
+                s.e2m1(s.mul(s.ld(&xv[1]), inv), thr, sign),
+                s.e2m1(s.mul(s.ld(&xv[2]), inv), thr, sign),
+                s.e2m1(s.mul(s.ld(&xv[3]), inv), thr, sign),
+            ]));
+        }
+    }
+
+    /// NF4 codes by a four-step binary search over the 15 sorted midpoints (the same count
+    /// `#(mid < y)` as the portable threshold count, since the midpoints strictly increase).
+    #[inline(always)]
+    fn nf4_row(
+        s: K,
+        g: usize,
+        x: &[f32],
+        drow: &mut [u8],
+        srow: &mut [f32],
+        pending: &mut Vec<usize>,
+    ) {
+        let avx = s.0.avx;
+        let m = &crate::quantize::nf4_encoder().mids;
+        let t = Nf4Search {
+            m7: s.splat(m[7]),
+            m3: s.splat(m[3]),
+            m11: s.splat(m[11]),
+            t3: avx._mm256_setr_ps(m[1], m[5], m[9], m[13], 0.0, 0.0, 0.0, 0.0),
+            t4: avx._mm256_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14]),
+        };
+        for (j, ((xs, out), sj)) in x
+            .chunks_exact(g)
+            .zip(drow.chunks_exact_mut(g / 2))
+            .zip(srow.iter_mut())
+            .enumerate()
+        {
+            let (xv, _) = pulp::as_arrays::<8, f32>(xs);
+            let b = s.max_mag(xv);
+            // NaN/Inf and all-zero groups: reference (which writes these bytes)
+            if b >= 0x7f80_0000 || b == 0 {
+                pending.push(j);
+                continue;
+            }
+            let sc = f32::from_bits(b);
+            *sj = sc;
+            let vs = s.splat(sc);
+            let mut oc = out.chunks_exact_mut(16);
+            let mut xc = xv.chunks_exact(4);
+            for (o, v) in (&mut oc).zip(&mut xc) {
+                o.copy_from_slice(&s.pack32([
+                    t.code(s, s.div(s.ld(&v[0]), vs)),
+                    t.code(s, s.div(s.ld(&v[1]), vs)),
+                    t.code(s, s.div(s.ld(&v[2]), vs)),
+                    t.code(s, s.div(s.ld(&v[3]), vs)),
+                ]));
+            }
+            if let ([v0, v1], o) = (xc.remainder(), oc.into_remainder()) {
+                o.copy_from_slice(&s.pack16(
+                    t.code(s, s.div(s.ld(v0), vs)),
+                    t.code(s, s.div(s.ld(v1), vs)),
+                ));
+            }
+        }
+    }
+
+    /// The NF4 midpoints laid out for the binary search.
+    #[derive(Clone, Copy)]
+    struct Nf4Search {
+        m7: __m256,
+        m3: __m256,
+        m11: __m256,
+        /// mids 1, 5, 9, 13 (indexed by code / 4)
+        t3: __m256,
+        /// mids 0, 2, .., 14 (indexed by code / 2)
+        t4: __m256,
+    }
+
+    impl Nf4Search {
+        #[inline(always)]
+        fn code(&self, s: K, y: __m256) -> __m256i {
+            let a2 = s.0.avx2;
+            let g1 = s.gt(y, self.m7);
+            let g2 = s.gt(y, s.sel(self.m3, self.m11, g1));
+            let i = s.or(s.and(g1, s.splati(8)), s.and(g2, s.splati(4)));
+            let t3 = a2._mm256_permutevar8x32_ps(self.t3, a2._mm256_srli_epi32::<2>(i));
+            let i = s.or(i, s.and(s.gt(y, t3), s.splati(2)));
+            let t4 = a2._mm256_permutevar8x32_ps(self.t4, a2._mm256_srli_epi32::<1>(i));
+            s.or(i, s.and(s.gt(y, t4), s.splati(1)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quantize::QuantOptions;
+
+    /// Weight-like values with exact zeros, -0.0, halves/integers (ties), huge and tiny
+    /// (subnormal) magnitudes and, when `bad`, NaN/Inf sprinkled in.
+    fn row(n: usize, seed: u64, bad: bool) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                match (s >> 8) % 23 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => ((s >> 20) % 13) as f32 * 0.5 - 3.0,
+                    3 => u * 3e38,
+                    4 => u * 1e-39,
+                    5 if bad => f32::NAN,
+                    6 if bad => f32::INFINITY,
+                    7 if bad => f32::NEG_INFINITY,
+                    8 => u * 40.0,
+                    _ => u * 0.05,
+                }
+            })
+            .collect()
+    }
+
+    /// The dispatched kernels (AVX2 where present) against the portable kernels, on rows with
+    /// whole groups, ragged tails, all-zero groups, NaN/Inf and huge values: same codes, scales,
+    /// zero points and pending groups.
+    #[test]
+    fn dispatched_kernels_match_portable() {
+        let mx_rules = [
+            MxScaleRule::Floor,
+            MxScaleRule::Ceil,
+            MxScaleRule::RoundUp175,
+        ];
+        let mut cases = 0;
+        for name in [
+            "int4-g128-asym",
+            "int4-g128-sym",
+            "int4-g16-asym",
+            "int4-g48-sym",
+            "nvfp4",
+            "mxfp4",
+            "nf4-g64",
+            "nf4-g32",
+            "nf4-g16",
+        ] {
+            let scheme = crate::Scheme::from_name(name).unwrap();
+            let kind = Kind::of(&scheme).unwrap();
+            for rounding in [Rounding::NearestEven, Rounding::NearestAway] {
+                for &mx_rule in &mx_rules {
+                    let mut ctx = Ctx::from(&QuantOptions {
+                        rounding,
+                        ..QuantOptions::default()
+                    });
+                    ctx.mx_rule = mx_rule;
+                    let cols = 4096;
+                    let (_, bc) = scheme.granularity.block_shape(1, cols);
+                    let Some(k) = RowKernel::select(kind, &scheme, &ctx, bc) else {
+                        continue;
+                    };
+                    let g = k.group();
+                    for (len, seed) in [(cols, 1u64), (g * 9 + 5, 2), (g - 1, 3), (g * 17, 4)] {
+                        for bad in [false, true] {
+                            let mut x = row(len, seed * 31 + u64::from(bad), bad);
+                            if len > 2 * g {
+                                x[g..2 * g].iter_mut().for_each(|v| *v = 0.0);
+                            }
+                            let gs = if bad {
+                                1.0
+                            } else {
+                                crate::nvfp4::global_scale_ct(&x)
+                            };
+                            let full = len / g;
+                            let run = |portable: bool| {
+                                let mut d = vec![0xA5u8; full * g * 4 / 8 + g];
+                                let mut sc = vec![-1f32; full + 1];
+                                let mut z = vec![0x5Au8; full + 1];
+                                let mut p = Vec::new();
+                                if portable {
+                                    k.run_portable(&x, gs, &ctx, &mut d, &mut sc, &mut z, &mut p);
+                                } else {
+                                    k.run(&x, gs, &ctx, &mut d, &mut sc, &mut z, &mut p);
+                                }
+                                p.sort_unstable();
+                                // bytes of pending groups are rewritten by the reference
+                                for &j in &p {
+                                    d[j * g / 2..(j + 1) * g / 2].fill(0);
+                                    sc[j] = 0.0;
+                                    z[j] = 0;
+                                }
+                                (d, sc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), z, p)
+                            };
+                            let (a, b) = (run(false), run(true));
+                            assert_eq!(
+                                a.3, b.3,
+                                "{name} {rounding:?} {mx_rule:?} len {len}: pending"
+                            );
+                            assert_eq!(
+                                a.1, b.1,
+                                "{name} {rounding:?} {mx_rule:?} len {len}: scales"
+                            );
+                            assert_eq!(
+                                a.2, b.2,
+                                "{name} {rounding:?} {mx_rule:?} len {len}: zero points"
+                            );
+                            assert_eq!(
+                                a.0, b.0,
+                                "{name} {rounding:?} {mx_rule:?} len {len}: codes"
+                            );
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cases >= 50, "{cases} cases");
+    }
+
+    #[test]
+    fn max_mag_bits_slice_matches_portable() {
+        for (n, bad) in [
+            (0usize, false),
+            (7, false),
+            (33, true),
+            (1000, false),
+            (4099, true),
+        ] {
+            let x = row(n, n as u64 + 11, bad);
+            assert_eq!(max_mag_bits_slice(&x), max_mag_bits(&x), "n {n}");
+        }
+    }
 
     #[test]
     fn e4m3_decode_bits_matches_the_codec() {

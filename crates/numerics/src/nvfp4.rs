@@ -47,30 +47,17 @@ pub fn nvfp4_scheme() -> Scheme {
     }
 }
 
-/// Largest |x| of a slice (NaN propagates as NaN); 8 compare-select lanes so it vectorizes,
-/// chunks of 64 Ki elements in parallel.
+/// Largest |x| of a slice (NaN propagates as NaN): the integer maximum of the magnitude bits
+/// (`fastq::max_mag_bits_slice`, AVX2 where present), chunks of 64 Ki elements in parallel.
 pub(crate) fn abs_max(w: &[f32]) -> f32 {
     use rayon::prelude::*;
     fn seq(w: &[f32]) -> f32 {
-        let mut m = [0f32; 8];
-        let mut nan = [0u32; 8];
-        let mut ch = w.chunks_exact(8);
-        for c in &mut ch {
-            for j in 0..8 {
-                let a = c[j].abs();
-                m[j] = if a > m[j] { a } else { m[j] };
-                nan[j] |= u32::from(a.is_nan());
-            }
-        }
-        for (j, &x) in ch.remainder().iter().enumerate() {
-            let a = x.abs();
-            m[j] = if a > m[j] { a } else { m[j] };
-            nan[j] |= u32::from(a.is_nan());
-        }
-        if nan.iter().any(|&n| n != 0) {
+        // the largest magnitude bits (AVX2 where present): above +Inf's bits only for a NaN
+        let b = crate::fastq::max_mag_bits_slice(w);
+        if b > 0x7f80_0000 {
             f32::NAN
         } else {
-            m.iter().fold(0.0, |a, &b| if b > a { b } else { a })
+            f32::from_bits(b)
         }
     }
     w.par_chunks(1 << 16).map(seq).reduce(

@@ -200,3 +200,40 @@ fn non_finite_reports_first_index() {
     check("mxfp4", 2, 64, &w);
     check("mxfp8-e4m3", 2, 64, &w);
 }
+
+/// Random shapes (ragged last groups included) with huge (near f32::MAX) and subnormal
+/// values mixed in, for every scheme; and NaN/Inf blocks for the MX schemes that keep them.
+#[test]
+fn random_shapes_with_extreme_values() {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = |m: u64| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s % m
+    };
+    for case in 0..12u64 {
+        let rows = 1 + next(3) as usize;
+        let cols = 1 + next(700) as usize;
+        let mut w = data(rows * cols, 0xABCD ^ case);
+        for _ in 0..(rows * cols / 50 + 1) {
+            let i = next((rows * cols) as u64) as usize;
+            w[i] = match next(4) {
+                0 => 3.0e38,
+                1 => -1.7e38,
+                2 => 1e-42,
+                _ => -2.5e-39,
+            };
+        }
+        for name in SCHEMES {
+            check(name, rows, cols, &w);
+        }
+        let mut wn = w.clone();
+        for _ in 0..3 {
+            let i = next((rows * cols) as u64) as usize;
+            wn[i] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][next(3) as usize];
+        }
+        check("mxfp4", rows, cols, &wn);
+        check("mxfp8-e4m3", rows, cols, &wn);
+    }
+}
