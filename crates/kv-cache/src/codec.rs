@@ -31,6 +31,14 @@ pub enum TokenCodec {
     Bf16,
     /// FP8 values plus one E8M0 scale byte per record.
     Fp8(Fp8Kind),
+    /// FP8 values with a static power-of-two scale `2^exp` fixed by the policy: no metadata in
+    /// the record (`d` bytes); values beyond `max_finite · 2^exp` saturate.
+    Fp8Static {
+        /// E4M3 or E5M2.
+        kind: Fp8Kind,
+        /// Scale exponent.
+        exp: i8,
+    },
     /// Asymmetric `bits`-bit integers, per `group` values an f16 scale and f16 minimum.
     Int {
         /// 2, 4 or 8.
@@ -248,6 +256,7 @@ impl TokenCodec {
             TokenCodec::F32 => 4 * d,
             TokenCodec::F16 | TokenCodec::Bf16 => 2 * d,
             TokenCodec::Fp8(_) => d + 1,
+            TokenCodec::Fp8Static { .. } => d,
             TokenCodec::Int { bits, group } => d * bits as usize / 8 + 4 * (d / group),
         }
     }
@@ -265,6 +274,10 @@ impl TokenCodec {
             TokenCodec::Bf16 => "bf16".into(),
             TokenCodec::Fp8(Fp8Kind::E4M3) => "fp8".into(),
             TokenCodec::Fp8(Fp8Kind::E5M2) => "fp8e5m2".into(),
+            TokenCodec::Fp8Static { kind, exp } => {
+                let k = if kind == Fp8Kind::E4M3 { "" } else { "e5m2" };
+                format!("fp8s{k}{exp}")
+            }
             TokenCodec::Int { bits, group } if group == d => format!("int{bits}"),
             TokenCodec::Int { bits, group } => format!("int{bits}g{group}"),
         }
@@ -313,6 +326,16 @@ impl TokenCodec {
                     *o = fmt.encode(v * inv, Rounding::NearestEven, Overflow::Saturate);
                 }
             }
+            TokenCodec::Fp8Static { kind, exp } => {
+                let fmt = match kind {
+                    Fp8Kind::E4M3 => FloatFormat::E4M3,
+                    Fp8Kind::E5M2 => FloatFormat::E5M2,
+                };
+                let inv = pow2(-(exp as i32));
+                for (o, v) in out.iter_mut().zip(x) {
+                    *o = fmt.encode(v * inv, Rounding::NearestEven, Overflow::Saturate);
+                }
+            }
             TokenCodec::Int { bits, group } => {
                 let gb = group * bits as usize / 8 + 4;
                 let levels = ((1u32 << bits) - 1) as f32;
@@ -352,6 +375,9 @@ impl TokenCodec {
             TokenCodec::Fp8(kind) => {
                 decode_fp8_records(kind, rec, 0, 0, 1, d, None, out, None);
             }
+            TokenCodec::Fp8Static { kind, exp } => {
+                decode_fp8_records(kind, rec, 0, 0, 1, d, Some(exp as i32), out, None);
+            }
             TokenCodec::Int { bits, group } => {
                 let gb = group * bits as usize / 8 + 4;
                 for (og, rg) in out.chunks_exact_mut(group).zip(rec.chunks_exact(gb)) {
@@ -386,6 +412,9 @@ impl TokenCodec {
         match *self {
             TokenCodec::Fp8(kind) => {
                 decode_fp8_records(kind, buf, off, step, cnt, d, None, out, simd);
+            }
+            TokenCodec::Fp8Static { kind, exp } => {
+                decode_fp8_records(kind, buf, off, step, cnt, d, Some(exp as i32), out, simd);
             }
             TokenCodec::F16 => {
                 tmp.resize(cnt * d, 0);
@@ -583,6 +612,10 @@ mod tests {
             TokenCodec::Int { bits: 8, group: 64 },
             TokenCodec::Int { bits: 4, group: 32 },
             TokenCodec::Int { bits: 2, group: 16 },
+            TokenCodec::Fp8Static {
+                kind: Fp8Kind::E4M3,
+                exp: -2,
+            },
         ];
         let mut tmp = vec![0u16; d];
         for trial in 0..50 {
@@ -604,6 +637,13 @@ mod tests {
                         TokenCodec::Bf16 => a.abs() * 2f32.powi(-8),
                         TokenCodec::Fp8(Fp8Kind::E4M3) => a.abs() / 16.0 + amax * 2f32.powi(-15),
                         TokenCodec::Fp8(Fp8Kind::E5M2) => a.abs() / 8.0 + amax * 2f32.powi(-20),
+                        // Amplitudes stay below the saturation point 448 * 2^-2; the subnormal
+                        // step is 2^-9 * 2^exp.
+                        TokenCodec::Fp8Static {
+                            kind: Fp8Kind::E4M3,
+                            exp,
+                        } => a.abs() / 16.0 + 2f32.powi(exp as i32 - 10),
+                        TokenCodec::Fp8Static { .. } => unreachable!(),
                         TokenCodec::Int { bits, .. } => {
                             let step = 2.0 * amax / ((1u32 << bits) - 1) as f32;
                             0.5 * step + 0.01 * 2.0 * amax
@@ -621,6 +661,11 @@ mod tests {
     #[test]
     fn record_bytes_count_metadata() {
         assert_eq!(TokenCodec::Fp8(Fp8Kind::E4M3).record_bytes(64), 65);
+        let s = TokenCodec::Fp8Static {
+            kind: Fp8Kind::E4M3,
+            exp: -2,
+        };
+        assert_eq!((s.record_bytes(64), s.name(64)), (64, "fp8s-2".to_string()));
         assert_eq!(
             TokenCodec::Int { bits: 4, group: 32 }.record_bytes(64),
             32 + 8

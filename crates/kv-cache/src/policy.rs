@@ -9,6 +9,14 @@
 use crate::codec::{Fp8Kind, TokenCodec};
 use crate::{Error, KvShape, Result};
 
+/// Scale exponent of `fp8s` keys: SmolLM2-135M's per-token key absmax is 1.75-28 (E8M0
+/// exponents -8..-4 of the dynamic codec over a 512-token window, every layer), so `2^-2`
+/// (saturation at 112) leaves 4x headroom.
+pub const FP8S_K_EXP: i8 = -2;
+/// Scale exponent of `fp8s` values: value absmax 0.05-14 (exponents -13..-5), so `2^-4`
+/// (saturation at 28) leaves 2x headroom, and values down to `2^-10` stay normal.
+pub const FP8S_V_EXP: i8 = -4;
+
 /// How one side (K or V) is stored once it leaves the full-precision regions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -57,6 +65,34 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
         "bf16" => tok(TokenCodec::Bf16),
         "fp8" | "fp8e4m3" | "e4m3" => tok(TokenCodec::Fp8(Fp8Kind::E4M3)),
         "fp8e5m2" | "e5m2" => tok(TokenCodec::Fp8(Fp8Kind::E5M2)),
+        // Static scale: K 2^-2 (saturates at 112), V 2^-4 (at 28); see docs/kv-cache.md.
+        "fp8s" => Ok((
+            Side::Token(TokenCodec::Fp8Static {
+                kind: Fp8Kind::E4M3,
+                exp: FP8S_K_EXP,
+            }),
+            Side::Token(TokenCodec::Fp8Static {
+                kind: Fp8Kind::E4M3,
+                exp: FP8S_V_EXP,
+            }),
+            false,
+        )),
+        _ if s.starts_with("fp8s") => {
+            let e: i8 = s[4..]
+                .parse()
+                .ok()
+                .filter(|e: &i8| (-20..=20).contains(e))
+                .ok_or_else(|| {
+                    bad(
+                        policy,
+                        format!("`{s}`: expected fp8s or fp8sE with a scale exponent E in -20..=20, e.g. fp8s-3"),
+                    )
+                })?;
+            tok(TokenCodec::Fp8Static {
+                kind: Fp8Kind::E4M3,
+                exp: e,
+            })
+        }
         "kivi2" | "kivi4" => {
             let bits = if s == "kivi2" { 2 } else { 4 };
             Ok((
@@ -107,7 +143,7 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
         _ => Err(bad(
             policy,
             format!(
-                "unknown codec `{s}`; known: f32, f16, bf16, fp8, fp8e5m2, int8, int4, int2, \
+                "unknown codec `{s}`; known: f32, f16, bf16, fp8, fp8e5m2, fp8s, fp8sE, int8, int4, int2, \
                  intBgG (e.g. int4g32), kivi2, kivi4"
             ),
         )),
@@ -287,6 +323,28 @@ mod tests {
         assert_eq!(p.k, Side::Token(TokenCodec::Fp8(Fp8Kind::E4M3)));
         assert_eq!(p.v, Side::Token(TokenCodec::Int { bits: 4, group: 32 }));
         assert_eq!((p.sink, p.residual), (4, 0));
+        let p = Policy::parse("fp8s", S, None).unwrap();
+        assert_eq!(
+            (p.k, p.v),
+            (
+                Side::Token(TokenCodec::Fp8Static {
+                    kind: Fp8Kind::E4M3,
+                    exp: -2
+                }),
+                Side::Token(TokenCodec::Fp8Static {
+                    kind: Fp8Kind::E4M3,
+                    exp: -4
+                })
+            )
+        );
+        let p = Policy::parse("k=fp8s-3,v=f32", S, None).unwrap();
+        assert_eq!(
+            p.k,
+            Side::Token(TokenCodec::Fp8Static {
+                kind: Fp8Kind::E4M3,
+                exp: -3
+            })
+        );
         let p = Policy::parse("int4", S, None).unwrap();
         assert_eq!(p.k, Side::Token(TokenCodec::Int { bits: 4, group: 32 }));
         let p = Policy::parse("kivi4,sink=4,r=64,g=16", S, Some(8192)).unwrap();
@@ -313,6 +371,8 @@ mod tests {
         assert!(err("fp8,q=3", None).contains("unknown key `q`"));
         assert!(err("", None).contains("empty"));
         assert!(err("fp8,int8", None).contains("twice"));
+        assert!(err("fp8s+x", None).contains("scale exponent"));
+        assert!(err("k=fp8s99,v=fp8", None).contains("-20..=20"));
     }
 
     #[test]
@@ -321,6 +381,9 @@ mod tests {
         assert_eq!(f16, (2 * 2 * 64 * 3 * 30) as f64);
         let fp8 = Policy::parse("fp8", S, None).unwrap().bytes_per_token(S);
         assert_eq!(fp8, (2 * 65 * 3 * 30) as f64);
+        // Static-scale FP8: exactly half of f16.
+        let fp8s = Policy::parse("fp8s", S, None).unwrap().bytes_per_token(S);
+        assert_eq!(fp8s * 2.0, f16);
         // KIVI-2: K = 64 channels x (4 + 8) bytes per 32 tokens, V = 16 + 4 bytes per token-head.
         let k2 = Policy::parse("kivi2", S, None).unwrap().bytes_per_token(S);
         assert_eq!(k2, (64.0 * 12.0 / 32.0 + 20.0) * 90.0);

@@ -117,6 +117,8 @@ const POLICIES: &[&str] = &[
     "kivi4,r=5,g=4,sink=3",
     "k=fp8,v=int4g4,sink=4",
     "k=kivi2,v=fp8,g=16,r=0",
+    "fp8s",
+    "k=fp8s-1,v=int4g4,sink=2",
 ];
 
 /// f64 causal GQA attention: query `i` sits at position `len - n_q + i` and reads token `t`'s
@@ -380,6 +382,12 @@ fn attention_within_step_derived_tolerance_of_f32() {
         ("f16", ka * 2f32.powi(-11), va * 2f32.powi(-11)),
         ("fp8", ka / 16.0, va / 16.0),
         ("fp8e5m2", ka / 8.0, va / 8.0),
+        // Static scales 2^-2 / 2^-4: amplitude 1 is far from saturation; subnormal steps.
+        (
+            "fp8s",
+            ka / 16.0 + 2f32.powi(-12),
+            va / 16.0 + 2f32.powi(-14),
+        ),
         ("int8", ka * (1.0 / 255.0 + f16r), va * (1.0 / 255.0 + f16r)),
         ("int4", ka * (1.0 / 15.0 + f16r), va * (1.0 / 15.0 + f16r)),
     ];
@@ -539,6 +547,7 @@ fn byte_accounting_is_exact() {
         ("fp8", 0usize, 1000 * nh * 65, 1000 * nh * 65, 0usize),
         ("int4", 0, 1000 * nh * (32 + 8), 1000 * nh * (32 + 8), 0),
         ("fp8,sink=4", 4, 996 * nh * 65, 996 * nh * 65, 0),
+        ("fp8s", 0, 1000 * nh * 64, 1000 * nh * 64, 0),
         // KIVI-2: 1000 - 128 = 872 -> 27 groups of 32 (864 tokens), 136 in the window.
         ("kivi2", 0, 27 * nh * 64 * (4 + 8), 864 * nh * (16 + 4), 136),
         (
