@@ -254,6 +254,42 @@ fn quant_k_asym(
     exact: bool,
 ) -> (u16, u16, [u8; 12], [u8; QK_K]) {
     let (scales, mins, mut l) = searched;
+    let (d_bits, dmin_bits, packed, dv, dmv) = k_scale_mins(&scales, &mins);
+    for j in 0..8 {
+        let (d, dm) = (dv[j], dmv[j]);
+        if d == 0.0 {
+            continue;
+        }
+        if exact {
+            for ii in 0..32 {
+                let q = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
+                l[32 * j + ii] = q as u8;
+            }
+        } else {
+            let id = 1.0 / d;
+            for ii in 0..32 {
+                let q = nearest_int((x[32 * j + ii] + dm) * id).clamp(0, nmax);
+                l[32 * j + ii] = q as u8;
+            }
+        }
+    }
+    (
+        u16::from_le_bytes(d_bits),
+        u16::from_le_bytes(dmin_bits),
+        packed,
+        l,
+    )
+}
+
+/// The 6-bit sub-block scales and mins against `max/63` (ggml's order of operations): f16 bits
+/// of `d` and `dmin`, the packed 12-byte field, and each sub-block's decoded `d * sc` and
+/// `dmin * m`.
+#[allow(clippy::type_complexity)]
+#[inline(always)]
+fn k_scale_mins(
+    scales: &[f32; 8],
+    mins: &[f32; 8],
+) -> ([u8; 2], [u8; 2], [u8; 12], [f32; 8], [f32; 8]) {
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..8 {
@@ -282,32 +318,14 @@ fn quant_k_asym(
     let dmin_bits = f16_bits(max_min / 63.0);
     let d_all = f16_le(d_bits[0], d_bits[1]);
     let dmin_all = f16_le(dmin_bits[0], dmin_bits[1]);
+    let mut d = [0f32; 8];
+    let mut dm = [0f32; 8];
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &packed);
-        let d = d_all * sc as f32;
-        if d == 0.0 {
-            continue;
-        }
-        let dm = dmin_all * m as f32;
-        if exact {
-            for ii in 0..32 {
-                let q = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
-                l[32 * j + ii] = q as u8;
-            }
-        } else {
-            let id = 1.0 / d;
-            for ii in 0..32 {
-                let q = nearest_int((x[32 * j + ii] + dm) * id).clamp(0, nmax);
-                l[32 * j + ii] = q as u8;
-            }
-        }
+        d[j] = d_all * sc as f32;
+        dm[j] = dmin_all * m as f32;
     }
-    (
-        u16::from_le_bytes(d_bits),
-        u16::from_le_bytes(dmin_bits),
-        packed,
-        l,
-    )
+    (d_bits, dmin_bits, packed, d, dm)
 }
 
 /// Q4_K: `d`, `dmin`, `scales[12]`, `qs[128]` (per 64 elements: 32 bytes, low nibbles = first
@@ -452,6 +470,7 @@ fn quant_k(x: &[f32], out: &mut [u8], five: bool, search: KQuantSearch) {
                 search: Avx2(simd),
                 five,
             }),
+            KQuantSearch::Fast if !five => simd.vectorize(FastQ4kRun { simd, x, out }),
             KQuantSearch::Fast => simd.vectorize(KQuantRun {
                 x,
                 out,
@@ -466,6 +485,116 @@ fn quant_k(x: &[f32], out: &mut [u8], five: bool, search: KQuantSearch) {
         (KQuantSearch::Fast, false) => quant_q4_k_with(x, out, Fast),
         (KQuantSearch::Fast, true) => quant_q5_k_with(x, out, Fast),
     }
+}
+
+/// Q4_K with the Fast search, all in AVX2: the super-block transposed to sub-block lanes with
+/// 8x8 shuffles, [`lanes::avx2::qkx_fast`], and the final re-quantization and nibble packing
+/// eight elements at a time (the same operations as [`quant_k_asym`] without `exact`, so the
+/// same bits as the portable Fast path).
+#[cfg(target_arch = "x86_64")]
+struct FastQ4kRun<'a> {
+    simd: pulp::x86::V3,
+    x: &'a [f32],
+    out: &'a mut [u8],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for FastQ4kRun<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        use core::arch::x86_64::__m256i;
+        use pulp::bytemuck::cast;
+        let FastQ4kRun { simd, x, out } = self;
+        let (avx, a2) = (simd.avx, simd.avx2);
+        for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
+            let (rows, _) = pulp::as_arrays::<8, f32>(xb);
+            // xt[i][j] = x[32 j + i]: four 8x8 transposes (row r_j = x[32 j + 8 ib..][..8])
+            let mut xt = [avx._mm256_setzero_ps(); 32];
+            for ib in 0..4 {
+                let mut r = [avx._mm256_setzero_ps(); 8];
+                for (j, rj) in r.iter_mut().enumerate() {
+                    *rj = cast(rows[4 * j + ib]);
+                }
+                let t0 = avx._mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = avx._mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = avx._mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = avx._mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = avx._mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = avx._mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = avx._mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = avx._mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = avx._mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = avx._mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = avx._mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = avx._mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = avx._mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = avx._mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = avx._mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = avx._mm256_shuffle_ps::<0xEE>(t5, t7);
+                let o = &mut xt[8 * ib..8 * ib + 8];
+                o[0] = avx._mm256_permute2f128_ps::<0x20>(u0, u4);
+                o[1] = avx._mm256_permute2f128_ps::<0x20>(u1, u5);
+                o[2] = avx._mm256_permute2f128_ps::<0x20>(u2, u6);
+                o[3] = avx._mm256_permute2f128_ps::<0x20>(u3, u7);
+                o[4] = avx._mm256_permute2f128_ps::<0x31>(u0, u4);
+                o[5] = avx._mm256_permute2f128_ps::<0x31>(u1, u5);
+                o[6] = avx._mm256_permute2f128_ps::<0x31>(u2, u6);
+                o[7] = avx._mm256_permute2f128_ps::<0x31>(u3, u7);
+            }
+            let xt: [[f32; 8]; 32] = cast(xt);
+            let (scales, mins) = lanes::avx2::qkx_fast(simd, 15.0, &xt, FAST_ITERS);
+            let (d_bits, dmin_bits, packed, d, dm) = k_scale_mins(&scales, &mins);
+            b[0..2].copy_from_slice(&d_bits);
+            b[2..4].copy_from_slice(&dmin_bits);
+            b[4..16].copy_from_slice(&packed);
+            // qs[32 c + i] = L[64 c + i] | L[64 c + 32 + i] << 4
+            let order = avx._mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for (c, qs) in b[16..144].chunks_exact_mut(32).enumerate() {
+                let (j0, j1) = (2 * c, 2 * c + 1);
+                let mut v = [avx._mm256_setzero_si256(); 4];
+                for (k, vk) in v.iter_mut().enumerate() {
+                    let lo = q4k_code(simd, rows[4 * j0 + k], d[j0], dm[j0]);
+                    let hi = q4k_code(simd, rows[4 * j1 + k], d[j1], dm[j1]);
+                    *vk = a2._mm256_or_si256(lo, a2._mm256_slli_epi32::<4>(hi));
+                }
+                let p = a2._mm256_packus_epi16(
+                    a2._mm256_packus_epi32(v[0], v[1]),
+                    a2._mm256_packus_epi32(v[2], v[3]),
+                );
+                let p = a2._mm256_permutevar8x32_epi32(p, order);
+                qs.copy_from_slice(&cast::<__m256i, [u8; 32]>(p));
+            }
+        }
+    }
+}
+
+/// Eight Q4_K codes `nearest_int((x + dm) * (1 / d)).clamp(0, 15)` (0 when `d == 0`), as the
+/// Fast path of [`quant_k_asym`] computes them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn q4k_code(simd: pulp::x86::V3, x: [f32; 8], d: f32, dm: f32) -> core::arch::x86_64::__m256i {
+    let (avx, a2) = (simd.avx, simd.avx2);
+    if d == 0.0 {
+        return avx._mm256_setzero_si256();
+    }
+    let t = avx._mm256_mul_ps(
+        avx._mm256_add_ps(pulp::bytemuck::cast(x), avx._mm256_set1_ps(dm)),
+        avx._mm256_set1_ps(1.0 / d),
+    );
+    let t = avx._mm256_add_ps(t, avx._mm256_set1_ps(12_582_912.0));
+    let n = a2._mm256_sub_epi32(
+        a2._mm256_and_si256(
+            avx._mm256_castps_si256(t),
+            avx._mm256_set1_epi32(0x007f_ffff),
+        ),
+        avx._mm256_set1_epi32(0x0040_0000),
+    );
+    a2._mm256_min_epi32(
+        a2._mm256_max_epi32(n, avx._mm256_setzero_si256()),
+        avx._mm256_set1_epi32(15),
+    )
 }
 
 pub(super) fn quant_q4_k(x: &[f32], out: &mut [u8], search: KQuantSearch) {
@@ -879,6 +1008,27 @@ mod tests {
             quant_q6_k_with(&x, &mut b, search_q6_ref);
             assert_eq!(a, b);
         }
+    }
+
+    #[test]
+    fn fast_q4_k_avx2_matches_portable() {
+        // the dispatched Fast Q4_K (AVX2 transpose, re-quantization and packing where the CPU
+        // has it) against the portable Fast path, on random and adversarial blocks
+        for x in search_inputs() {
+            let mut a = vec![0u8; 144];
+            let mut b = vec![0u8; 144];
+            quant_q4_k(&x, &mut a, KQuantSearch::Fast);
+            quant_q4_k_with(&x, &mut b, Fast);
+            assert_eq!(a, b);
+        }
+        let x: Vec<f32> = (0..4 * QK_K)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+            .collect();
+        let mut a = vec![0u8; 4 * 144];
+        let mut b = vec![0u8; 4 * 144];
+        quant_q4_k(&x, &mut a, KQuantSearch::Fast);
+        quant_q4_k_with(&x, &mut b, Fast);
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -433,12 +433,15 @@ pub fn quantize_with(
             op: "quantize",
         });
     }
-    if let Some(index) = x.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite {
-            format: ty.name(),
-            index,
-            value: x[index],
-        });
+    // one vectorized pass (magnitude bits at or above +Inf's); locate only on failure
+    if crate::fastq::max_mag_bits_slice(x) >= 0x7f80_0000 {
+        if let Some(index) = x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                format: ty.name(),
+                index,
+                value: x[index],
+            });
+        }
     }
     let start = out.len();
     out.resize(start + nbytes, 0);
