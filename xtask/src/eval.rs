@@ -78,17 +78,21 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     pub act_clip: f32,
     /// SpinQuant Cayley SGD iterations for R1 (R2 gets half).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 40)]
     pub spin_iters: usize,
     /// SpinQuant initial step (decays linearly to 0).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.2)]
     pub spin_lr: f64,
     /// SpinQuant problems (layer sites) per iteration.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 8)]
     pub spin_problems: usize,
     /// SpinQuant token rows per problem per iteration.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 64)]
     pub spin_tokens: usize,
+    /// Weights inside SpinQuant's loss while learning: `rtn` (the target scheme) or `f32`
+    /// (SpinQuant's W16 setting).
+    #[arg(long, default_value = "rtn")]
+    pub spin_weights: String,
     /// Seed of the rotations (QuaRot signs, SpinQuant sampling) and calibration windows.
     #[arg(long, default_value_t = 0)]
     pub rotate_seed: u64,
@@ -298,6 +302,11 @@ fn rotate_in_memory(
             lr: args.spin_lr,
             problems_per_iter: args.spin_problems,
             tokens_per_iter: args.spin_tokens,
+            weights_in_loop: match args.spin_weights.as_str() {
+                "rtn" => true,
+                "f32" => false,
+                w => bail!("unknown --spin-weights `{w}` (rtn or f32)"),
+            },
             ..SpinOptions::default()
         },
         seed: args.rotate_seed,

@@ -121,10 +121,10 @@ pub struct RotateArgs {
     #[arg(long, default_value_t = 1.0)]
     pub act_clip: f32,
     /// SpinQuant Cayley SGD iterations for R1 (R2 gets half).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 40)]
     pub spin_iters: usize,
     /// SpinQuant initial step (decays linearly to 0).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.2)]
     pub spin_lr: f64,
 }
 
@@ -133,8 +133,8 @@ impl Default for RotateArgs {
         RotateArgs {
             rotate: "none".into(),
             act_clip: 1.0,
-            spin_iters: 100,
-            spin_lr: 0.5,
+            spin_iters: 40,
+            spin_lr: 0.2,
         }
     }
 }

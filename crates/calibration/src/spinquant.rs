@@ -10,10 +10,15 @@
 //! L(R) = Σ_p ‖ Qa(X_p R) · Qw(W_p R)ᵀ − X_p W_pᵀ ‖² / ‖X_p W_pᵀ‖²
 //! ```
 //! with `Qa` the activation quantizer (per token) and `Qw` the weight quantizer (the scheme,
-//! RTN). Since `R` is orthogonal, the unquantized product is exactly `X Wᵀ`, so `L` measures only
+//! RTN; or none, SpinQuant's W16 setting). Since `R` is orthogonal, the unquantized product is exactly `X Wᵀ`, so `L` measures only
 //! the quantization error that the rotation changes. Gradients pass through `Qa` and `Qw` as
 //! identities (straight-through): with `E = Qa(A) Qw(B)ᵀ − T`, `A = X R`, `B = W R`,
-//! `∂L/∂R = 2/‖T‖² (Xᵀ (E Qw(B)) + Wᵀ (Eᵀ Qa(A)))`.
+//! `∂L/∂R = 2/‖T‖² (Xᵀ (E Qw(B)) + Wᵀ (Eᵀ Qa(A)))`, except that for per-token dynamic INT
+//! activations the gradient also flows through each token's scale `clip · max|a| / qmax` into
+//! that token's largest element, as autograd does for a fake-quant written with a
+//! straight-through `round` (`dynamic_scale_backward`). Without that term the scale looks
+//! constant to the optimiser, which then cannot see that lowering a token's max lowers its
+//! rounding error, and on SmolLM2 R1 did not move at all.
 //!
 //! # The update
 //! Cayley SGD (Li, Fuxin & Todorovic 2020, as in SpinQuant): with the skew matrix
@@ -23,11 +28,12 @@
 //! result is polished back onto the orthogonal group with Newton–Schulz steps at the end.
 //! The learning rate decays linearly to zero over the iterations; each iteration uses a random
 //! subset of the problems and of their tokens (fixed seed, deterministic). A step that raises
-//! its own mini-batch's loss is undone and the step size halved; the full proxy loss is
+//! its own mini-batch's loss is undone and the step size halved (and grown back by 1.5x, up
+//! to the schedule, after each accepted step); the full proxy loss is
 //! evaluated five times along the way and the best rotation seen (the start included) is
 //! returned, so the result is never worse than the start on the proxy loss.
 
-use crate::actquant::ActQuantizer;
+use crate::actquant::{ActFormat, ActQuantizer};
 use crate::error::{Error, Result};
 use crate::rotation::{matmul, rotate_rows, transpose};
 use lowbit_numerics::{quantize, QuantOptions, Scheme};
@@ -57,8 +63,10 @@ pub struct SpinConfig {
     pub lr: f64,
     /// Activation quantizer in the loop.
     pub act: ActQuantizer,
-    /// Weight scheme in the loop (RTN).
-    pub weight_scheme: Scheme,
+    /// Weight scheme in the loop (RTN), or `None` to keep the weights in full precision while
+    /// learning (SpinQuant's W16 setting: only the activation quantizer shapes the rotation,
+    /// and the weights are quantized afterwards, e.g. by GPTQ).
+    pub weight_scheme: Option<Scheme>,
     /// Token rows sampled per problem per iteration.
     pub tokens_per_iter: usize,
     /// Problems sampled per iteration.
@@ -143,8 +151,12 @@ fn loss_and_grad(
     rotate_rows(&mut a, t * d / n, r, n)?;
     let mut b = p.w.clone();
     rotate_rows(&mut b, o * d / n, r, n)?;
+    let a_pre = grad.is_some().then(|| a.clone());
     cfg.act.apply(&mut a, t, d)?;
-    let bq = quantize(&b, o, d, &cfg.weight_scheme, &QuantOptions::default())?.dequantize()?;
+    let bq = match &cfg.weight_scheme {
+        Some(scheme) => quantize(&b, o, d, scheme, &QuantOptions::default())?.dequantize()?,
+        None => b,
+    };
     let mut e = vec![0f32; t * o];
     lowbit_kernels::dense::matmul_wt(&a, &bq, &mut e, t, d, o)?;
     let mut loss = 0f64;
@@ -156,7 +168,10 @@ fn loss_and_grad(
         let c = (2.0 / tn) as f32;
         e.iter_mut().for_each(|v| *v *= c);
         // dA = E Bq (t × d), dB = Eᵀ Aq (o × d).
-        let da = matmul(&e, &bq, t, o, d)?;
+        let mut da = matmul(&e, &bq, t, o, d)?;
+        if let Some(a_pre) = &a_pre {
+            dynamic_scale_backward(&cfg.act, a_pre, &a, &mut da, t, d);
+        }
         let et = transpose(&e, t, o);
         let db = matmul(&et, &a, o, t, d)?;
         // G += Xrᵀ dAr + Wrᵀ dBr with rows reshaped to width n (sums the diagonal blocks).
@@ -168,6 +183,59 @@ fn loss_and_grad(
         }
     }
     Ok(loss / tn)
+}
+
+/// Backward pass of a per-token dynamic INT activation quantizer, as autograd computes it for
+/// the usual fake-quant `s · clamp(round(a/s))` with `s = clip · max|a| / qmax` and a
+/// straight-through `round`: `grad` holds `∂L/∂q` on entry and `∂L/∂a` on return.
+///
+/// Elements inside the range pass their gradient through; clamped ones pass none; and the
+/// element holding each row's max receives the gradient of the scale,
+/// `sign(a_k) · clip/qmax · Σ_j ∂L/∂q_j · (c_j − [in range] a_j/s)`. That last term is what
+/// lets the optimiser see that a rotation lowering a token's max lowers its rounding error: with
+/// a pure identity STE the scale would look constant and the outlier signal would be lost.
+/// Other formats (FP8, NVFP4, MXFP4, static scales) keep the identity STE.
+fn dynamic_scale_backward(
+    act: &ActQuantizer,
+    a_pre: &[f32],
+    a_q: &[f32],
+    grad: &mut [f32],
+    t: usize,
+    d: usize,
+) {
+    let ActFormat::Int { bits } = act.format else {
+        return;
+    };
+    if act.static_scale.is_some() || d == 0 {
+        return;
+    }
+    let qmax = ((1u32 << (bits - 1)) - 1) as f32;
+    for i in 0..t {
+        let row = &a_pre[i * d..(i + 1) * d];
+        let rq = &a_q[i * d..(i + 1) * d];
+        let g = &mut grad[i * d..(i + 1) * d];
+        let (mut k, mut m) = (0usize, 0f32);
+        for (j, v) in row.iter().enumerate() {
+            if v.abs() > m {
+                (k, m) = (j, v.abs());
+            }
+        }
+        if m == 0.0 {
+            continue;
+        }
+        let s = act.clip * m / qmax;
+        let mut gs = 0f64;
+        for j in 0..d {
+            let c = rq[j] / s;
+            let u = row[j] / s;
+            let in_range = u >= -qmax - 1.5 && u <= qmax + 0.5;
+            gs += (g[j] * if in_range { c - u } else { c }) as f64;
+            if !in_range {
+                g[j] = 0.0;
+            }
+        }
+        g[k] += row[k].signum() * act.clip / qmax * gs as f32;
+    }
 }
 
 /// Mean proxy loss over every problem and every token (see the module docs).
@@ -300,6 +368,10 @@ pub fn spinquant_optimise(
         if after > before {
             r = prev;
             scale *= 0.5;
+        } else {
+            // Let the step grow back after a success, so that one rejection early on does
+            // not freeze the optimisation for good.
+            scale = (scale * 1.5).min(1.0);
         }
         if (it + 1) % every == 0 || it + 1 == cfg.iters {
             let l = spin_loss(&r, n, problems, cfg)?;
@@ -351,9 +423,9 @@ mod tests {
     fn cfg(iters: usize) -> SpinConfig {
         SpinConfig {
             iters,
-            lr: 0.5,
+            lr: 0.2,
             act: ActQuantizer::per_token(ActFormat::Int { bits: 4 }),
-            weight_scheme: Scheme::from_name("int4-g16-sym").unwrap(),
+            weight_scheme: Some(Scheme::from_name("int4-g16-sym").unwrap()),
             tokens_per_iter: 64,
             problems_per_iter: 1,
             seed: 1,
@@ -422,6 +494,68 @@ mod tests {
             rep.loss_start,
             rep.loss_end
         );
+    }
+
+    #[test]
+    fn scale_backward_matches_finite_differences_of_the_ste_surrogate() {
+        // The surrogate autograd differentiates: q_j(a) = s(a) · clamp(a_j/s(a) + δ_j) with the
+        // rounding offsets δ_j = round(u_j) − u_j frozen at the base point, s = clip·max|a|/qmax.
+        let (t, d) = (3, 12);
+        let mut a = data(t * d, 7);
+        // A clear max in every row (a near-tie would put a kink inside the finite difference).
+        a[5] = 2.5;
+        a[d + 3] = -2.0;
+        a[2 * d + 7] = 1.7;
+        let g0 = data(t * d, 8);
+        let act = ActQuantizer {
+            format: ActFormat::Int { bits: 4 },
+            clip: 0.9,
+            static_scale: None,
+        };
+        let qmax = 7.0f64;
+        let surrogate = |x: &[f32], base: &[f32]| -> f64 {
+            let mut f = 0f64;
+            for i in 0..t {
+                let (r, b) = (&x[i * d..(i + 1) * d], &base[i * d..(i + 1) * d]);
+                let m = r.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                let mb = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                let (s, sb) = (0.9 * m / qmax, 0.9 * mb / qmax);
+                for j in 0..d {
+                    let ub = b[j] as f64 / sb;
+                    let delta = ub.round_ties_even() - ub;
+                    let c = (r[j] as f64 / s + delta).clamp(-qmax - 1.0, qmax);
+                    f += g0[i * d + j] as f64 * s * c;
+                }
+            }
+            f
+        };
+        let mut aq = a.clone();
+        act.apply(&mut aq, t, d).unwrap();
+        let mut grad = g0.clone();
+        dynamic_scale_backward(&act, &a, &aq, &mut grad, t, d);
+        let h = 1e-3f32;
+        let mut checked = 0;
+        for k in 0..t * d {
+            // The surrogate has a kink where a code sits on the clamp boundary (autograd takes
+            // the inside derivative there): check the strictly interior codes and each row's max.
+            let row = &a[(k / d) * d..(k / d + 1) * d];
+            let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let code = aq[k] / (0.9 * m / 7.0);
+            if a[k].abs() != m && (code.round() >= 7.0 || code.round() <= -8.0) {
+                continue;
+            }
+            checked += 1;
+            let (mut ap, mut am) = (a.clone(), a.clone());
+            ap[k] += h;
+            am[k] -= h;
+            let fd = (surrogate(&ap, &a) - surrogate(&am, &a)) / (2.0 * h as f64);
+            assert!(
+                (fd - grad[k] as f64).abs() < 2e-2 * (1.0 + fd.abs()),
+                "element {k}: finite difference {fd}, backward {}",
+                grad[k]
+            );
+        }
+        assert!(checked > t * d / 2, "only {checked} elements checked");
     }
 
     #[test]
