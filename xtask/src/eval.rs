@@ -119,20 +119,7 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let tok = tok.context("the model has no tokenizer")?;
     let rot_report = rotate_in_memory(&args, &mut model, &tok)?;
-    if let Some(h) = &args.head {
-        let scheme = lowbit_numerics::Scheme::from_name(h)
-            .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
-        model.quantize_head(&scheme)?;
-    }
-    if args.act8 {
-        let mut n = 0;
-        for name in model.linear_names() {
-            if let Some(l) = model.linear_mut(&name) {
-                n += usize::from(l.set_act8(true)?);
-            }
-        }
-        eprintln!("--act8: INT8 block activations on {n} linear layers");
-    }
+    crate::model_opts::apply(&mut model, args.head.as_deref(), args.act8)?;
     let reference = match &args.reference {
         Some(r) => Some(
             lowbit_model::load::load(r, false)

@@ -56,20 +56,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let (mut model, tok) = lowbit_model::load::load(&args.model, true)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    if let Some(h) = &args.head {
-        let scheme = lowbit_numerics::Scheme::from_name(h)
-            .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
-        model.quantize_head(&scheme)?;
-    }
-    if args.act8 {
-        let mut n = 0;
-        for name in model.linear_names() {
-            if let Some(l) = model.linear_mut(&name) {
-                n += usize::from(l.set_act8(true)?);
-            }
-        }
-        eprintln!("--act8: INT8 block activations on {n} linear layers");
-    }
+    crate::model_opts::apply(&mut model, args.head.as_deref(), args.act8)?;
     let tok = tok.context("the model has no tokenizer")?;
     let text = if args.chat {
         let mut msgs = Vec::new();

@@ -9,6 +9,7 @@ mod export;
 mod fetch;
 mod generate;
 mod golden;
+mod model_opts;
 mod needle;
 mod quantize;
 mod shared;

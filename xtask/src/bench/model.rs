@@ -91,20 +91,7 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("loading {} (pass --model FILE.gguf)", path.display()))?;
         (path, model)
     };
-    if let Some(h) = &args.head {
-        let scheme = lowbit_numerics::Scheme::from_name(h)
-            .with_context(|| format!("unknown --head scheme `{h}` (e.g. int8-pc, fp8-pc)"))?;
-        model.quantize_head(&scheme)?;
-    }
-    if args.act8 {
-        let mut n = 0;
-        for name in model.linear_names() {
-            if let Some(l) = model.linear_mut(&name) {
-                n += usize::from(l.set_act8(true)?);
-            }
-        }
-        eprintln!("--act8: INT8 block activations on {n} linear layers");
-    }
+    crate::model_opts::apply(&mut model, args.head.as_deref(), args.act8)?;
     let vocab = model.config.vocab_size as u64;
     // Deterministic pseudo-random tokens (content does not change the cost).
     let mut s = 0x9e3779b97f4a7c15u64;
