@@ -804,11 +804,34 @@ mod avx2 {
             r8.copy_from_slice(&o[..8]);
             r8
         }
+        /// E2M1 magnitude code of `a = |y|` (not NaN) rounded to nearest, ties to even: the
+        /// same as `#(t < a)` over `E2M1_EVEN_T`, by arithmetic. Below 1 the code is `2a`
+        /// rounded to an integer (adding 1.5 * 2^23); from 1 up it is the f32 exponent and
+        /// top mantissa bit, rounded at bit 22 with ties to even, re-based so that 1.0 is 2;
+        /// then saturated at 7.
+        #[inline(always)]
+        fn e2m1_even_mag(self, a: __m256) -> __m256i {
+            let a2 = self.0.avx2;
+            let sub = self.subi(
+                self.bits(self.add(self.add(a, a), self.splat(12_582_912.0))),
+                self.splati(0x4B40_0000),
+            );
+            let b = self.bits(a);
+            let lsb = self.and(a2._mm256_srli_epi32::<22>(b), self.splati(1));
+            let r = self.addi(self.addi(b, self.splati(0x1F_FFFF - (252 << 22))), lsb);
+            let norm = a2._mm256_srli_epi32::<22>(r);
+            let c = self.bits(self.sel(self.flt(norm), self.flt(sub), self.lt(a, self.splat(1.0))));
+            a2._mm256_min_epi32(c, self.splati(7))
+        }
         /// E2M1 code (magnitude count | sign << 3) of `y`.
         #[inline(always)]
         fn e2m1(self, y: __m256, thr: &[f32; 7], sign: SignRule) -> __m256i {
             let a = self.flt(self.mag(y));
-            let c = self.count(a, thr);
+            let c = if *thr == crate::mx::E2M1_EVEN_T {
+                self.e2m1_even_mag(a)
+            } else {
+                self.count(a, thr)
+            };
             let s = match sign {
                 SignRule::Bit => self.0.avx2._mm256_srli_epi32::<31>(self.bits(y)),
                 SignRule::Less => {
@@ -817,6 +840,20 @@ mod avx2 {
             };
             self.or(c, self.0.avx2._mm256_slli_epi32::<3>(s))
         }
+    }
+
+    /// [`K::e2m1_even_mag`] of each value (for tests), `None` without AVX2.
+    #[cfg(test)]
+    pub(super) fn e2m1_even_mags(xs: &[f32]) -> Option<Vec<u32>> {
+        let s = K(V3::try_new()?);
+        let mut out = Vec::with_capacity(xs.len() + 8);
+        for c in xs.chunks(8) {
+            let mut v = [0f32; 8];
+            v[..c.len()].copy_from_slice(c);
+            let r = cast::<__m256i, [u32; 8]>(s.e2m1_even_mag(s.ld(&v)));
+            out.extend_from_slice(&r[..c.len()]);
+        }
+        Some(out)
     }
 
     /// [`super::max_mag_bits`] of any slice, `None` without AVX2.
@@ -1391,6 +1428,34 @@ mod tests {
             }
         }
         assert!(cases >= 50, "{cases} cases");
+    }
+
+    /// The arithmetic E2M1 encoder against the threshold count, on every f32 in [0, 8] with a
+    /// stride of 61 ulps, the 64 floats around each threshold and grid value, huge values and
+    /// infinity.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn e2m1_even_arithmetic_matches_threshold_count() {
+        let Some(v) = avx2::e2m1_even_mags(&[1.0]) else {
+            return;
+        };
+        assert_eq!(v, [2]);
+        let mut xs: Vec<f32> = (0..=8.0f32.to_bits())
+            .step_by(61)
+            .map(f32::from_bits)
+            .collect();
+        for c in [
+            0.25f32, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0,
+        ] {
+            let b = c.to_bits();
+            xs.extend((b - 32..b + 32).map(f32::from_bits));
+        }
+        xs.extend([8.5, 1e10, 3e38, f32::MAX, f32::INFINITY, 1e-45, 1e-39]);
+        let got = avx2::e2m1_even_mags(&xs).unwrap();
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = mx::E2M1_EVEN_T.iter().filter(|&&t| x > t).count() as u32;
+            assert_eq!(g, want, "{x:e}");
+        }
     }
 
     #[test]
