@@ -60,7 +60,7 @@ impl ActFormat {
 
     /// Largest representable magnitude of the format's codes (before scaling), for the
     /// scalar-scale formats.
-    fn qmax(self) -> f32 {
+    pub(crate) fn qmax(self) -> f32 {
         match self {
             ActFormat::Int { bits } => ((1u32 << (bits - 1)) - 1) as f32,
             ActFormat::Fp8E4m3 => FloatFormat::E4M3.max_finite(),

@@ -203,13 +203,10 @@ fn dynamic_scale_backward(
     t: usize,
     d: usize,
 ) {
-    let ActFormat::Int { bits } = act.format else {
-        return;
-    };
-    if act.static_scale.is_some() || d == 0 {
+    if !matches!(act.format, ActFormat::Int { .. }) || act.static_scale.is_some() || d == 0 {
         return;
     }
-    let qmax = ((1u32 << (bits - 1)) - 1) as f32;
+    let qmax = act.format.qmax();
     for i in 0..t {
         let row = &a_pre[i * d..(i + 1) * d];
         let rq = &a_q[i * d..(i + 1) * d];
