@@ -1083,6 +1083,23 @@ pub fn quantize(
     quantize_ctx(w, rows, cols, scheme, &Ctx::from(opts))
 }
 
+/// [`quantize`] into an existing tensor, reusing its buffers (`data`, `scales`, zero points):
+/// repeated quantization of same-shaped matrices then allocates nothing and writes into
+/// memory that is already mapped. `out` is overwritten entirely (its old scheme and shape do
+/// not matter); the result is identical to [`quantize`]'s. Errors are [`quantize`]'s; `out` is
+/// then unchanged when the input is rejected before any work (shape, scheme), otherwise left
+/// as an empty `0 x 0` tensor (non-finite values found while quantizing).
+pub fn quantize_into(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    scheme: &Scheme,
+    opts: &QuantOptions,
+    out: &mut QuantizedTensor,
+) -> Result<()> {
+    quantize_ctx_into(w, rows, cols, scheme, &Ctx::from(opts), out)
+}
+
 pub(crate) fn quantize_ctx(
     w: &[f32],
     rows: usize,
@@ -1090,6 +1107,43 @@ pub(crate) fn quantize_ctx(
     scheme: &Scheme,
     ctx: &Ctx,
 ) -> Result<QuantizedTensor> {
+    let mut q = empty_tensor(scheme);
+    quantize_ctx_into(w, rows, cols, scheme, ctx, &mut q)?;
+    Ok(q)
+}
+
+/// A `0 x 0` tensor of `scheme` with no buffers.
+fn empty_tensor(scheme: &Scheme) -> QuantizedTensor {
+    QuantizedTensor {
+        scheme: *scheme,
+        rows: 0,
+        cols: 0,
+        data: Vec::new(),
+        scales: Vec::new(),
+        zero_points: None,
+        global_scale: None,
+        g_idx: None,
+        nested: None,
+    }
+}
+
+/// Set `v` to `n` elements, keeping (not re-zeroing) the existing ones when the length already
+/// matches: every quantizer path below overwrites every element.
+fn reuse<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() != n {
+        v.clear();
+        v.resize(n, T::default());
+    }
+}
+
+pub(crate) fn quantize_ctx_into(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    scheme: &Scheme,
+    ctx: &Ctx,
+    out: &mut QuantizedTensor,
+) -> Result<()> {
     let kind = Kind::of(scheme)?;
     check_shape(w, rows, cols)?;
     let (br, bc) = scheme.granularity.block_shape(rows, cols);
@@ -1116,10 +1170,14 @@ pub(crate) fn quantize_ctx(
     let bits = scheme.elem.bits();
     let (gr, gc) = scheme.granularity.grid(rows, cols);
     let rb = packed_row_bytes(cols, bits);
-    let mut data = vec![0u8; rows * rb];
-    let mut scales = vec![0f32; gr * gc];
-    let mut zps = vec![0u8; gr * gc];
     let asym = kind.is_asym();
+    let mut data = std::mem::take(&mut out.data);
+    reuse(&mut data, rows * rb);
+    let mut scales = std::mem::take(&mut out.scales);
+    reuse(&mut scales, gr * gc);
+    // zero points only for asymmetric schemes (the row kernels get a scratch row otherwise)
+    let mut zps = out.zero_points.take().unwrap_or_default();
+    reuse(&mut zps, if asym { gr * gc } else { 0 });
     let nonfinite_seen = AtomicBool::new(false);
     let fused_e2m1 = matches!(
         kind,
@@ -1137,9 +1195,14 @@ pub(crate) fn quantize_ctx(
     if br == 1 {
         // dispatched SIMD row kernels (same bits as the reference below) where one exists
         let kernel = RowKernel::select(kind, scheme, ctx, bc);
+        let zrows = if asym {
+            rayon::iter::Either::Left(zps.par_chunks_mut(gc).map(Some))
+        } else {
+            rayon::iter::Either::Right((0..rows).into_par_iter().map(|_| None))
+        };
         data.par_chunks_mut(rb)
             .zip(scales.par_chunks_mut(gc))
-            .zip(zps.par_chunks_mut(gc))
+            .zip(zrows)
             .enumerate()
             .for_each_init(
                 || {
@@ -1148,9 +1211,14 @@ pub(crate) fn quantize_ctx(
                         Vec::new(),
                         RowScratch::default(),
                         Vec::new(),
+                        vec![0u8; gc],
                     )
                 },
-                |(codes, scratch, rs, pending), (r, ((drow, srow), zrow))| {
+                |(codes, scratch, rs, pending, zscratch), (r, ((drow, srow), zrow))| {
+                    let zrow = match zrow {
+                        Some(z) => z,
+                        None => &mut zscratch[..],
+                    };
                     let x = &w[r * cols..(r + 1) * cols];
                     let mut nonfinite = false;
                     if let Some(k) = &kernel {
@@ -1249,7 +1317,11 @@ pub(crate) fn quantize_ctx(
                 },
             );
         if fused_check && nonfinite_seen.load(Ordering::Relaxed) {
-            check_finite(w, kind)?;
+            if let Err(e) = check_finite(w, kind) {
+                // a consistent (empty) tensor rather than half-written buffers
+                *out = empty_tensor(scheme);
+                return Err(e);
+            }
         }
     } else {
         // phase 1: parameters of each 2-D block
@@ -1268,7 +1340,9 @@ pub(crate) fn quantize_ctx(
             .collect();
         for (b, p) in params.iter().enumerate() {
             scales[b] = p.scale;
-            zps[b] = p.zero_point.unwrap_or(0);
+            if asym {
+                zps[b] = p.zero_point.unwrap_or(0);
+            }
         }
         // phase 2: codes
         data.par_chunks_mut(rb).enumerate().for_each_init(
@@ -1293,17 +1367,18 @@ pub(crate) fn quantize_ctx(
             },
         );
     }
-    Ok(QuantizedTensor {
+    *out = QuantizedTensor {
         scheme: *scheme,
         rows,
         cols,
         data,
         scales,
-        zero_points: if asym { Some(zps) } else { None },
+        zero_points: Some(zps).filter(|_| asym),
         global_scale: gs,
         g_idx: None,
         nested: None,
-    })
+    };
+    Ok(())
 }
 
 /// Round a caller-supplied scale to the scheme's scale dtype (E8M0: must be a power of two in
