@@ -625,6 +625,7 @@ pub(crate) fn dequant_e4m3_row(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Ctx, Kind, RowKernel, SignRule};
+    use crate::mx::MxScaleRule;
     use crate::quantize::params_from_range;
     use bytemuck::cast;
     use core::arch::x86_64::{__m128i, __m256, __m256i, _CMP_GT_OQ, _CMP_LT_OQ, _CMP_UNORD_Q};
@@ -744,6 +745,19 @@ mod avx2 {
                 a2._mm256_unpackhi_epi64(a, b),
             )
         }
+        /// Lane `k` = the largest lane of `m[k]` (non-negative i32 lanes): an 8x8
+        /// transpose-reduce.
+        #[inline(always)]
+        fn max8(self, m: [__m256i; 8]) -> __m256i {
+            let a2 = self.0.avx2;
+            let (t01, t23) = (self.max_lo_hi32(m[0], m[1]), self.max_lo_hi32(m[2], m[3]));
+            let (t45, t67) = (self.max_lo_hi32(m[4], m[5]), self.max_lo_hi32(m[6], m[7]));
+            let (u03, u47) = (self.max_lo_hi64(t01, t23), self.max_lo_hi64(t45, t67));
+            self.maxi(
+                a2._mm256_permute2x128_si256::<0x20>(u03, u47),
+                a2._mm256_permute2x128_si256::<0x31>(u03, u47),
+            )
+        }
         /// Largest lane of non-negative i32 lanes.
         #[inline(always)]
         fn hmax(self, v: __m256i) -> u32 {
@@ -823,22 +837,24 @@ mod avx2 {
             let c = self.bits(self.sel(self.flt(norm), self.flt(sub), self.lt(a, self.splat(1.0))));
             a2._mm256_min_epi32(c, self.splati(7))
         }
-        /// E2M1 code (magnitude count | sign << 3) of `y`.
+        /// E2M1 code (magnitude count | sign << 3) of `y`, with the rounding (`EVEN`: ties to
+        /// even, else ties away: `#(t < |y|)` over `E2M1_AWAY_T`) and the sign rule (`BIT`:
+        /// [`SignRule::Bit`], else [`SignRule::Less`]) fixed at compile time.
         #[inline(always)]
-        fn e2m1(self, y: __m256, thr: &[f32; 7], sign: SignRule) -> __m256i {
+        fn e2m1c<const EVEN: bool, const BIT: bool>(self, y: __m256) -> __m256i {
+            let a2 = self.0.avx2;
             let a = self.flt(self.mag(y));
-            let c = if *thr == crate::mx::E2M1_EVEN_T {
+            let c = if EVEN {
                 self.e2m1_even_mag(a)
             } else {
-                self.count(a, thr)
+                self.count(a, &crate::mx::E2M1_AWAY_T)
             };
-            let s = match sign {
-                SignRule::Bit => self.0.avx2._mm256_srli_epi32::<31>(self.bits(y)),
-                SignRule::Less => {
-                    self.and(self.lt(y, self.0.avx._mm256_setzero_ps()), self.splati(1))
-                }
+            let sgn = if BIT {
+                a2._mm256_srli_epi32::<31>(self.bits(y))
+            } else {
+                self.and(self.lt(y, self.0.avx._mm256_setzero_ps()), self.splati(1))
             };
-            self.or(c, self.0.avx2._mm256_slli_epi32::<3>(s))
+            self.or(c, a2._mm256_slli_epi32::<3>(sgn))
         }
     }
 
@@ -961,8 +977,23 @@ mod avx2 {
                     int4_row(s, kind, g, x, ctx, drow, srow, zrow, pending)
                 }
                 RowKernel::Nvfp4Ct => nvfp4_ct_row(s, x, gs, drow, srow, pending),
-                RowKernel::Mxfp4 { kind, thr, sign } => {
-                    mxfp4_row(s, kind, thr, sign, x, ctx, drow, srow, pending)
+                RowKernel::Mxfp4 { thr, sign, .. } => {
+                    let rule = ctx.mx_rule;
+                    let even = *thr == crate::mx::E2M1_EVEN_T;
+                    match (even, sign) {
+                        (true, SignRule::Bit) => {
+                            mxfp4_row::<true, true>(s, rule, x, drow, srow, pending)
+                        }
+                        (true, SignRule::Less) => {
+                            mxfp4_row::<true, false>(s, rule, x, drow, srow, pending)
+                        }
+                        (false, SignRule::Bit) => {
+                            mxfp4_row::<false, true>(s, rule, x, drow, srow, pending)
+                        }
+                        (false, SignRule::Less) => {
+                            mxfp4_row::<false, false>(s, rule, x, drow, srow, pending)
+                        }
+                    }
                 }
                 RowKernel::Nf4 { g } => nf4_row(s, g, x, drow, srow, pending),
             }
@@ -1081,13 +1112,7 @@ mod avx2 {
         for (mk, v) in m.iter_mut().zip(xv.chunks_exact(2)) {
             *mk = s.maxi(s.mag(s.ld(&v[0])), s.mag(s.ld(&v[1])));
         }
-        let (t01, t23) = (s.max_lo_hi32(m[0], m[1]), s.max_lo_hi32(m[2], m[3]));
-        let (t45, t67) = (s.max_lo_hi32(m[4], m[5]), s.max_lo_hi32(m[6], m[7]));
-        let (u03, u47) = (s.max_lo_hi64(t01, t23), s.max_lo_hi64(t45, t67));
-        let amb = s.maxi(
-            a2._mm256_permute2x128_si256::<0x20>(u03, u47),
-            a2._mm256_permute2x128_si256::<0x31>(u03, u47),
-        );
+        let amb = s.max8(m);
         // finite: bits < 0x7f80_0000; the others get amax 0 (scale unused)
         let ok = a2._mm256_cmpgt_epi32(s.splati(0x7f80_0000), amb);
         let amax = s.flt(s.and(amb, ok));
@@ -1124,21 +1149,15 @@ mod avx2 {
             d.chunks_exact(2),
         ) {
             let (d0, d1) = (s.splat(dk[0]), s.splat(dk[1]));
-            let t = &mx_e2m1_even();
             let c = [
-                s.e2m1(s.div(s.ld(&v[0]), d0), t, SignRule::Less),
-                s.e2m1(s.div(s.ld(&v[1]), d0), t, SignRule::Less),
-                s.e2m1(s.div(s.ld(&v[2]), d1), t, SignRule::Less),
-                s.e2m1(s.div(s.ld(&v[3]), d1), t, SignRule::Less),
+                s.e2m1c::<true, false>(s.div(s.ld(&v[0]), d0)),
+                s.e2m1c::<true, false>(s.div(s.ld(&v[1]), d0)),
+                s.e2m1c::<true, false>(s.div(s.ld(&v[2]), d1)),
+                s.e2m1c::<true, false>(s.div(s.ld(&v[3]), d1)),
             ];
             o.copy_from_slice(&s.pack32(c));
         }
         (cast::<__m256, [f32; 8]>(sc), okm)
-    }
-
-    #[inline(always)]
-    fn mx_e2m1_even() -> [f32; 7] {
-        crate::mx::E2M1_EVEN_T
     }
 
     #[inline(always)]
@@ -1180,46 +1199,119 @@ mod avx2 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The E8M0 scale exponent of [`crate::mx::shared_exponent`] for E2M1 elements (`emax`
+    /// 2, largest value 6) lane-wise, for finite magnitude bits `amb`; always in `-127..=127`
+    /// (so the scale is positive and finite, as the scalar kernel requires).
     #[inline(always)]
-    fn mxfp4_row(
+    fn e8m0_exponent(s: K, amb: __m256i, rule: MxScaleRule) -> __m256i {
+        let a2 = s.0.avx2;
+        let biased = match rule {
+            // floor(log2(amax)) - 2; a zero or subnormal amax gives at most -129 -> -127
+            MxScaleRule::Floor => a2._mm256_srli_epi32::<23>(amb),
+            // amax rounded up at significand 1.75 (to +Inf's bits at the top: 128 - 2)
+            MxScaleRule::RoundUp175 => a2._mm256_srli_epi32::<23>(s.and(
+                s.addi(amb, s.splati(1 << 21)),
+                s.splati(0xFF80_0000u32 as i32),
+            )),
+            MxScaleRule::Ceil => {
+                // ceil(log2(amax / 6)) from the quotient's bits, at most 254; then the
+                // common "- 2" below is undone by adding it here
+                let q = s.bits(s.div(s.flt(amb), s.splat(6.0)));
+                let m = s.and(q, s.splati(0x7F_FFFF));
+                let nz =
+                    s.0.avx2
+                        ._mm256_cmpeq_epi32(m, s.0.avx._mm256_setzero_si256());
+                // + 1 unless the quotient's mantissa is zero (nz: -1 there)
+                let b = s.addi(s.addi(a2._mm256_srli_epi32::<23>(q), s.splati(1)), nz);
+                s.addi(a2._mm256_min_epi32(b, s.splati(254)), s.splati(2))
+            }
+        };
+        a2._mm256_max_epi32(s.subi(biased, s.splati(129)), s.splati(-127))
+    }
+
+    /// Eight MXFP4 groups (256 values): E8M0 scales lane-wise, codes into `out` (128 bytes).
+    /// Returns the scales and a bit mask of the groups with finite values (the others are left
+    /// to the reference; their bytes are garbage).
+    #[inline(always)]
+    fn mxfp4_batch<const EVEN: bool, const BIT: bool>(
         s: K,
-        kind: Kind,
-        thr: &[f32; 7],
-        sign: SignRule,
+        xv: &[[f32; 8]],
+        rule: MxScaleRule,
+        out: &mut [u8],
+    ) -> ([f32; 8], i32) {
+        let (a2, avx) = (s.0.avx2, s.0.avx);
+        let mut m = [avx._mm256_setzero_si256(); 8];
+        for (mk, v) in m.iter_mut().zip(xv.chunks_exact(4)) {
+            *mk = s.maxi(
+                s.maxi(s.mag(s.ld(&v[0])), s.mag(s.ld(&v[1]))),
+                s.maxi(s.mag(s.ld(&v[2])), s.mag(s.ld(&v[3]))),
+            );
+        }
+        let amb = s.max8(m);
+        let ok = a2._mm256_cmpgt_epi32(s.splati(0x7f80_0000), amb);
+        let e = e8m0_exponent(s, s.and(amb, ok), rule);
+        // mx::pow2(e): normal for e >= -126, 2^-127 is the subnormal 1 << 22
+        let eb = s.addi(e, s.splati(127));
+        let sub = a2._mm256_cmpeq_epi32(eb, avx._mm256_setzero_si256());
+        let sc = s.flt(s.or(
+            a2._mm256_slli_epi32::<23>(eb),
+            s.and(sub, s.splati(1 << 22)),
+        ));
+        let inv = cast::<__m256, [f32; 8]>(s.div(s.splat(1.0), sc));
+        for ((v, o), &iv) in xv.chunks_exact(4).zip(out.chunks_exact_mut(16)).zip(&inv) {
+            let iv = s.splat(iv);
+            let c = [
+                s.e2m1c::<EVEN, BIT>(s.mul(s.ld(&v[0]), iv)),
+                s.e2m1c::<EVEN, BIT>(s.mul(s.ld(&v[1]), iv)),
+                s.e2m1c::<EVEN, BIT>(s.mul(s.ld(&v[2]), iv)),
+                s.e2m1c::<EVEN, BIT>(s.mul(s.ld(&v[3]), iv)),
+            ];
+            o.copy_from_slice(&s.pack32(c));
+        }
+        (
+            cast::<__m256, [f32; 8]>(sc),
+            avx._mm256_movemask_ps(s.flt(ok)),
+        )
+    }
+
+    /// MXFP4 rows eight groups at a time ([`mxfp4_batch`]; the last groups of a row
+    /// zero-padded to a batch).
+    #[inline(always)]
+    fn mxfp4_row<const EVEN: bool, const BIT: bool>(
+        s: K,
+        rule: MxScaleRule,
         x: &[f32],
-        ctx: &Ctx,
         drow: &mut [u8],
         srow: &mut [f32],
         pending: &mut Vec<usize>,
     ) {
         const G: usize = 32;
-        for (j, ((xs, out), sj)) in x
-            .chunks_exact(G)
-            .zip(drow.chunks_exact_mut(G / 2))
-            .zip(srow.iter_mut())
-            .enumerate()
-        {
-            let (xv, _) = pulp::as_arrays::<8, f32>(xs);
-            let b = s.max_mag(xv);
-            if b >= 0x7f80_0000 {
-                pending.push(j);
-                continue;
+        let full = x.len() / G;
+        let mut j0 = 0;
+        while j0 < full {
+            let n = (full - j0).min(8);
+            let xs = &x[j0 * G..(j0 + n) * G];
+            let out = &mut drow[j0 * G / 2..(j0 + n) * G / 2];
+            let (sc, ok) = if n == 8 {
+                mxfp4_batch::<EVEN, BIT>(s, pulp::as_arrays::<8, f32>(xs).0, rule, out)
+            } else {
+                let mut xt = [0f32; 8 * G];
+                xt[..n * G].copy_from_slice(xs);
+                let mut ot = [0u8; 8 * G / 2];
+                let r =
+                    mxfp4_batch::<EVEN, BIT>(s, pulp::as_arrays::<8, f32>(&xt).0, rule, &mut ot);
+                out.copy_from_slice(&ot[..n * G / 2]);
+                r
+            };
+            for k in 0..n {
+                if ok & (1 << k) != 0 {
+                    srow[j0 + k] = sc[k];
+                } else {
+                    // left to the reference (which rewrites these bytes)
+                    pending.push(j0 + k);
+                }
             }
-            let cm = f32::from_bits(b);
-            let sc = params_from_range(kind, -cm, cm, cm, 0.0, 1.0, ctx).scale;
-            if !(sc > 0.0 && sc.is_finite()) {
-                pending.push(j);
-                continue;
-            }
-            *sj = sc;
-            let inv = s.splat(1.0 / sc);
-            out.copy_from_slice(&s.pack32([
-                s.e2m1(s.mul(s.ld(&xv[0]), inv), thr, sign),
-                s.e2m1(s.mul(s.ld(&xv[1]), inv), thr, sign),
-                s.e2m1(s.mul(s.ld(&xv[2]), inv), thr, sign),
-                s.e2m1(s.mul(s.ld(&xv[3]), inv), thr, sign),
-            ]));
+            j0 += n;
         }
     }
 
