@@ -470,7 +470,9 @@ fn quant_k(x: &[f32], out: &mut [u8], five: bool, search: KQuantSearch) {
                 search: Avx2(simd),
                 five,
             }),
-            KQuantSearch::Fast if !five => simd.vectorize(FastQ4kRun { simd, x, out }),
+            KQuantSearch::Fast if !five => {
+                simd.vectorize(FastQ4kRun { simd, x, out });
+            }
             KQuantSearch::Fast => simd.vectorize(KQuantRun {
                 x,
                 out,
@@ -500,14 +502,18 @@ struct FastQ4kRun<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl pulp::NullaryFnOnce for FastQ4kRun<'_> {
-    type Output = ();
+    /// Largest magnitude bits of the input (`>= 0x7f80_0000`: a NaN or an infinity), the
+    /// finiteness check fused into the transposes (one pass over memory instead of two).
+    type Output = u32;
 
     #[inline(always)]
-    fn call(self) {
+    fn call(self) -> u32 {
         use core::arch::x86_64::__m256i;
         use pulp::bytemuck::cast;
         let FastQ4kRun { simd, x, out } = self;
         let (avx, a2) = (simd.avx, simd.avx2);
+        let mut mag = avx._mm256_setzero_si256();
+        let abs_mask = avx._mm256_set1_epi32(0x7fff_ffff);
         for (xb, b) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)) {
             let (rows, _) = pulp::as_arrays::<8, f32>(xb);
             // xt[i][j] = x[32 j + i]: four 8x8 transposes (row r_j = x[32 j + 8 ib..][..8])
@@ -516,6 +522,8 @@ impl pulp::NullaryFnOnce for FastQ4kRun<'_> {
                 let mut r = [avx._mm256_setzero_ps(); 8];
                 for (j, rj) in r.iter_mut().enumerate() {
                     *rj = cast(rows[4 * j + ib]);
+                    let m = a2._mm256_and_si256(avx._mm256_castps_si256(*rj), abs_mask);
+                    mag = a2._mm256_max_epi32(mag, m);
                 }
                 let t0 = avx._mm256_unpacklo_ps(r[0], r[1]);
                 let t1 = avx._mm256_unpackhi_ps(r[0], r[1]);
@@ -567,7 +575,22 @@ impl pulp::NullaryFnOnce for FastQ4kRun<'_> {
                 qs.copy_from_slice(&cast::<__m256i, [u8; 32]>(p));
             }
         }
+        cast::<__m256i, [i32; 8]>(mag)
+            .iter()
+            .fold(0u32, |a, &v| a.max(v as u32))
     }
+}
+
+/// Q4_K with [`KQuantSearch::Fast`] in AVX2 with the finiteness check fused: `Some(true)`
+/// when every input is finite (`out` then holds the blocks), `Some(false)` when some is not
+/// (`out` holds garbage), `None` without AVX2 (nothing done).
+pub(super) fn quant_q4_k_fast_checked(x: &[f32], out: &mut [u8]) -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        return Some(simd.vectorize(FastQ4kRun { simd, x, out }) < 0x7f80_0000);
+    }
+    let _ = (x, out);
+    None
 }
 
 /// Eight Q4_K codes `nearest_int((x + dm) * (1 / d)).clamp(0, 15)` (0 when `d == 0`), as the
@@ -1029,6 +1052,40 @@ mod tests {
         quant_q4_k(&x, &mut a, KQuantSearch::Fast);
         quant_q4_k_with(&x, &mut b, Fast);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn fast_q4_k_fused_finiteness_check() {
+        // finite inputs (up to f32::MAX and subnormals): the same blocks as the plain kernel
+        let mut x: Vec<f32> = (0..4 * QK_K)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+            .collect();
+        x[5] = 1e-42;
+        x[700] = -1e-45;
+        let mut a = vec![0u8; 4 * 144];
+        let mut b = vec![0u8; 4 * 144];
+        let Some(ok) = quant_q4_k_fast_checked(&x, &mut a) else {
+            return; // no AVX2
+        };
+        assert!(ok);
+        quant_q4_k(&x, &mut b, KQuantSearch::Fast);
+        assert_eq!(a, b);
+        let mut y = x.clone();
+        y[1000] = f32::MAX;
+        y[3] = -f32::MAX;
+        assert_eq!(quant_q4_k_fast_checked(&y, &mut a), Some(true));
+        // a non-finite value anywhere (first, last, middle of a block) is seen
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 255, 256, 517, 4 * QK_K - 1] {
+                let mut y = x.clone();
+                y[at] = bad;
+                assert_eq!(
+                    quant_q4_k_fast_checked(&y, &mut a),
+                    Some(false),
+                    "{bad} at {at}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -433,6 +433,16 @@ pub fn quantize_with(
             op: "quantize",
         });
     }
+    if ty == Q4_K && search == KQuantSearch::Fast {
+        // the AVX2 kernel checks finiteness in its own pass over the data; on a non-finite
+        // value (or without AVX2) the blocks are dropped and the path below reports it
+        let start = out.len();
+        out.resize(start + nbytes, 0);
+        if kquants::quant_q4_k_fast_checked(x, &mut out[start..]) == Some(true) {
+            return Ok(());
+        }
+        out.truncate(start);
+    }
     // one vectorized pass (magnitude bits at or above +Inf's); locate only on failure
     if crate::fastq::max_mag_bits_slice(x) >= 0x7f80_0000 {
         if let Some(index) = x.iter().position(|v| !v.is_finite()) {
