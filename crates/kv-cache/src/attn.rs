@@ -48,6 +48,11 @@ pub(crate) enum Store<'a> {
         qk: &'a [u8],
         /// Value records.
         qv: &'a [u8],
+        /// Compact KIVI keys: per KV head, `2 * d` channel references.
+        kref: &'a [f32],
+        /// `rope=pre`: RoPE tables of the body groups ([`kivi::rope_block`], `d * g` floats
+        /// per group); decoded key groups are rotated with them.
+        rope: Option<&'a [f32]>,
     },
 }
 
@@ -379,7 +384,13 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>, simd: Sim
                     let o = (a - reg.start) * row + kvh * d;
                     (&k[o..], row, false, &v[o..], row)
                 }
-                Store::Quant { p, qk, qv } => {
+                Store::Quant {
+                    p,
+                    qk,
+                    qv,
+                    kref,
+                    rope,
+                } => {
                     let b0 = a - reg.start; // body index of the tile's first token
                     let vc = v_codec(p);
                     let vu = vc.record_bytes(d);
@@ -410,21 +421,48 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>, simd: Sim
                             );
                             (&kb[..], d, false, &vb[..], d)
                         }
-                        Side::KiviChannel { bits } => {
-                            let gb = kivi::group_bytes(d, p.group, bits);
+                        Side::KiviChannel { bits, compact } => {
+                            let gb = kivi::record_bytes(d, p.group, bits, compact);
                             kt.resize(d * ld, 0.0);
                             for gi in 0..cnt / p.group {
                                 let grp = b0 / p.group + gi;
                                 let rec = &qk[(grp * j.nh_kv + kvh) * gb..][..gb];
-                                kivi::decode_group_cm(
-                                    rec,
-                                    d,
-                                    p.group,
-                                    bits,
-                                    &mut kt,
-                                    ld,
-                                    gi * p.group,
-                                );
+                                if compact {
+                                    kivi::decode_group_cm_c(
+                                        rec,
+                                        d,
+                                        p.group,
+                                        bits,
+                                        &kref[kvh * 2 * d..][..2 * d],
+                                        &mut kt,
+                                        ld,
+                                        gi * p.group,
+                                    );
+                                } else {
+                                    kivi::decode_group_cm(
+                                        rec,
+                                        d,
+                                        p.group,
+                                        bits,
+                                        &mut kt,
+                                        ld,
+                                        gi * p.group,
+                                    );
+                                }
+                                if let Some(tab) = rope {
+                                    if p.rotate {
+                                        kivi::hadamard_cm(&mut kt, d, p.group, ld, gi * p.group);
+                                    }
+                                    let gt = d * p.group;
+                                    kivi::rope_cm(
+                                        &mut kt,
+                                        d,
+                                        p.group,
+                                        ld,
+                                        gi * p.group,
+                                        &tab[grp * gt..][..gt],
+                                    );
+                                }
                             }
                             (&kt[..], 0, true, &vb[..], d)
                         }
@@ -507,7 +545,7 @@ fn v_codec(p: &Policy) -> TokenCodec {
     match p.v {
         Side::Token(c) => c,
         // parse() maps `v=kiviB` to a token codec; keep a sane fallback.
-        Side::KiviChannel { bits } => TokenCodec::Int { bits, group: 32 },
+        Side::KiviChannel { bits, .. } => TokenCodec::Int { bits, group: 32 },
     }
 }
 

@@ -39,6 +39,14 @@ pub enum TokenCodec {
         /// Scale exponent.
         exp: i8,
     },
+    /// Asymmetric `bits`-bit integers over the whole record with 2 bytes of metadata (KIVI
+    /// compact values, `v=kivi2c`): a log-coded step `2^((e - 160) / 16)` (byte `e`; steps
+    /// `2^-10 .. 2^5.94`, 4.4% apart) and a grid origin `(z - 128) / 16` steps from zero (byte
+    /// `z`: `-8 .. +7.94` steps), `x ≈ origin + q · step`.
+    IntC {
+        /// 2 or 4.
+        bits: u8,
+    },
     /// Asymmetric `bits`-bit integers, per `group` values an f16 scale and f16 minimum.
     Int {
         /// 2, 4 or 8.
@@ -258,6 +266,7 @@ impl TokenCodec {
             TokenCodec::Fp8(_) => d + 1,
             TokenCodec::Fp8Static { .. } => d,
             TokenCodec::Int { bits, group } => d * bits as usize / 8 + 4 * (d / group),
+            TokenCodec::IntC { bits } => d * bits as usize / 8 + 2,
         }
     }
 
@@ -280,6 +289,7 @@ impl TokenCodec {
             }
             TokenCodec::Int { bits, group } if group == d => format!("int{bits}"),
             TokenCodec::Int { bits, group } => format!("int{bits}g{group}"),
+            TokenCodec::IntC { bits } => format!("kivi{bits}c"),
         }
     }
 
@@ -346,6 +356,14 @@ impl TokenCodec {
                     pack_codes(xg, scale.to_f32(), min.to_f32(), bits, levels, &mut og[4..]);
                 }
             }
+            TokenCodec::IntC { bits } => {
+                let levels = ((1u32 << bits) - 1) as f32;
+                let (e, z) = intc_params(x, levels);
+                out[0] = e;
+                out[1] = z;
+                let (step, origin) = intc_grid(e, z);
+                pack_codes(x, step, origin, bits, levels, &mut out[2..]);
+            }
         }
     }
 
@@ -386,7 +404,64 @@ impl TokenCodec {
                     unpack_codes(&rg[4..], bits, scale, min, og);
                 }
             }
+            TokenCodec::IntC { bits } => {
+                let (step, origin) = intc_grid(rec[0], rec[1]);
+                unpack_codes(&rec[2..], bits, step, origin, out);
+            }
         }
+    }
+}
+
+/// `2^(i/16)` for `i` in `0..16`.
+const POW2_16THS: [f32; 16] = [
+    1.0,
+    1.044_273_8,
+    1.090_507_7,
+    1.138_788_6,
+    1.189_207_1,
+    1.241_857_8,
+    1.296_839_6,
+    1.354_255_5,
+    std::f32::consts::SQRT_2,
+    1.476_826_1,
+    1.542_210_8,
+    1.610_490_3,
+    1.681_792_8,
+    1.756_252_2,
+    1.834_008_1,
+    1.915_206_6,
+];
+
+/// Step and grid origin of an [`TokenCodec::IntC`] record with metadata bytes `e`, `z`.
+#[inline(always)]
+pub(crate) fn intc_grid(e: u8, z: u8) -> (f32, f32) {
+    let k = e as i32 - 160;
+    let step = pow2(k >> 4) * POW2_16THS[(k & 15) as usize];
+    (step, (z as i32 - 128) as f32 * (1.0 / 16.0) * step)
+}
+
+/// Metadata bytes of an [`TokenCodec::IntC`] record for `x`: the smallest step (and for it the
+/// highest origin) whose grid `origin ..= origin + levels · step` covers `[min x, max x]`;
+/// values outside the largest representable grid are clamped by the encoder.
+pub(crate) fn intc_params(x: &[f32], levels: f32) -> (u8, u8) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in x {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0, 128);
+    }
+    let need = ((hi - lo) / levels).max(f32::MIN_POSITIVE);
+    let mut e = ((need.log2() * 16.0).floor() as i32 + 160).clamp(0, 255);
+    loop {
+        let (step, _) = intc_grid(e as u8, 128);
+        let z = ((lo / step * 16.0).floor() as i32 + 128).clamp(0, 255);
+        let (_, origin) = intc_grid(e as u8, z as u8);
+        if (origin <= lo && origin + levels * step >= hi) || e == 255 {
+            return (e as u8, z as u8);
+        }
+        e += 1;
     }
 }
 
@@ -616,6 +691,8 @@ mod tests {
                 kind: Fp8Kind::E4M3,
                 exp: -2,
             },
+            TokenCodec::IntC { bits: 2 },
+            TokenCodec::IntC { bits: 4 },
         ];
         let mut tmp = vec![0u16; d];
         for trial in 0..50 {
@@ -623,6 +700,10 @@ mod tests {
             let x: Vec<f32> = (0..d).map(|_| rng(&mut s) * amp).collect();
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             for c in codecs {
+                // The compact codec's largest step is 2^5.94 (2-bit range 184): skip amp 100.
+                if matches!(c, TokenCodec::IntC { .. }) && amp > 20.0 {
+                    continue;
+                }
                 let mut rec = vec![0u8; c.record_bytes(d)];
                 c.encode(&x, &mut rec);
                 let mut y = vec![0f32; d];
@@ -647,6 +728,12 @@ mod tests {
                         TokenCodec::Int { bits, .. } => {
                             let step = 2.0 * amax / ((1u32 << bits) - 1) as f32;
                             0.5 * step + 0.01 * 2.0 * amax
+                        }
+                        // Half a step; the step is at most 2^(2/16) above range / levels (log
+                        // code rounded up, plus one more code when the origin rounding needs it).
+                        TokenCodec::IntC { bits } => {
+                            let step = 2.0 * amax / ((1u32 << bits) - 1) as f32;
+                            0.5 * step * 2f32.powf(2.0 / 16.0) * 1.0001
                         }
                     };
                     assert!(

@@ -13,6 +13,16 @@ pub fn group_bytes(d: usize, g: usize, bits: u8) -> usize {
     d * (4 + g * bits as usize / 8)
 }
 
+/// Bytes of one (group, head) key record, plain ([`group_bytes`]) or compact
+/// ([`group_bytes_c`]).
+pub fn record_bytes(d: usize, g: usize, bits: u8, compact: bool) -> usize {
+    if compact {
+        group_bytes_c(d, g, bits)
+    } else {
+        group_bytes(d, g, bits)
+    }
+}
+
 /// Encode `g` key vectors of one head (`rows`: `[g][d]`) channel by channel into `out`.
 pub fn encode_group(rows: &[f32], d: usize, bits: u8, out: &mut [u8]) {
     let g = rows.len() / d;
@@ -69,6 +79,211 @@ pub fn decode_group_cm(
         let scale = f16::from_le_bytes([r[0], r[1]]).to_f32();
         let min = f16::from_le_bytes([r[2], r[3]]).to_f32();
         unpack_codes(&r[4..], bits, scale, min, &mut kt[c * ld + off..][..g]);
+    }
+}
+
+/// Bytes of one compact (`kivi2c`) (group, head) record: `d` channels of one metadata byte
+/// and `g` codes.
+pub fn group_bytes_c(d: usize, g: usize, bits: u8) -> usize {
+    d * (1 + g * bits as usize / 8)
+}
+
+/// Per-channel references of compact KIVI keys, calibrated once per (layer, head) from the first
+/// body group (`rows`: `[g][d]`): `refs[c]` = the median of channel `c` (the grid anchor),
+/// `refs[d + c]` = its min-max step `(max - min) / levels` (the step unit; at least
+/// `|median| · 2^-8` and `1e-8`).
+pub fn calibrate_c(rows: &[f32], d: usize, bits: u8, refs: &mut [f32]) {
+    let g = rows.len() / d;
+    let levels = ((1u32 << bits) - 1) as f32;
+    let mut col = vec![0f32; g];
+    for c in 0..d {
+        for (t, v) in col.iter_mut().enumerate() {
+            *v = rows[t * d + c];
+        }
+        col.sort_by(f32::total_cmp);
+        let med = if g % 2 == 1 {
+            col[g / 2]
+        } else {
+            0.5 * (col[g / 2 - 1] + col[g / 2])
+        };
+        let step = (col[g - 1] - col[0]) / levels;
+        refs[c] = med;
+        refs[d + c] = step.max(med.abs() * (1.0 / 256.0)).max(1e-8);
+    }
+}
+
+/// Step and grid origin of a compact key channel with metadata byte `m` (high nibble `e`, low
+/// nibble `z`) against its references `mu`, `sigma`: `step = sigma · 2^((e - 10) / 2)`
+/// (`2^-5 .. 2^2.5` times the reference step), origin `mu + (z - 8) · step` (grid points are
+/// whole steps from the anchor, origin `-8 .. +7` steps from it).
+#[inline(always)]
+pub fn grid_c(m: u8, mu: f32, sigma: f32) -> (f32, f32) {
+    let h = (m >> 4) as i32 - 10;
+    let half = if h & 1 == 1 {
+        std::f32::consts::SQRT_2
+    } else {
+        1.0
+    };
+    let step = sigma * crate::codec::pow2(h >> 1) * half;
+    (step, mu + ((m & 15) as i32 - 8) as f32 * step)
+}
+
+/// Encode `g` key vectors of one head (`rows`: `[g][d]`) into a compact record: per channel,
+/// the metadata byte minimizing the squared error of the channel's `g` values over all 16
+/// steps and the two origins around the channel minimum (values past the grid are clipped),
+/// then the codes.
+pub fn encode_group_c(rows: &[f32], d: usize, bits: u8, refs: &[f32], out: &mut [u8]) {
+    let g = rows.len() / d;
+    let levels = ((1u32 << bits) - 1) as f32;
+    let cb = 1 + g * bits as usize / 8;
+    let mut col = vec![0f32; g];
+    for (c, o) in out.chunks_exact_mut(cb).enumerate().take(d) {
+        for (t, v) in col.iter_mut().enumerate() {
+            *v = rows[t * d + c];
+        }
+        let (mu, sigma) = (refs[c], refs[d + c]);
+        let mn = col.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        let mut best = (f32::INFINITY, 0x80u8);
+        for e in 0u8..16 {
+            let (step, _) = grid_c(e << 4 | 8, mu, sigma);
+            let z0 = (((mn - mu) / step).floor() + 8.0).clamp(0.0, 15.0) as u8;
+            for z in [z0, (z0 + 1).min(15)] {
+                let m = e << 4 | z;
+                let (step, origin) = grid_c(m, mu, sigma);
+                let inv = 1.0 / step;
+                let err: f32 = col
+                    .iter()
+                    .map(|&x| {
+                        let q = ((x - origin) * inv).round().clamp(0.0, levels);
+                        let r = x - (origin + q * step);
+                        r * r
+                    })
+                    .sum();
+                if err < best.0 {
+                    best = (err, m);
+                }
+            }
+        }
+        o[0] = best.1;
+        let (step, origin) = grid_c(best.1, mu, sigma);
+        pack_codes(&col, step, origin, bits, levels, &mut o[1..]);
+    }
+}
+
+/// Decode one compact record into `out` (`[g][d]`, token-major). `col` is scratch of `g` floats.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_group_c(
+    rec: &[u8],
+    d: usize,
+    g: usize,
+    bits: u8,
+    refs: &[f32],
+    out: &mut [f32],
+    col: &mut [f32],
+) {
+    let cb = 1 + g * bits as usize / 8;
+    for (c, r) in rec.chunks_exact(cb).enumerate().take(d) {
+        let (step, origin) = grid_c(r[0], refs[c], refs[d + c]);
+        unpack_codes(&r[1..], bits, step, origin, &mut col[..g]);
+        for (t, v) in col[..g].iter().enumerate() {
+            out[t * d + c] = *v;
+        }
+    }
+}
+
+/// Decode one compact record channel-major into `kt[c * ld + off..][..g]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_group_cm_c(
+    rec: &[u8],
+    d: usize,
+    g: usize,
+    bits: u8,
+    refs: &[f32],
+    kt: &mut [f32],
+    ld: usize,
+    off: usize,
+) {
+    let cb = 1 + g * bits as usize / 8;
+    for (c, r) in rec.chunks_exact(cb).enumerate().take(d) {
+        let (step, origin) = grid_c(r[0], refs[c], refs[d + c]);
+        unpack_codes(&r[1..], bits, step, origin, &mut kt[c * ld + off..][..g]);
+    }
+}
+
+/// RoPE table of one body group of `g` tokens at absolute positions `pos0..pos0 + g`, for
+/// the "rotate half" layout (channel `i < d/2` paired with `i + d/2`, rotated by
+/// `pos * inv_freq[i]`): `out[i * g + t] = cos`, `out[(half + i) * g + t] = sin` (angles in f64).
+pub fn rope_block(inv_freq: &[f64], g: usize, pos0: usize, out: &mut [f32]) {
+    let half = inv_freq.len();
+    for (i, &f) in inv_freq.iter().enumerate() {
+        for t in 0..g {
+            let a = (pos0 + t) as f64 * f;
+            out[i * g + t] = a.cos() as f32;
+            out[(half + i) * g + t] = a.sin() as f32;
+        }
+    }
+}
+
+/// Undo RoPE on `g` token-major key rows (`rows`: `[g][d]`) with a [`rope_block`] table:
+/// `(a, b) -> (a cos + b sin, b cos - a sin)`.
+pub fn unrope_rows(rows: &mut [f32], d: usize, g: usize, tab: &[f32]) {
+    let half = d / 2;
+    for t in 0..g {
+        let r = &mut rows[t * d..][..d];
+        for i in 0..half {
+            let (c, s) = (tab[i * g + t], tab[(half + i) * g + t]);
+            let (a, b) = (r[i], r[half + i]);
+            r[i] = a * c + b * s;
+            r[half + i] = b * c - a * s;
+        }
+    }
+}
+
+/// Normalized Walsh-Hadamard transform (its own inverse) of one decoded group stored
+/// channel-major (`kt[c * ld + off..][..g]`): the butterflies run across channels on whole
+/// token rows.
+#[inline(always)]
+pub fn hadamard_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize) {
+    let mut h = 1;
+    while h < d {
+        for i in (0..d).step_by(2 * h) {
+            for j in i..i + h {
+                let (lo, hi) = kt.split_at_mut((j + h) * ld);
+                let a = &mut lo[j * ld + off..][..g];
+                let b = &mut hi[off..][..g];
+                for t in 0..g {
+                    let (x, y) = (a[t], b[t]);
+                    a[t] = x + y;
+                    b[t] = x - y;
+                }
+            }
+        }
+        h *= 2;
+    }
+    let s = 1.0 / (d as f32).sqrt();
+    for c in 0..d {
+        kt[c * ld + off..][..g].iter_mut().for_each(|v| *v *= s);
+    }
+}
+
+/// Apply RoPE to one decoded group stored channel-major (`kt[c * ld + off..][..g]`, as
+/// [`decode_group_cm`] writes it) with a [`rope_block`] table: `(a, b) -> (a cos - b sin,
+/// b cos + a sin)`.
+#[inline(always)]
+pub fn rope_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize, tab: &[f32]) {
+    let half = d / 2;
+    for i in 0..half {
+        let (lo, hi) = kt.split_at_mut((half + i) * ld);
+        let a = &mut lo[i * ld + off..][..g];
+        let b = &mut hi[off..][..g];
+        let c = &tab[i * g..][..g];
+        let s = &tab[(half + i) * g..][..g];
+        for t in 0..g {
+            let (x, y) = (a[t], b[t]);
+            a[t] = x * c[t] - y * s[t];
+            b[t] = y * c[t] + x * s[t];
+        }
     }
 }
 

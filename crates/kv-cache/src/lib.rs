@@ -74,6 +74,16 @@ pub trait KvCache: Send {
 
     /// Short name of the policy (e.g. `f32`, `fp8`, `kivi2`).
     fn policy_name(&self) -> String;
+
+    /// Give the cache the model's RoPE inverse frequencies (`head_dim / 2` values; "rotate half"
+    /// layout: channel `i < head_dim/2` is paired with `i + head_dim/2` and rotated by
+    /// `pos * inv_freq[i]`, the position of a token being the number of tokens before it in
+    /// the layer). Only policies that quantize keys before RoPE (`rope=pre`) use them; they
+    /// refuse to append until they have them. The default ignores them.
+    fn set_rope(&mut self, inv_freq: &[f64]) -> Result<()> {
+        let _ = inv_freq;
+        Ok(())
+    }
 }
 
 /// Build a cache from a policy string such as `f32`, `fp8`, `kivi2` or
@@ -90,7 +100,7 @@ pub fn build(policy: &str, shape: KvShape) -> Result<Box<dyn KvCache>> {
 }
 
 /// Split a list of policies separated by commas or semicolons, keeping the items of a mixed
-/// policy together: `v=`, `sink=`, `r=`, `g=`, `rot=` items (and `s=`, `residual=`, `group=`) belong to
+/// policy together: `v=`, `sink=`, `r=`, `g=`, `rot=`, `rope=` items (and `s=`, `residual=`, `group=`) belong to
 /// the policy before them, and a `v=` right after a `k=` too.
 ///
 /// ```
@@ -108,7 +118,7 @@ pub fn split_policies(list: &str) -> Vec<String> {
             let key = item.split_once('=').map(|(k, _)| k.trim());
             let attaches = matches!(
                 key,
-                Some("v" | "sink" | "s" | "r" | "residual" | "g" | "group" | "rot")
+                Some("v" | "sink" | "s" | "r" | "residual" | "g" | "group" | "rot" | "rope")
             );
             match out.last_mut() {
                 Some(last) if attaches && !first => {

@@ -26,6 +26,9 @@ pub enum Side {
     KiviChannel {
         /// 2 or 4.
         bits: u8,
+        /// Compact metadata (`kivi2c`): one byte per (group, channel) against per-channel
+        /// references calibrated on the first group, instead of an f16 scale and min.
+        compact: bool,
     },
 }
 
@@ -46,7 +49,14 @@ pub struct Policy {
     pub group: usize,
     /// Rotate keys (and queries) per head by the normalized Walsh-Hadamard transform before
     /// storing (`rot=h`): `q·k` is unchanged, outlier channels are spread over all channels.
+    /// With `rope=pre` only the quantized body keys are rotated (after RoPE is undone) and
+    /// the kernel rotates each decoded group back before re-applying RoPE; queries are not
+    /// rotated.
     pub rotate: bool,
+    /// Quantize KIVI keys before RoPE (`rope=pre`): the body stores pre-RoPE keys (RoPE undone
+    /// with the model's frequencies, see [`crate::KvCache::set_rope`]) and the attention kernel
+    /// re-applies RoPE to each decoded group.
+    pub pre_rope: bool,
 }
 
 fn bad(policy: &str, reason: impl Into<String>) -> Error {
@@ -96,8 +106,22 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
         "kivi2" | "kivi4" => {
             let bits = if s == "kivi2" { 2 } else { 4 };
             Ok((
-                Side::KiviChannel { bits },
+                Side::KiviChannel {
+                    bits,
+                    compact: false,
+                },
                 Side::Token(TokenCodec::Int { bits, group: d }),
+                true,
+            ))
+        }
+        "kivi2c" | "kivi4c" => {
+            let bits = if s == "kivi2c" { 2 } else { 4 };
+            Ok((
+                Side::KiviChannel {
+                    bits,
+                    compact: true,
+                },
+                Side::Token(TokenCodec::IntC { bits }),
                 true,
             ))
         }
@@ -144,7 +168,7 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
             policy,
             format!(
                 "unknown codec `{s}`; known: f32, f16, bf16, fp8, fp8e5m2, fp8s, fp8sE, int8, int4, int2, \
-                 intBgG (e.g. int4g32), kivi2, kivi4"
+                 intBgG (e.g. int4g32), kivi2, kivi4, kivi2c, kivi4c"
             ),
         )),
     }
@@ -175,6 +199,7 @@ impl Policy {
         let (mut sink, mut residual, mut group) = (0usize, None, None);
         let mut kivi = false;
         let mut rotate = false;
+        let mut pre_rope = false;
         for item in p.split(',').map(str::trim) {
             if item.is_empty() {
                 return Err(bad(policy, "empty item (two commas in a row?)"));
@@ -217,6 +242,18 @@ impl Policy {
                             ))
                         }
                     },
+                    "rope" => match val.trim() {
+                        "pre" => pre_rope = true,
+                        "post" => pre_rope = false,
+                        o => {
+                            return Err(bad(
+                                policy,
+                                format!(
+                                    "`rope={o}`: expected pre (quantize keys before RoPE) or post"
+                                ),
+                            ))
+                        }
+                    },
                     "r" | "residual" => residual = Some(parse_num(policy, key, val.trim())?),
                     "g" | "group" => {
                         let g = parse_num(policy, key, val.trim())?;
@@ -228,7 +265,7 @@ impl Policy {
                     other => {
                         return Err(bad(
                             policy,
-                            format!("unknown key `{other}`; known: k, v, sink, r, g, rot"),
+                            format!("unknown key `{other}`; known: k, v, sink, r, g, rot, rope"),
                         ))
                     }
                 },
@@ -244,11 +281,25 @@ impl Policy {
             }
         };
         let group = group.unwrap_or(32);
-        if let Side::KiviChannel { bits } = k {
+        if let Side::KiviChannel { bits, .. } = k {
             if group * bits as usize % 8 != 0 {
                 return Err(bad(
                     policy,
                     format!("KIVI group {group} is not a whole number of bytes"),
+                ));
+            }
+        }
+        if pre_rope {
+            if !matches!(k, Side::KiviChannel { .. }) {
+                return Err(bad(
+                    policy,
+                    "`rope=pre` needs KIVI keys (k=kivi2 or k=kivi4)",
+                ));
+            }
+            if d % 2 != 0 {
+                return Err(bad(
+                    policy,
+                    format!("`rope=pre` needs an even head_dim, not {d}"),
                 ));
             }
         }
@@ -272,6 +323,7 @@ impl Policy {
             residual,
             group,
             rotate,
+            pre_rope,
         })
     }
 
@@ -295,8 +347,8 @@ impl Policy {
         let d = shape.head_dim;
         let side = |s: Side| match s {
             Side::Token(c) => c.record_bytes(d) as f64,
-            Side::KiviChannel { bits } => {
-                crate::kivi::group_bytes(d, self.group, bits) as f64 / self.group as f64
+            Side::KiviChannel { bits, compact } => {
+                crate::kivi::record_bytes(d, self.group, bits, compact) as f64 / self.group as f64
             }
         };
         (side(self.k) + side(self.v)) * (shape.n_kv_heads * shape.n_layers) as f64
@@ -317,7 +369,13 @@ mod tests {
     fn presets_and_items() {
         let p = Policy::parse("kivi2", S, None).unwrap();
         assert_eq!((p.residual, p.group, p.sink), (128, 32, 0));
-        assert_eq!(p.k, Side::KiviChannel { bits: 2 });
+        assert_eq!(
+            p.k,
+            Side::KiviChannel {
+                bits: 2,
+                compact: false
+            }
+        );
         assert_eq!(p.v, Side::Token(TokenCodec::Int { bits: 2, group: 64 }));
         let p = Policy::parse("k=fp8, v=int4g32, sink=4", S, None).unwrap();
         assert_eq!(p.k, Side::Token(TokenCodec::Fp8(Fp8Kind::E4M3)));
@@ -387,5 +445,13 @@ mod tests {
         // KIVI-2: K = 64 channels x (4 + 8) bytes per 32 tokens, V = 16 + 4 bytes per token-head.
         let k2 = Policy::parse("kivi2", S, None).unwrap().bytes_per_token(S);
         assert_eq!(k2, (64.0 * 12.0 / 32.0 + 20.0) * 90.0);
+        // Compact KIVI-2: K = 64 channels x (1 + 8) bytes per 32 tokens, V = 16 + 2 bytes per
+        // token-head: 3240 bytes, 7.11x smaller than f16.
+        let k2c = Policy::parse("kivi2c,rope=pre,sink=4", S, None)
+            .unwrap()
+            .bytes_per_token(S);
+        assert_eq!(k2c, (64.0 * 9.0 / 32.0 + 18.0) * 90.0);
+        assert_eq!(k2c, 3240.0);
+        assert!(f16 / k2c >= 7.0);
     }
 }

@@ -31,11 +31,14 @@ struct Layer {
     /// Leading tokens of `rk`/`rv` that are already in the body (prefill scratch, see the
     /// module docs); dropped at the next append.
     shadow: usize,
+    /// Compact KIVI keys: per head, the `2 * head_dim` channel references
+    /// ([`kivi::calibrate_c`]) taken from the layer's first body group; empty before it.
+    kref: Vec<f32>,
 }
 
 /// In-place normalized Walsh-Hadamard transform of one head vector (length a power of two,
 /// checked by [`Policy::parse`]): orthogonal, so rotating both `q` and `k` keeps `q·k`.
-fn hadamard(x: &mut [f32]) {
+pub(crate) fn hadamard(x: &mut [f32]) {
     let n = x.len();
     let mut h = 1;
     while h < n {
@@ -60,6 +63,12 @@ pub struct QuantCache {
     layers: Vec<Layer>,
     /// Force the portable code path (tests compare it with the AVX2 one).
     force_scalar: bool,
+    /// RoPE inverse frequencies (`rope=pre` policies, see [`KvCache::set_rope`]).
+    inv_freq: Option<Vec<f64>>,
+    /// `rope=pre`: [`kivi::rope_block`] tables of body groups 0, 1, ... (`head_dim * g` floats
+    /// each; positions `sink + i * g ..`), shared by all layers, grown as the body grows. A
+    /// position table, not stored tokens: not part of [`KvCache::bytes`].
+    rope_tab: Vec<f32>,
 }
 
 /// Bytes of the K records of `n` body tokens of one head group layout; K uses
@@ -67,7 +76,7 @@ pub struct QuantCache {
 fn k_unit(p: &Policy, d: usize) -> usize {
     match p.k {
         Side::Token(c) => c.record_bytes(d),
-        Side::KiviChannel { bits } => kivi::group_bytes(d, p.group, bits),
+        Side::KiviChannel { bits, compact } => kivi::record_bytes(d, p.group, bits, compact),
     }
 }
 
@@ -75,7 +84,7 @@ fn v_codec(p: &Policy) -> TokenCodec {
     match p.v {
         Side::Token(c) => c,
         // parse() maps `v=kiviB` to a token codec; keep a sane fallback.
-        Side::KiviChannel { bits } => TokenCodec::Int { bits, group: 32 },
+        Side::KiviChannel { bits, .. } => TokenCodec::Int { bits, group: 32 },
     }
 }
 
@@ -87,6 +96,8 @@ impl QuantCache {
             policy,
             layers: vec![Layer::default(); shape.n_layers],
             force_scalar: false,
+            inv_freq: None,
+            rope_tab: Vec::new(),
         }
     }
 
@@ -112,11 +123,28 @@ impl QuantCache {
         }
     }
 
+    /// Extend the RoPE table to cover body groups `0..n_groups`.
+    fn grow_rope(&mut self, n_groups: usize) {
+        let (d, g) = (self.shape.head_dim, self.policy.group);
+        let Some(f) = &self.inv_freq else { return };
+        let have = self.rope_tab.len() / (d * g);
+        for grp in have..n_groups {
+            let base = self.rope_tab.len();
+            self.rope_tab.resize(base + d * g, 0.0);
+            kivi::rope_block(f, g, self.policy.sink + grp * g, &mut self.rope_tab[base..]);
+        }
+    }
+
     /// Quantize the oldest `n` tokens of the residual window of `layer` into the body (their f32
     /// rows stay in `rk`/`rv`; the caller drops or keeps them as shadow).
     fn flush(&mut self, layer: usize, n: usize) {
         let (d, nh, row) = (self.shape.head_dim, self.shape.n_kv_heads, self.row());
+        if self.policy.pre_rope {
+            let g = self.policy.group;
+            self.grow_rope((self.layers[layer].nq + n) / g);
+        }
         let p = &self.policy;
+        let tab = &self.rope_tab;
         let l = &mut self.layers[layer];
         let (ku, vc) = (k_unit(p, d), v_codec(p));
         let vu = vc.record_bytes(d);
@@ -131,18 +159,58 @@ impl QuantCache {
                     c.encode(x, o);
                 }
             }
-            Side::KiviChannel { bits } => {
+            Side::KiviChannel { bits, compact } => {
                 let g = p.group;
                 let mut rows = vec![0f32; g * d];
                 for grp in 0..n / g {
+                    let gabs = l.nq / g + grp;
                     for h in 0..nh {
                         for t in 0..g {
                             let src = &l.rk[(grp * g + t) * row + h * d..][..d];
                             rows[t * d..][..d].copy_from_slice(src);
                         }
+                        if p.pre_rope {
+                            kivi::unrope_rows(&mut rows, d, g, &tab[gabs * d * g..][..d * g]);
+                            if p.rotate {
+                                rows.chunks_exact_mut(d).for_each(hadamard);
+                            }
+                        }
                         let base = l.qk.len();
                         l.qk.resize(base + ku, 0);
-                        kivi::encode_group(&rows, d, bits, &mut l.qk[base..]);
+                        if compact {
+                            if l.kref.len() < nh * 2 * d {
+                                l.kref.resize(nh * 2 * d, 0.0);
+                                for hh in 0..nh {
+                                    let mut r0 = vec![0f32; g * d];
+                                    for t in 0..g {
+                                        r0[t * d..][..d].copy_from_slice(
+                                            &l.rk[(grp * g + t) * row + hh * d..][..d],
+                                        );
+                                    }
+                                    if p.pre_rope {
+                                        kivi::unrope_rows(
+                                            &mut r0,
+                                            d,
+                                            g,
+                                            &tab[gabs * d * g..][..d * g],
+                                        );
+                                        if p.rotate {
+                                            r0.chunks_exact_mut(d).for_each(hadamard);
+                                        }
+                                    }
+                                    kivi::calibrate_c(
+                                        &r0,
+                                        d,
+                                        bits,
+                                        &mut l.kref[hh * 2 * d..][..2 * d],
+                                    );
+                                }
+                            }
+                            let refs = &l.kref[h * 2 * d..][..2 * d];
+                            kivi::encode_group_c(&rows, d, bits, refs, &mut l.qk[base..]);
+                        } else {
+                            kivi::encode_group(&rows, d, bits, &mut l.qk[base..]);
+                        }
                     }
                 }
             }
@@ -187,9 +255,15 @@ impl KvCache for QuantCache {
                 v.len()
             )));
         }
+        if self.policy.pre_rope && self.inv_freq.is_none() {
+            return Err(Error::Policy {
+                policy: self.policy.name.clone(),
+                reason: "`rope=pre` needs the model's RoPE frequencies (KvCache::set_rope)".into(),
+            });
+        }
         let len_before = self.len(layer);
         let rotated;
-        let k = if self.policy.rotate {
+        let k = if self.policy.rotate && !self.policy.pre_rope {
             let mut x = k.to_vec();
             x.chunks_exact_mut(self.shape.head_dim).for_each(hadamard);
             rotated = x;
@@ -259,7 +333,7 @@ impl KvCache for QuantCache {
         }
         let row = self.row();
         let rotated;
-        let q = if self.policy.rotate {
+        let q = if self.policy.rotate && !self.policy.pre_rope {
             let mut x = q.to_vec();
             x.chunks_exact_mut(self.shape.head_dim).for_each(hadamard);
             rotated = x;
@@ -289,6 +363,12 @@ impl KvCache for QuantCache {
                         p: &self.policy,
                         qk: &l.qk,
                         qv: &l.qv,
+                        kref: &l.kref,
+                        rope: if self.policy.pre_rope {
+                            Some(&self.rope_tab)
+                        } else {
+                            None
+                        },
                     },
                     vis: Vis::Body,
                 },
@@ -318,7 +398,8 @@ impl KvCache for QuantCache {
             .iter()
             .map(|l| {
                 4 * (l.sink_k.len() + l.sink_v.len() + l.rk.len() + l.rv.len()
-                    - 2 * l.shadow * self.row())
+                    - 2 * l.shadow * self.row()
+                    + l.kref.len())
                     + l.qk.len()
                     + l.qv.len()
             })
@@ -333,6 +414,7 @@ impl KvCache for QuantCache {
             l.rv.clear();
             l.qk.clear();
             l.qv.clear();
+            l.kref.clear();
             l.nq = 0;
             l.shadow = 0;
         }
@@ -340,5 +422,28 @@ impl KvCache for QuantCache {
 
     fn policy_name(&self) -> String {
         self.policy.name.clone()
+    }
+
+    fn set_rope(&mut self, inv_freq: &[f64]) -> Result<()> {
+        if !self.policy.pre_rope {
+            return Ok(());
+        }
+        if inv_freq.len() * 2 != self.shape.head_dim {
+            return Err(Error::Shape(format!(
+                "RoPE needs head_dim / 2 = {} frequencies, got {}",
+                self.shape.head_dim / 2,
+                inv_freq.len()
+            )));
+        }
+        if self.inv_freq.as_deref() != Some(inv_freq) {
+            if self.layers.iter().any(|l| l.nq > 0) {
+                return Err(Error::Shape(
+                    "RoPE frequencies changed after keys were quantized".into(),
+                ));
+            }
+            self.inv_freq = Some(inv_freq.to_vec());
+            self.rope_tab.clear();
+        }
+        Ok(())
     }
 }

@@ -84,20 +84,48 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
             }
         }
     }
-    if let Side::KiviChannel { bits } = p.k {
+    if let Side::KiviChannel { bits, compact } = p.k {
         let g = p.group;
+        let freqs = test_freqs(d);
+        let mut refs = vec![0f32; nh * 2 * d];
         for grp in 0..nq / g {
             for h in 0..nh {
-                let rows: Vec<f32> = (0..g)
-                    .flat_map(|t| k[(p.sink + grp * g + t) * row + h * d..][..d].to_vec())
+                let pos0 = p.sink + grp * g;
+                let mut rows: Vec<f32> = (0..g)
+                    .flat_map(|t| k[(pos0 + t) * row + h * d..][..d].to_vec())
                     .collect();
-                let mut rec = vec![0u8; kivi::group_bytes(d, g, bits)];
-                kivi::encode_group(&rows, d, bits, &mut rec);
+                if p.pre_rope {
+                    for t in 0..g {
+                        rope_f64(&mut rows[t * d..][..d], &freqs, pos0 + t, -1.0);
+                        if p.rotate {
+                            crate::quant::hadamard(&mut rows[t * d..][..d]);
+                        }
+                    }
+                }
                 let mut out = vec![0f32; g * d];
-                kivi::decode_group(&rec, d, g, bits, &mut out, &mut vec![0f32; g]);
+                let rb = &mut refs[h * 2 * d..][..2 * d];
+                if compact {
+                    if grp == 0 {
+                        kivi::calibrate_c(&rows, d, bits, rb);
+                    }
+                    let mut rec = vec![0u8; kivi::group_bytes_c(d, g, bits)];
+                    kivi::encode_group_c(&rows, d, bits, rb, &mut rec);
+                    kivi::decode_group_c(&rec, d, g, bits, rb, &mut out, &mut vec![0f32; g]);
+                } else {
+                    let mut rec = vec![0u8; kivi::group_bytes(d, g, bits)];
+                    kivi::encode_group(&rows, d, bits, &mut rec);
+                    kivi::decode_group(&rec, d, g, bits, &mut out, &mut vec![0f32; g]);
+                }
+                if p.pre_rope {
+                    for t in 0..g {
+                        if p.rotate {
+                            crate::quant::hadamard(&mut out[t * d..][..d]);
+                        }
+                        rope_f64(&mut out[t * d..][..d], &freqs, pos0 + t, 1.0);
+                    }
+                }
                 for t in 0..g {
-                    k2[(p.sink + grp * g + t) * row + h * d..][..d]
-                        .copy_from_slice(&out[t * d..][..d]);
+                    k2[(pos0 + t) * row + h * d..][..d].copy_from_slice(&out[t * d..][..d]);
                 }
             }
         }
@@ -105,7 +133,37 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
     (k2, v2)
 }
 
+/// RoPE frequencies the tests give the caches (`10000^(-2i/d)`).
+fn test_freqs(d: usize) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| 10000f64.powf(-2.0 * i as f64 / d as f64))
+        .collect()
+}
+
+/// Rotate one head vector by RoPE at `pos` ("rotate half" layout) in f64; `sign = -1` undoes it.
+fn rope_f64(x: &mut [f32], freqs: &[f64], pos: usize, sign: f64) {
+    let half = freqs.len();
+    for (i, f) in freqs.iter().enumerate() {
+        let (s, c) = (sign * pos as f64 * f).sin_cos();
+        let (a, b) = (x[i] as f64, x[half + i] as f64);
+        x[i] = (a * c - b * s) as f32;
+        x[half + i] = (b * c + a * s) as f32;
+    }
+}
+
+/// [`build`] with the test RoPE frequencies set (needed by `rope=pre`, ignored otherwise).
+fn build_r(pol: &str, shape: KvShape) -> Box<dyn KvCache> {
+    let mut c = build(pol, shape).unwrap();
+    c.set_rope(&test_freqs(shape.head_dim)).unwrap();
+    c
+}
+
 const POLICIES: &[&str] = &[
+    "kivi2c,r=8,g=8",
+    "kivi2,rope=pre,r=8,g=8,sink=2",
+    "kivi4c,rope=pre,r=5,g=4,sink=3",
+    "kivi2c,rope=pre,rot=h,r=8,g=8,sink=1",
+    "k=kivi2c,v=fp8,g=16,r=0",
     "f16",
     "bf16",
     "fp8",
@@ -265,6 +323,7 @@ fn attention_matches_decode_view_reference() {
                 let v = r.vec(len * nh * d, 1.0);
                 let q = r.vec(n_q * n_heads * d, 1.0);
                 let mut qc = QuantCache::new(shape, p.clone());
+                qc.set_rope(&test_freqs(d)).unwrap();
                 let (k2, v2) = roundtrip(&p, shape, &k, &v, len);
                 let row = nh * d;
                 let mut t = 0;
@@ -313,12 +372,15 @@ fn prefill_equals_token_by_token_decode() {
     let q = r.vec(len * n_heads * d, 1.0);
     let qd = n_heads * d;
     let scale = 0.25;
-    for pol in POLICIES
-        .iter()
-        .chain(&["kivi2", "kivi4,sink=4", "f32", "fp8,sink=4"])
-    {
+    for pol in POLICIES.iter().chain(&[
+        "kivi2",
+        "kivi4,sink=4",
+        "f32",
+        "fp8,sink=4",
+        "kivi2c,rope=pre,sink=4",
+    ]) {
         // Token by token.
-        let mut dec = build(pol, shape).unwrap();
+        let mut dec = build_r(pol, shape);
         let mut want = vec![0f32; len * qd];
         for t in 0..len {
             dec.append(0, &k[t * row..][..row], &v[t * row..][..row], 1)
@@ -334,7 +396,7 @@ fn prefill_equals_token_by_token_decode() {
             .unwrap();
         }
         // Prefill in two chunks (the second one starts mid KIVI group and mid window).
-        let mut pre = build(pol, shape).unwrap();
+        let mut pre = build_r(pol, shape);
         let mut got = vec![0f32; len * qd];
         for (a, b) in [(0usize, 173usize), (173, len)] {
             pre.append(0, &k[a * row..b * row], &v[a * row..b * row], b - a)
@@ -445,7 +507,7 @@ fn lossless_windows_are_exact() {
     let v = r.vec(len * nh * d, 1.0);
     let q = r.vec(n_heads * d, 1.0);
     let run = |pol: &str| {
-        let mut c = build(pol, shape).unwrap();
+        let mut c = build_r(pol, shape);
         c.append(0, &k, &v, len).unwrap();
         let mut o = vec![0f32; q.len()];
         c.attend(0, &q, 1, n_heads, 0.125, &mut o).unwrap();
@@ -459,6 +521,9 @@ fn lossless_windows_are_exact() {
         "fp8,sink=128",
         "int4,sink=128",
         "k=fp8,v=int2,r=128",
+        "kivi2c",
+        "kivi2,rope=pre",
+        "kivi2c,rope=pre",
     ] {
         let (o, b) = run(pol);
         assert_eq!(
@@ -510,11 +575,14 @@ fn simd_path_matches_portable_path() {
             "bf16",
             "kivi2,r=8,g=4,sink=2",
             "k=fp8e5m2,v=int2g4",
+            "kivi2c,rope=pre,r=8,g=4,sink=2",
+            "kivi2,rope=pre,rot=h,r=8,g=4,sink=2",
         ] {
             let Ok(p) = Policy::parse(pol, shape, None) else {
                 continue;
             };
             let mut a = QuantCache::new(shape, p.clone());
+            a.set_rope(&test_freqs(d)).unwrap();
             let k = r.vec(len * nh * d, 1.0);
             let v = r.vec(len * nh * d, 1.0);
             a.append(0, &k, &v, len).unwrap();
@@ -542,29 +610,57 @@ fn byte_accounting_is_exact() {
     };
     let len = 1000;
     let k = vec![0.5f32; len * nh * d];
-    for (pol, sink, body_k, body_v, res) in [
+    for (pol, sink, body_k, body_v, res, refs) in [
         // (policy, sink tokens, K body bytes, V body bytes, residual tokens)
-        ("fp8", 0usize, 1000 * nh * 65, 1000 * nh * 65, 0usize),
-        ("int4", 0, 1000 * nh * (32 + 8), 1000 * nh * (32 + 8), 0),
-        ("fp8,sink=4", 4, 996 * nh * 65, 996 * nh * 65, 0),
-        ("fp8s", 0, 1000 * nh * 64, 1000 * nh * 64, 0),
+        // (policy, sink tokens, K body bytes, V body bytes, residual tokens, reference bytes
+        // per layer)
+        (
+            "fp8",
+            0usize,
+            1000 * nh * 65,
+            1000 * nh * 65,
+            0usize,
+            0usize,
+        ),
+        ("int4", 0, 1000 * nh * (32 + 8), 1000 * nh * (32 + 8), 0, 0),
+        ("fp8,sink=4", 4, 996 * nh * 65, 996 * nh * 65, 0, 0),
+        ("fp8s", 0, 1000 * nh * 64, 1000 * nh * 64, 0, 0),
         // KIVI-2: 1000 - 128 = 872 -> 27 groups of 32 (864 tokens), 136 in the window.
-        ("kivi2", 0, 27 * nh * 64 * (4 + 8), 864 * nh * (16 + 4), 136),
+        (
+            "kivi2",
+            0,
+            27 * nh * 64 * (4 + 8),
+            864 * nh * (16 + 4),
+            136,
+            0,
+        ),
         (
             "kivi2,sink=4",
             4,
             27 * nh * 64 * (4 + 8),
             864 * nh * (16 + 4),
             132,
+            0,
         ),
+        // Compact KIVI-2: K 1 metadata byte + 8 code bytes per (group, channel), V 2 + 16
+        // bytes per (token, head); per layer and head 2 x 64 f32 channel references.
+        (
+            "kivi2c,rope=pre,sink=4",
+            4,
+            27 * nh * 64 * (1 + 8),
+            864 * nh * (16 + 2),
+            132,
+            nh * 2 * d * 4,
+        ),
+        ("kivi2c", 0, 27 * nh * 64 * 9, 864 * nh * 18, 136, nh * 512),
     ] {
-        let mut c = build(pol, shape).unwrap();
+        let mut c = build_r(pol, shape);
         for l in 0..2 {
             for chunk in k.chunks(nh * d * 100) {
                 c.append(l, chunk, chunk, 100).unwrap();
             }
         }
-        let want = 2 * ((sink + res) * nh * d * 8 + body_k + body_v);
+        let want = 2 * ((sink + res) * nh * d * 8 + body_k + body_v + refs);
         assert_eq!(c.bytes(), want, "{pol}");
         assert_eq!(c.len(1), len);
         c.clear();
@@ -629,4 +725,68 @@ fn bad_arguments_are_errors() {
         build("kivi2,sink=4", shape).unwrap().policy_name(),
         "kivi2,sink=4"
     );
+}
+
+/// `rope=pre` stores keys before RoPE and rotates them back when read: keys that are constant
+/// per channel before RoPE (plus small noise) and rotated at their positions are reproduced
+/// almost exactly by 2-bit KIVI with `rope=pre` (each channel is nearly constant within a
+/// group), while post-RoPE KIVI sees channels swinging with the position and loses far more.
+/// A policy without the frequencies refuses to append.
+#[test]
+fn pre_rope_keys_undo_and_redo_the_rotation() {
+    let mut r = Rng(0xabcd);
+    let (nh, d, n_heads) = (2usize, 16usize, 4usize);
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: nh,
+        head_dim: d,
+    };
+    let freqs = test_freqs(d);
+    let len = 200;
+    let base = r.vec(nh * d, 2.0);
+    let mut k = vec![0f32; len * nh * d];
+    for t in 0..len {
+        for h in 0..nh {
+            let x = &mut k[(t * nh + h) * d..][..d];
+            for (c, v) in x.iter_mut().enumerate() {
+                *v = base[h * d + c] + 0.01 * r.f();
+            }
+            rope_f64(x, &freqs, t, 1.0);
+        }
+    }
+    let v = r.vec(len * nh * d, 1.0);
+    let q = r.vec(n_heads * d, 1.0);
+    let err = |pol: &str| {
+        let mut a = build_r(&format!("{pol},r=0,g=8"), shape);
+        let mut b = F32Cache::new(shape);
+        let (oa, ob) = run_pair(
+            a.as_mut(),
+            &mut b,
+            &(k.clone(), v.clone()),
+            &[len],
+            &q,
+            1,
+            n_heads,
+        );
+        max_abs_diff(&oa, &ob)
+    };
+    // Values in f32 so that only the keys differ. Bound for the pre-RoPE case: the channel
+    // noise 0.02 wide is one grid step at most ~0.007 -> key error < 0.004 (+ f16 rounding
+    // 2^-11 of |key| <= 2), score error < |q|_1 * 0.006 / 4 < 0.02, output error < 0.04.
+    let pre = err("k=kivi2,v=f32,rope=pre");
+    let post = err("k=kivi2,v=f32");
+    let pre_c = err("k=kivi2c,v=f32,rope=pre");
+    assert!(pre < 0.04, "pre-RoPE 2-bit keys: {pre}");
+    assert!(pre_c < 0.04, "pre-RoPE compact 2-bit keys: {pre_c}");
+    // Hadamard-rotated pre-RoPE keys: still (nearly) constant channels, noise spread evenly.
+    let pre_h = err("k=kivi2,v=f32,rope=pre,rot=h");
+    assert!(pre_h < 0.04, "pre-RoPE Hadamard 2-bit keys: {pre_h}");
+    assert!(post > 4.0 * pre, "post-RoPE {post} vs pre-RoPE {pre}");
+    let mut c = build("kivi2,rope=pre", shape).unwrap();
+    let e = c.append(0, &k[..nh * d], &v[..nh * d], 1).unwrap_err();
+    assert!(e.to_string().contains("set_rope"), "{e}");
+    assert!(c.set_rope(&freqs[1..]).is_err());
+    for bad in ["fp8,rope=pre", "kivi2,rope=x"] {
+        assert!(build(bad, shape).is_err(), "{bad}");
+    }
 }

@@ -248,8 +248,12 @@ impl Model {
     }
 
     /// A fresh KV cache for this model from a policy string (`f32`, ... see `lowbit-kv-cache`).
+    /// The cache gets the model's RoPE frequencies (used by policies that quantize keys before
+    /// RoPE, `rope=pre`).
     pub fn new_cache(&self, policy: &str) -> Result<Box<dyn KvCache>> {
-        Ok(lowbit_kv_cache::build(policy, self.config.kv_shape())?)
+        let mut c = lowbit_kv_cache::build(policy, self.config.kv_shape())?;
+        c.set_rope(&crate::rope::inv_freqs(&self.config))?;
+        Ok(c)
     }
 
     /// Embedding rows of `tokens`: `[n_tokens][hidden]`.
