@@ -278,6 +278,11 @@ pub(super) mod avx2 {
         fn mul(self, a: __m256, b: __m256) -> __m256 {
             self.0.avx._mm256_mul_ps(a, b)
         }
+        /// `a * b + c` rounded once.
+        #[inline(always)]
+        fn fma(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+            self.0.fma._mm256_fmadd_ps(a, b, c)
+        }
         #[inline(always)]
         fn div(self, a: __m256, b: __m256) -> __m256 {
             self.0.avx._mm256_div_ps(a, b)
@@ -484,42 +489,56 @@ pub(super) mod avx2 {
         let xv: [__m256; 32] = cast(*x);
         let zero = o.splat(0.0);
         let nmaxv = o.splat(nmax);
-        let mut sum_x2 = zero;
-        for v in xv {
-            sum_x2 = o.add(sum_x2, o.mul(v, v));
+        let (mut sx2a, mut sx2b) = (zero, zero);
+        for v in xv.chunks_exact(2) {
+            sx2a = o.fma(v[0], v[0], sx2a);
+            sx2b = o.fma(v[1], v[1], sx2b);
         }
-        let av = simd.avx._mm256_sqrt_ps(o.div(sum_x2, o.splat(32.0)));
+        let av = simd
+            .avx
+            ._mm256_sqrt_ps(o.div(o.add(sx2a, sx2b), o.splat(32.0)));
         let mut wv = [zero; 32];
         for i in 0..32 {
             wv[i] = o.add(av, o.abs(xv[i]));
         }
         let mut min = xv[0];
         let mut max = xv[0];
-        let mut sum_w = wv[0];
-        let mut sum_x = o.mul(wv[0], xv[0]);
-        for i in 1..32 {
+        let (mut swa, mut swb, mut sxa, mut sxb) = (zero, zero, zero, zero);
+        for i in (0..32).step_by(2) {
             min = o.min_first(xv[i], min);
             max = o.max_first(xv[i], max);
-            sum_w = o.add(sum_w, wv[i]);
-            sum_x = o.add(sum_x, o.mul(wv[i], xv[i]));
+            swa = o.add(swa, wv[i]);
+            sxa = o.fma(wv[i], xv[i], sxa);
+            min = o.min_first(xv[i + 1], min);
+            max = o.max_first(xv[i + 1], max);
+            swb = o.add(swb, wv[i + 1]);
+            sxb = o.fma(wv[i + 1], xv[i + 1], sxb);
         }
+        let sum_w = o.add(swa, swb);
+        let sum_x = o.add(sxa, sxb);
         min = o.min_first(min, zero);
         let min0 = min;
         let mut scale = o.div(o.sub(max, min), nmaxv);
         let mut iscale = o.div(nmaxv, o.sub(max, min));
         for _ in 0..iters {
-            let mut sum_l = zero;
-            let mut sum_l2 = zero;
-            let mut sum_xl = zero;
-            for i in 0..32 {
-                let v = o.mul(o.sub(xv[i], min), iscale);
-                let q = o.min_first(o.max_first(v, zero), nmaxv);
-                let q = simd.avx._mm256_round_ps::<RNE>(q);
-                let wq = o.mul(wv[i], q);
-                sum_l = o.add(sum_l, wq);
-                sum_l2 = o.add(sum_l2, o.mul(wq, q));
-                sum_xl = o.add(sum_xl, o.mul(wq, xv[i]));
+            let off = o.neg(o.mul(min, iscale));
+            // (sum_l, sum_l2, sum_xl) of even and odd i
+            let mut acc = [[zero; 3]; 2];
+            for i in (0..32).step_by(2) {
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let x = xv[i + h];
+                    let v = o.fma(x, iscale, off);
+                    let q = o.min_first(o.max_first(v, zero), nmaxv);
+                    let q = simd.avx._mm256_round_ps::<RNE>(q);
+                    let wq = o.mul(wv[i + h], q);
+                    a[0] = o.add(a[0], wq);
+                    a[1] = o.fma(wq, q, a[1]);
+                    a[2] = o.fma(wq, x, a[2]);
+                }
             }
+            let sum_l = o.add(acc[0][0], acc[1][0]);
+            let sum_l2 = o.add(acc[0][1], acc[1][1]);
+            let sum_xl = o.add(acc[0][2], acc[1][2]);
             let det = o.sub(o.mul(sum_w, sum_l2), o.mul(sum_l, sum_l));
             let s = o.div(o.sub(o.mul(sum_w, sum_xl), o.mul(sum_x, sum_l)), det);
             let m = o.div(o.sub(o.mul(sum_l2, sum_x), o.mul(sum_l, sum_xl)), det);
@@ -582,63 +601,74 @@ pub(super) fn qkx_fast<const N: usize>(
     iters: usize,
 ) -> ([f32; N], [f32; N]) {
     // The weights `av_x + |x|` of the reference search (`av_x` = RMS of the sub-block).
-    let mut sum_x2 = [0.0f32; N];
-    for row in x {
+    // Sums are fused multiply-adds into two partial sums (even / odd `i`), added at the end.
+    let mut sx2 = [[0.0f32; N]; 2];
+    for (i, row) in x.iter().enumerate() {
         for j in 0..N {
-            sum_x2[j] += row[j] * row[j];
+            sx2[i & 1][j] = row[j].mul_add(row[j], sx2[i & 1][j]);
         }
     }
     let mut w = [[0.0f32; N]; 32];
     for i in 0..32 {
         for j in 0..N {
-            w[i][j] = (sum_x2[j] / 32.0).sqrt() + x[i][j].abs();
+            w[i][j] = ((sx2[0][j] + sx2[1][j]) / 32.0).sqrt() + x[i][j].abs();
         }
     }
     let mut min = x[0];
     let mut max = x[0];
-    let mut sum_w = w[0];
-    let mut sum_x = [0.0f32; N];
-    for j in 0..N {
-        sum_x[j] = sum_w[j] * x[0][j];
-    }
-    for i in 1..32 {
+    let mut sw = [[0.0f32; N]; 2];
+    let mut sx = [[0.0f32; N]; 2];
+    for i in 0..32 {
         for j in 0..N {
             let v = x[i][j];
             min[j] = min_first(v, min[j]);
             max[j] = max_first(v, max[j]);
-            sum_w[j] += w[i][j];
-            sum_x[j] += w[i][j] * v;
+            sw[i & 1][j] += w[i][j];
+            sx[i & 1][j] = w[i][j].mul_add(v, sx[i & 1][j]);
         }
     }
+    let mut sum_w = [0.0f32; N];
+    let mut sum_x = [0.0f32; N];
     let mut scale = [0.0f32; N];
     let mut iscale = [0.0f32; N];
     for j in 0..N {
+        sum_w[j] = sw[0][j] + sw[1][j];
+        sum_x[j] = sx[0][j] + sx[1][j];
         min[j] = min_first(min[j], 0.0);
         scale[j] = (max[j] - min[j]) / nmax;
         iscale[j] = nmax / (max[j] - min[j]);
     }
     let min0 = min;
     for _ in 0..iters {
-        let mut sum_l = [0.0f32; N];
-        let mut sum_l2 = [0.0f32; N];
-        let mut sum_xl = [0.0f32; N];
+        // v = x * iscale - min * iscale in one fused multiply-add
+        let mut off = [0.0f32; N];
+        for j in 0..N {
+            off[j] = -(min[j] * iscale[j]);
+        }
+        let mut sl = [[0.0f32; N]; 2];
+        let mut sl2 = [[0.0f32; N]; 2];
+        let mut sxl = [[0.0f32; N]; 2];
         for i in 0..32 {
+            let h = i & 1;
             for j in 0..N {
-                let v = (x[i][j] - min[j]) * iscale[j];
+                let v = x[i][j].mul_add(iscale[j], off[j]);
                 let q = min_first(max_first(v, 0.0), nmax).round_ties_even();
                 let wq = w[i][j] * q;
-                sum_l[j] += wq;
-                sum_l2[j] += wq * q;
-                sum_xl[j] += wq * x[i][j];
+                sl[h][j] += wq;
+                sl2[h][j] = wq.mul_add(q, sl2[h][j]);
+                sxl[h][j] = wq.mul_add(x[i][j], sxl[h][j]);
             }
         }
         for j in 0..N {
-            let det = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
-            let mut s = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / det;
-            let mut m = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / det;
+            let sum_l = sl[0][j] + sl[1][j];
+            let sum_l2 = sl2[0][j] + sl2[1][j];
+            let sum_xl = sxl[0][j] + sxl[1][j];
+            let det = sum_w[j] * sum_l2 - sum_l * sum_l;
+            let mut s = (sum_w[j] * sum_xl - sum_x[j] * sum_l) / det;
+            let mut m = (sum_l2 * sum_x[j] - sum_l * sum_xl) / det;
             if m > 0.0 {
                 m = 0.0;
-                s = sum_xl[j] / sum_l2[j];
+                s = sum_xl / sum_l2;
             }
             // det > 0 (at least two distinct codes), a positive finite scale and a finite
             // min; otherwise keep the current grid.
