@@ -30,14 +30,20 @@
 //! i32 (2 lanes per row), `vcvtdq2ps` and one FMA with `sx_b` per block and token; at the end of
 //! a group one FMA with the 4 row scales. Up to 4 tokens share each unpacked weight register.
 
-use lowbit_numerics::QuantizedTensor;
+use lowbit_numerics::{ElemFormat, FloatFormat, QuantizedTensor};
 
-use crate::packed::{decode_chunk, PackedLinear, Store, Vals, CHUNK, TB, TILE_ROWS};
+use crate::codes;
+use crate::packed::{decode_chunk, HdrMode, PackedLinear, Store, Vals, CHUNK, TB, TILE_ROWS};
 
 /// Columns per activation quantization block.
 pub const ACT_BLOCK: usize = 32;
 const CHUNKS_PER_BLOCK: usize = ACT_BLOCK / CHUNK;
 const _: () = assert!(ACT_BLOCK.is_multiple_of(CHUNK) && CHUNKS_PER_BLOCK == 2);
+
+/// NF4 on the integer path: every NF4 value is rounded to the nearest multiple of
+/// `1 / NF4_ACT8_SCALE` (`(NF4[c] * 64).round() / 64`, an approximation of at most 1/128 of the
+/// group's absmax per weight; the other formats are exact in the weights).
+pub const NF4_ACT8_SCALE: f32 = 64.0;
 
 /// How [`PackedLinear`] treats the activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,8 +52,63 @@ pub enum ActMode {
     #[default]
     F32,
     /// Activations quantized to INT8 per block of [`ACT_BLOCK`] columns (dynamic, per token),
-    /// integer dot products with the weight codes. INT4 weights only (sym or asym, any group).
+    /// integer dot products with the weight codes. INT4 (sym or asym, any group), INT5..INT8,
+    /// FP4 E2M1 (MXFP4, NVFP4) and NF4 (table rounded, see [`NF4_ACT8_SCALE`]) weights.
     Int8Block,
+}
+
+/// Integer form of the weight codes on the INT8-activation path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum A8Kind {
+    /// No integer path for this layer.
+    None,
+    /// 4-bit codes, each through the 16-entry `u8` table `lut` (the identity for INT4).
+    /// `PAIRS` `vpmaddubsw` products are summed in i16 before widening: `lut <= 32` allows 4
+    /// (INT4, E2M1), `<= 128` only 1 (NF4).
+    B4 { pairs: u8 },
+    /// 5..8-bit integer codes, widened to i16 (`vpmovzxbw` + `vpmaddwd`).
+    B8,
+}
+
+/// The integer weights of the INT8-activation path: `w = s * mul * (lut[code] + off)`, plus `b`
+/// for scale-and-bias headers (asymmetric integers, where `mul = 1`, `off = 0`). In the group
+/// fold the `off` and symmetric zero-point terms combine into `c = bmul / mul + off`, the
+/// coefficient of `X_g = sum_b sx_b sum q`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct A8 {
+    pub(crate) kind: A8Kind,
+    pub(crate) lut: [u8; 16],
+    pub(crate) mul: f32,
+    pub(crate) c: f32,
+}
+
+impl A8 {
+    pub(crate) fn new(store: Store, vals: Vals, bmul: f32) -> A8 {
+        let mut lut: [u8; 16] = std::array::from_fn(|i| i as u8);
+        let (kind, mul, c) = match (store, vals) {
+            (Store::B4, Vals::Int) => (A8Kind::B4 { pairs: 4 }, 1.0, bmul),
+            (Store::B4, Vals::E2M1) => {
+                // 2 * E2M1 is an integer in [-12, 12]: lut = 2v + 12 in [0, 24], exact
+                for (l, v) in lut.iter_mut().zip(codes::E2M1) {
+                    *l = (2.0 * v + 12.0) as u8;
+                }
+                (A8Kind::B4 { pairs: 4 }, 0.5, -12.0)
+            }
+            (Store::B4, Vals::Nf4) => {
+                for (l, v) in lut.iter_mut().zip(codes::NF4) {
+                    *l = ((v * NF4_ACT8_SCALE).round() + NF4_ACT8_SCALE) as u8;
+                }
+                (
+                    A8Kind::B4 { pairs: 1 },
+                    1.0 / NF4_ACT8_SCALE,
+                    -NF4_ACT8_SCALE,
+                )
+            }
+            (Store::B8, Vals::Int) => (A8Kind::B8, 1.0, bmul),
+            _ => (A8Kind::None, 1.0, 0.0),
+        };
+        A8 { kind, lut, mul, c }
+    }
 }
 
 /// Position within a 16-column chunk of the activation code for packed byte slot `i`: slots
@@ -59,8 +120,10 @@ pub(crate) const NIBBLE_ORDER: [usize; CHUNK] =
 pub(crate) struct QuantAct {
     /// Codes `[t][pcols]` in packed column order (natural order inside each chunk).
     pub(crate) xq: Vec<i8>,
-    /// The same codes with every chunk in [`NIBBLE_ORDER`] (SIMD paths; empty for scalar).
+    /// The same codes with every chunk in [`NIBBLE_ORDER`] (SIMD paths, 4-bit layers).
     pub(crate) xperm: Vec<i8>,
+    /// The same codes as i16 (SIMD paths, 8-bit layers).
+    pub(crate) x16: Vec<i16>,
     /// Block scales `[t][nblk]`.
     pub(crate) sx: Vec<f32>,
     /// Per token and segment, `sum_b sx_b * sum_{j in b} q_j`.
@@ -73,7 +136,10 @@ pub(crate) struct QuantAct {
 
 /// Whether a quantized tensor's packed form can run with [`ActMode::Int8Block`].
 pub fn supports_int8_act(q: &QuantizedTensor) -> bool {
-    matches!(q.scheme.elem, lowbit_numerics::ElemFormat::Int { bits: 4 })
+    matches!(
+        q.scheme.elem,
+        ElemFormat::Int { bits: 4..=8 } | ElemFormat::Nf4 | ElemFormat::Float(FloatFormat::E2M1)
+    )
 }
 
 /// Quantize one block of activations into `q`; returns `(scale, sum of codes)`.
@@ -101,13 +167,15 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 }
 
 impl PackedLinear {
-    /// Whether [`ActMode::Int8Block`] is available for this layer (INT4 codes).
+    /// Whether [`ActMode::Int8Block`] is available for this layer: INT4..INT8 codes (sym or
+    /// asym), FP4 E2M1 (MXFP4, NVFP4) or NF4.
     pub fn supports_int8_act(&self) -> bool {
-        self.store == Store::B4 && self.vals == Vals::Int
+        self.a8.kind != A8Kind::None
     }
 
-    /// Quantize `xp` (`n_tokens x pcols`, packed column order) per block.
-    pub(crate) fn quantize_act(&self, xp: &[f32], n_tokens: usize, perm: bool) -> QuantAct {
+    /// Quantize `xp` (`n_tokens x pcols`, packed column order) per block; `simd` also builds
+    /// the SIMD kernels' copy of the codes (nibble order for 4-bit layers, i16 for 8-bit).
+    pub(crate) fn quantize_act(&self, xp: &[f32], n_tokens: usize, simd: bool) -> QuantAct {
         let pc = self.pcols;
         let nseg = self.segs.len();
         let mut blk0 = Vec::with_capacity(nseg);
@@ -136,7 +204,7 @@ impl PackedLinear {
                 xsum[t * nseg + k] = acc;
             }
         }
-        let xperm = if perm {
+        let xperm = if simd && self.store == Store::B4 {
             let mut p = vec![0i8; xq.len()];
             for (d, s) in p.chunks_exact_mut(CHUNK).zip(xq.chunks_exact(CHUNK)) {
                 for (i, &o) in NIBBLE_ORDER.iter().enumerate() {
@@ -147,9 +215,15 @@ impl PackedLinear {
         } else {
             Vec::new()
         };
+        let x16 = if simd && self.store == Store::B8 {
+            xq.iter().map(|&v| v as i16).collect()
+        } else {
+            Vec::new()
+        };
         QuantAct {
             xq,
             xperm,
+            x16,
             sx,
             xsum,
             nblk,
@@ -159,7 +233,7 @@ impl PackedLinear {
 
     #[allow(clippy::needless_range_loop)]
     /// The scalar reference of the integer-dot path: exact `i32` block dot products of the
-    /// codes with the activation codes, then the same f32 steps as the SIMD kernel.
+    /// integer weights with the activation codes, then the same f32 steps as the SIMD kernels.
     pub(crate) fn tile_act8_scalar(
         &self,
         tile: usize,
@@ -171,6 +245,8 @@ impl PackedLinear {
         let cb = self.store.chunk_bytes();
         let base = tile * self.tile_bytes;
         let nseg = self.segs.len();
+        let a8 = self.a8;
+        let b8 = self.store == Store::B8;
         for o in out.iter_mut().take(tb) {
             *o = [0.0; TILE_ROWS];
         }
@@ -189,19 +265,29 @@ impl PackedLinear {
                             let off = h + self.hdr + (j * TILE_ROWS + rr) * cb;
                             let c = decode_chunk(self.store, &self.data[off..off + cb]);
                             for (e, &code) in c.iter().enumerate() {
-                                idot += code as i32 * xr[j * CHUNK + e] as i32;
+                                let v = if b8 {
+                                    code
+                                } else {
+                                    a8.lut[(code & 15) as usize]
+                                };
+                                idot += v as i32 * xr[j * CHUNK + e] as i32;
                             }
                         }
                         g += idot as f32 * qa.sx[tok * qa.nblk + qa.blk0[k] + bi];
                     }
-                    *o += s * g + b * qa.xsum[tok * nseg + k];
+                    let x = qa.xsum[tok * nseg + k];
+                    *o += if self.hmode == HdrMode::ScaleBias {
+                        s * g + b * x
+                    } else {
+                        (s * a8.mul) * (g + a8.c * x)
+                    };
                 }
             }
         }
     }
 }
 
-/// AVX2 kernel (see the module docs).
+/// AVX2 kernels (see the module docs).
 #[cfg(target_arch = "x86_64")]
 // Index loops over register arrays are deliberate (they unroll into named registers).
 #[allow(clippy::needless_range_loop)]
@@ -221,14 +307,95 @@ pub(crate) mod avx2 {
         )
     }
 
-    /// i16 sum of the 4-row products of one 4-bit chunk (`w` = 32 code bytes) with the
-    /// activation codes at `x` (16 bytes in nibble order).
+    /// `[v0, v1, v2, v3, v0, v1, v2, v3]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn twice(v: __m128) -> __m256 {
+        _mm256_set_m128(v, v)
+    }
+
+    /// Per-row values on the two lanes of each row: [`dup_rows`] (4-bit kernel) or [`twice`]
+    /// (8-bit kernel).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn place<const DUP: bool>(v: __m128) -> __m256 {
+        if DUP {
+            dup_rows(v)
+        } else {
+            twice(v)
+        }
+    }
+
+    /// The 4 row scales of a segment header, times `mul`, as an `__m128`.
+    ///
+    /// # Safety
+    /// AVX2 available; `hoff` is the byte offset of a segment header of `pk`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn scales(pk: &PackedLinear, hoff: usize, mul: f32) -> __m128 {
+        let sv = match pk.hmode {
+            // SAFETY: the header holds 4 f32 scales (caller: hoff is a header offset).
+            HdrMode::Scale | HdrMode::ScaleBias => unsafe {
+                _mm_loadu_ps(pk.data.as_ptr().add(hoff) as *const f32)
+            },
+            HdrMode::Coded => {
+                let sc = pk.scales4(hoff);
+                _mm_setr_ps(sc[0], sc[1], sc[2], sc[3])
+            }
+        };
+        _mm_mul_ps(sv, _mm_set1_ps(mul))
+    }
+
+    /// Fold one group into the accumulators: `acc += s * g + b * X` (scale-and-bias headers)
+    /// or `acc += s * mul * (g + c * X)`. Each row owns 2 lanes (`DUP`: see [`place`]), so the `X` terms are added as halves (exact) on both.
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; `hoff` is the byte offset of a segment header of `pk`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fold<const NT: usize, const DUP: bool>(
+        pk: &PackedLinear,
+        hoff: usize,
+        g: &[__m256; NT],
+        xs: &[f32],
+        acc: &mut [__m256; NT],
+    ) {
+        let a8 = pk.a8;
+        // SAFETY: hoff is a header offset (caller).
+        let sv = place::<DUP>(unsafe { scales(pk, hoff, a8.mul) });
+        if pk.hmode == HdrMode::ScaleBias {
+            // SAFETY: scale-and-bias headers hold 4 f32 biases after the 4 scales.
+            let bv = place::<DUP>(unsafe {
+                _mm_loadu_ps(pk.data.as_ptr().add(hoff + 16) as *const f32)
+            });
+            let bv = _mm256_mul_ps(bv, _mm256_set1_ps(0.5));
+            for t in 0..NT {
+                acc[t] = _mm256_fmadd_ps(g[t], sv, acc[t]);
+                acc[t] = _mm256_fmadd_ps(bv, _mm256_set1_ps(xs[t]), acc[t]);
+            }
+        } else if a8.c != 0.0 {
+            let hc = _mm256_set1_ps(0.5 * a8.c);
+            for t in 0..NT {
+                let gx = _mm256_fmadd_ps(hc, _mm256_set1_ps(xs[t]), g[t]);
+                acc[t] = _mm256_fmadd_ps(gx, sv, acc[t]);
+            }
+        } else {
+            for t in 0..NT {
+                acc[t] = _mm256_fmadd_ps(g[t], sv, acc[t]);
+            }
+        }
+    }
+
+    /// Sum of `vpmaddubsw(w, x)` for a 4-bit chunk: `lo`/`hi` are the 4 rows' low/high nibble
+    /// values, `x` 16 activation codes in nibble order (one 64-bit broadcast per half).
+    /// `PAIRS >= 2`: the two products are added in i16; `PAIRS == 1`: each is widened to i32
+    /// first (the result is then i32).
     ///
     /// # Safety
     /// AVX2 available; 16 readable bytes at `x`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn chunk_dot(lo: __m256i, hi: __m256i, x: *const i8) -> __m256i {
+    unsafe fn chunk_dot<const PAIRS: u8>(lo: __m256i, hi: __m256i, x: *const i8) -> __m256i {
         // SAFETY: 16 readable bytes at x (caller).
         let (a, b) = unsafe {
             (
@@ -236,17 +403,40 @@ pub(crate) mod avx2 {
                 (x.add(8) as *const i64).read_unaligned(),
             )
         };
-        _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_set1_epi64x(a)),
-            _mm256_maddubs_epi16(hi, _mm256_set1_epi64x(b)),
-        )
+        let pa = _mm256_maddubs_epi16(lo, _mm256_set1_epi64x(a));
+        let pb = _mm256_maddubs_epi16(hi, _mm256_set1_epi64x(b));
+        if PAIRS == 1 {
+            let ones = _mm256_set1_epi16(1);
+            _mm256_add_epi32(_mm256_madd_epi16(pa, ones), _mm256_madd_epi16(pb, ones))
+        } else {
+            _mm256_add_epi16(pa, pb)
+        }
     }
 
-    /// # Safety
-    /// AVX2 + FMA available; `pk` is 4-bit (`Store::B4`); `tile < pk.ntiles`;
-    /// `qa` was built by `pk.quantize_act(.., n, true)` with `t0 + NT <= n`.
+    /// Code values of one 4-bit chunk (32 bytes = 4 rows x 8): low and high nibbles, through
+    /// the table `lut` unless `LUT` is false (INT4: the codes themselves).
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn tile_b4<const NT: usize>(
+    #[inline]
+    fn unpack4<const LUT: bool>(w: __m256i, lut: __m256i) -> (__m256i, __m256i) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let lo = _mm256_and_si256(w, m4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+        if LUT {
+            (_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi))
+        } else {
+            (lo, hi)
+        }
+    }
+
+    /// 4-bit layers. `PAIRS`: products summed in i16 before widening (4 when the table values
+    /// are <= 32, 1 when <= 128: a `vpmaddubsw` pair sum is then <= 2 * 128 * 127 = 32512).
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; `pk` is 4-bit (`Store::B4`) with an integer path (`pk.a8`);
+    /// `tile < pk.ntiles`; `qa` was built by `pk.quantize_act(.., n, true)` with
+    /// `t0 + NT <= n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn tile_b4<const LUT: bool, const PAIRS: u8, const NT: usize>(
         pk: &PackedLinear,
         tile: usize,
         qa: &QuantAct,
@@ -255,19 +445,21 @@ pub(crate) mod avx2 {
     ) {
         let pcols = pk.pcols;
         let nseg = pk.segs.len();
-        let with_bias = pk.has_bias();
         debug_assert!(
             tile < pk.ntiles
                 && qa.xperm.len() >= (t0 + NT) * pcols
                 && qa.sx.len() >= (t0 + NT) * qa.nblk
         );
-        let m4 = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
+        // SAFETY: the table is 16 bytes.
+        let lut = _mm256_broadcastsi128_si256(unsafe {
+            _mm_loadu_si128(pk.a8.lut.as_ptr() as *const __m128i)
+        });
         // SAFETY: tile < ntiles, so the tile's tile_bytes bytes lie inside pk.data.
         let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
         let mut acc = [_mm256_setzero_ps(); NT];
+        let mut xs = [0f32; NT];
         for (k, seg) in pk.segs.iter().enumerate() {
-            let hoff = tile * pk.tile_bytes + seg.byte_off;
             // SAFETY: the segment's chunks follow its header inside the tile.
             let w = unsafe { base.add(seg.byte_off + pk.hdr) };
             let mut g = [_mm256_setzero_ps(); NT];
@@ -281,25 +473,30 @@ pub(crate) mod avx2 {
                         _mm256_loadu_si256(w.add(bi * 64 + 32) as *const __m256i),
                     )
                 };
-                let lo0 = _mm256_and_si256(w0, m4);
-                let hi0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4);
-                let lo1 = _mm256_and_si256(w1, m4);
-                let hi1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4);
+                let (lo0, hi0) = unpack4::<LUT>(w0, lut);
+                let (lo1, hi1) = unpack4::<LUT>(w1, lut);
                 for t in 0..NT {
                     let o = (t0 + t) * pcols + seg.col0 + bi * 2 * CHUNK;
                     // SAFETY: o + 32 <= (t0 + NT) * pcols <= xperm.len(); the block index is
                     // below nblk, so the scale index is inside sx.
-                    let (p, s) = unsafe {
+                    let (i, s) = unsafe {
                         let x = qa.xperm.as_ptr().add(o);
-                        (
-                            _mm256_add_epi16(
-                                chunk_dot(lo0, hi0, x),
-                                chunk_dot(lo1, hi1, x.add(CHUNK)),
-                            ),
-                            *qa.sx.get_unchecked((t0 + t) * qa.nblk + b0 + bi),
-                        )
+                        let (p0, p1) = (
+                            chunk_dot::<PAIRS>(lo0, hi0, x),
+                            chunk_dot::<PAIRS>(lo1, hi1, x.add(CHUNK)),
+                        );
+                        let i = if PAIRS == 4 {
+                            _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)
+                        } else if PAIRS == 1 {
+                            _mm256_add_epi32(p0, p1)
+                        } else {
+                            _mm256_add_epi32(
+                                _mm256_madd_epi16(p0, ones),
+                                _mm256_madd_epi16(p1, ones),
+                            )
+                        };
+                        (i, *qa.sx.get_unchecked((t0 + t) * qa.nblk + b0 + bi))
                     };
-                    let i = _mm256_madd_epi16(p, ones);
                     g[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), g[t]);
                 }
             }
@@ -307,61 +504,29 @@ pub(crate) mod avx2 {
                 let bi = full;
                 // SAFETY: the last chunk (index 2*full) is in the segment.
                 let w0 = unsafe { _mm256_loadu_si256(w.add(bi * 64) as *const __m256i) };
-                let lo0 = _mm256_and_si256(w0, m4);
-                let hi0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4);
+                let (lo0, hi0) = unpack4::<LUT>(w0, lut);
                 for t in 0..NT {
                     let o = (t0 + t) * pcols + seg.col0 + bi * 2 * CHUNK;
                     // SAFETY: o + 16 <= xperm.len(); block index below nblk.
                     let (p, s) = unsafe {
                         (
-                            chunk_dot(lo0, hi0, qa.xperm.as_ptr().add(o)),
+                            chunk_dot::<PAIRS>(lo0, hi0, qa.xperm.as_ptr().add(o)),
                             *qa.sx.get_unchecked((t0 + t) * qa.nblk + b0 + bi),
                         )
                     };
-                    let i = _mm256_madd_epi16(p, ones);
+                    let i = if PAIRS == 1 {
+                        p
+                    } else {
+                        _mm256_madd_epi16(p, ones)
+                    };
                     g[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), g[t]);
                 }
             }
-            // Fold the group: acc += s * g + b * X. Each row owns 2 lanes, so the bias term
-            // is added as b/2 (exact) to both of them.
-            let xs = |t: usize| _mm256_set1_ps(qa.xsum[(t0 + t) * nseg + k]);
-            match pk.hmode {
-                HdrMode::ScaleBias => {
-                    // SAFETY: the header holds 4 f32 scales then 4 f32 biases.
-                    let (sv, bv) = unsafe {
-                        let p = pk.data.as_ptr().add(hoff) as *const f32;
-                        (dup_rows(_mm_loadu_ps(p)), dup_rows(_mm_loadu_ps(p.add(4))))
-                    };
-                    let bv = _mm256_mul_ps(bv, _mm256_set1_ps(0.5));
-                    for t in 0..NT {
-                        acc[t] = _mm256_fmadd_ps(g[t], sv, acc[t]);
-                        acc[t] = _mm256_fmadd_ps(bv, xs(t), acc[t]);
-                    }
-                }
-                _ => {
-                    let sv = match pk.hmode {
-                        // SAFETY: the header holds 4 f32 scales.
-                        HdrMode::Scale => unsafe {
-                            dup_rows(_mm_loadu_ps(pk.data.as_ptr().add(hoff) as *const f32))
-                        },
-                        _ => {
-                            let sc = pk.scales4(hoff);
-                            _mm256_setr_ps(sc[0], sc[0], sc[1], sc[1], sc[2], sc[2], sc[3], sc[3])
-                        }
-                    };
-                    if with_bias {
-                        // b = s * bmul: acc += s * (g + bmul * X)
-                        let hb = _mm256_set1_ps(0.5 * pk.bmul);
-                        for t in 0..NT {
-                            acc[t] = _mm256_fmadd_ps(_mm256_fmadd_ps(hb, xs(t), g[t]), sv, acc[t]);
-                        }
-                    } else {
-                        for t in 0..NT {
-                            acc[t] = _mm256_fmadd_ps(g[t], sv, acc[t]);
-                        }
-                    }
-                }
+            for t in 0..NT {
+                xs[t] = qa.xsum[(t0 + t) * nseg + k];
             }
+            // SAFETY: the segment header starts at this offset.
+            unsafe { fold::<NT, true>(pk, tile * pk.tile_bytes + seg.byte_off, &g, &xs, &mut acc) };
         }
         for t in 0..NT {
             let mut a = [0f32; 8];
@@ -369,6 +534,106 @@ pub(crate) mod avx2 {
             unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[t]) };
             for r in 0..TILE_ROWS {
                 out[t][r] = a[2 * r] + a[2 * r + 1];
+            }
+        }
+    }
+
+    /// 8-bit layers (INT5..INT8 codes stored one per byte, chunk = 4 rows x 16 bytes): codes
+    /// zero-extended to i16 (`vpmovzxbw`), `vpmaddwd` with the i16 activation codes (pair sums
+    /// <= 2 * 255 * 127, exact in i32), per 32-column block the 4 rows' vectors reduced with
+    /// three `vphaddd` to `[r0, r1, r2, r3, r0, r1, r2, r3]`, then one convert + FMA per token.
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; `pk` is 8-bit (`Store::B8`) with integer codes; `tile < pk.ntiles`;
+    /// `qa` was built by `pk.quantize_act(.., n, true)` with `t0 + NT <= n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn tile_b8<const NT: usize>(
+        pk: &PackedLinear,
+        tile: usize,
+        qa: &QuantAct,
+        t0: usize,
+        out: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        let pcols = pk.pcols;
+        let nseg = pk.segs.len();
+        debug_assert!(
+            tile < pk.ntiles
+                && qa.x16.len() >= (t0 + NT) * pcols
+                && qa.sx.len() >= (t0 + NT) * qa.nblk
+        );
+        // SAFETY: tile < ntiles, so the tile's tile_bytes bytes lie inside pk.data.
+        let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut xs = [0f32; NT];
+        for (k, seg) in pk.segs.iter().enumerate() {
+            // SAFETY: the segment's chunks follow its header inside the tile.
+            let w = unsafe { base.add(seg.byte_off + pk.hdr) };
+            let mut g = [_mm256_setzero_ps(); NT];
+            let b0 = qa.blk0[k];
+            for bi in 0..seg.chunks.div_ceil(2) {
+                let j = 2 * bi;
+                let two = j + 1 < seg.chunks;
+                // chunk j row r at w + (j * 4 + r) * 16; chunk j + 1 follows (64 bytes later)
+                // SAFETY: chunk j is in the segment, and chunk j + 1 when `two`.
+                let p = unsafe { w.add(j * 64) };
+                let mut w0 = [_mm256_setzero_si256(); 4];
+                let mut w1 = [_mm256_setzero_si256(); 4];
+                for r in 0..TILE_ROWS {
+                    // SAFETY: row r of chunk j (and of chunk j + 1 when `two`): 16 bytes each.
+                    unsafe {
+                        w0[r] =
+                            _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(16 * r) as *const __m128i));
+                        if two {
+                            w1[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                                p.add(64 + 16 * r) as *const __m128i
+                            ));
+                        }
+                    }
+                }
+                for t in 0..NT {
+                    let o = (t0 + t) * pcols + seg.col0 + j * CHUNK;
+                    // SAFETY: o + 16 (o + 32 when `two`) <= (t0 + NT) * pcols <= x16.len();
+                    // the block index is below nblk.
+                    let (x0, x1, s) = unsafe {
+                        let x = qa.x16.as_ptr().add(o);
+                        (
+                            _mm256_loadu_si256(x as *const __m256i),
+                            if two {
+                                _mm256_loadu_si256(x.add(CHUNK) as *const __m256i)
+                            } else {
+                                _mm256_setzero_si256()
+                            },
+                            *qa.sx.get_unchecked((t0 + t) * qa.nblk + b0 + bi),
+                        )
+                    };
+                    let mut d = [_mm256_setzero_si256(); 4];
+                    for r in 0..TILE_ROWS {
+                        d[r] = _mm256_madd_epi16(w0[r], x0);
+                        if two {
+                            d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(w1[r], x1));
+                        }
+                    }
+                    let i = _mm256_hadd_epi32(
+                        _mm256_hadd_epi32(d[0], d[1]),
+                        _mm256_hadd_epi32(d[2], d[3]),
+                    );
+                    g[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), g[t]);
+                }
+            }
+            for t in 0..NT {
+                xs[t] = qa.xsum[(t0 + t) * nseg + k];
+            }
+            // SAFETY: the segment header starts at this offset.
+            unsafe {
+                fold::<NT, false>(pk, tile * pk.tile_bytes + seg.byte_off, &g, &xs, &mut acc)
+            };
+        }
+        for t in 0..NT {
+            let mut a = [0f32; 8];
+            // SAFETY: a has 8 f32.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[t]) };
+            for r in 0..TILE_ROWS {
+                out[t][r] = a[r] + a[r + 4];
             }
         }
     }

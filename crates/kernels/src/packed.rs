@@ -33,7 +33,7 @@ use std::borrow::Cow;
 use lowbit_numerics::{ElemFormat, FloatFormat, NestedScales, QuantizedTensor, Scheme};
 use rayon::prelude::*;
 
-use crate::act8::ActMode;
+use crate::act8::{A8Kind, ActMode, A8};
 use crate::codes;
 use crate::isa::{self, Isa};
 use crate::{Error, Result};
@@ -166,6 +166,8 @@ pub struct PackedLinear {
     pub(crate) vtab: Box<[f32; 256]>,
     /// Activation handling of `forward` (see [`ActMode`]).
     act: ActMode,
+    /// Integer weights of the INT8-activation path (`act8`).
+    pub(crate) a8: A8,
     orig: Orig,
 }
 
@@ -402,6 +404,7 @@ impl PackedLinear {
             data,
             vtab,
             act: ActMode::F32,
+            a8: A8::new(store, vals, bmul),
             orig: Orig {
                 scheme: q.scheme,
                 scales: q.scales.clone(),
@@ -522,12 +525,12 @@ impl PackedLinear {
     }
 
     /// Choose the activation handling of [`PackedLinear::forward`]. [`ActMode::Int8Block`]
-    /// needs INT4 codes ([`PackedLinear::supports_int8_act`]); otherwise
+    /// needs INT4..INT8, E2M1 or NF4 codes ([`PackedLinear::supports_int8_act`]); otherwise
     /// [`Error::Unsupported`] and the mode is unchanged.
     pub fn set_act_mode(&mut self, mode: ActMode) -> Result<()> {
         if mode == ActMode::Int8Block && !self.supports_int8_act() {
             return Err(Error::Unsupported(format!(
-                "INT8 block activations need INT4 weight codes, this layer is {:?}",
+                "INT8 block activations need INT4..INT8, FP4 E2M1 or NF4 weight codes, this layer is {:?}",
                 self.orig.scheme
             )));
         }
@@ -589,23 +592,40 @@ impl PackedLinear {
     ) {
         #[cfg(target_arch = "x86_64")]
         if isa != Isa::Scalar {
+            let xlen = match self.store {
+                Store::B4 => qa.xperm.len(),
+                _ => qa.x16.len(),
+            };
             assert!(
-                self.store == Store::B4
-                    && tile < self.ntiles
+                tile < self.ntiles
                     && (1..=TB).contains(&tb)
-                    && qa.xperm.len() >= (t0 + tb) * self.pcols
+                    && xlen >= (t0 + tb) * self.pcols
                     && qa.sx.len() >= (t0 + tb) * qa.nblk
                     && isa.supported()
             );
-            use crate::act8::avx2::tile_b4;
+            use crate::act8::avx2::{tile_b4, tile_b8};
+            macro_rules! by_tb {
+                ($f:ident $(, $g:expr)*) => {
+                    match tb {
+                        1 => $f::<$({ $g },)* 1>(self, tile, qa, t0, out),
+                        2 => $f::<$({ $g },)* 2>(self, tile, qa, t0, out),
+                        3 => $f::<$({ $g },)* 3>(self, tile, qa, t0, out),
+                        _ => $f::<$({ $g },)* 4>(self, tile, qa, t0, out),
+                    }
+                };
+            }
             // SAFETY: isa was clamped to a supported SIMD path (AVX2+FMA at least, checked
-            // above); the layer is 4-bit (set_act_mode checks); tile and token bounds asserted.
+            // above); the kernel matches the layer's store and integer path (set_act_mode
+            // only accepts layers with one); tile and token bounds asserted.
             unsafe {
-                match tb {
-                    1 => tile_b4::<1>(self, tile, qa, t0, out),
-                    2 => tile_b4::<2>(self, tile, qa, t0, out),
-                    3 => tile_b4::<3>(self, tile, qa, t0, out),
-                    _ => tile_b4::<4>(self, tile, qa, t0, out),
+                match (self.store, self.a8.kind) {
+                    (Store::B4, A8Kind::B4 { pairs: 1 }) => by_tb!(tile_b4, true, 1),
+                    (Store::B4, A8Kind::B4 { .. }) if self.vals == Vals::Int => {
+                        by_tb!(tile_b4, false, 4)
+                    }
+                    (Store::B4, A8Kind::B4 { .. }) => by_tb!(tile_b4, true, 4),
+                    (Store::B8, A8Kind::B8) => by_tb!(tile_b8),
+                    _ => unreachable!("set_act_mode admits only layers with an integer path"),
                 }
             }
             return;

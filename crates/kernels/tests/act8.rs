@@ -308,13 +308,13 @@ fn mode_is_explicit_and_checked() {
     assert!(b.iter().all(|v| v.is_nan()), "{b:?}");
     // shape errors still reported
     assert!(pk.forward(&x[..63], 1, &mut b).is_err());
-    // INT8 codes have no integer-dot kernel yet: a typed error, mode unchanged
-    let scheme = Scheme::from_name("int8-pc").unwrap();
+    // FP8 codes have no integer-dot kernel: a typed error, mode unchanged
+    let scheme = Scheme::from_name("fp8-pc").unwrap();
     let q8 = QuantizedTensor {
         scheme,
         rows: 2,
         cols: 16,
-        data: vec![128; 32],
+        data: vec![0x38; 32],
         scales: vec![0.1, 0.2],
         zero_points: None,
         global_scale: None,

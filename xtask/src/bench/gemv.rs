@@ -43,9 +43,10 @@ pub struct Args {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// INT4 formats: run `PackedLinear` with INT8 block activations (`ActMode::Int8Block`,
-    /// integer dot products) and also time, in the same rounds, the f32-activation kernel of the
-    /// same weights and the dense f32 GEMV (`gemv_f32`, one call per token).
+    /// Formats with an integer path (INT4..INT8, MXFP4, NVFP4, NF4): run `PackedLinear` with
+    /// INT8 block activations (`ActMode::Int8Block`, integer dot products) and also time, in the
+    /// same rounds, the f32-activation kernel of the same weights and the dense f32 GEMV
+    /// (`gemv_f32`, one call per token).
     #[arg(long)]
     pub act8: bool,
 }
@@ -202,13 +203,13 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
             let b = v[0].clone();
             Some(Kernel::Packed(vec![b; copies]))
         }
-        (_, true) => bail!("--act8 needs a packed INT4 format (int4-g128-sym, int4-g32-asym, ...)"),
+        (_, true) => bail!("--act8 needs a packed format with an integer path (int4-g128-sym, int8-pc, mxfp4, nvfp4, nf4-g64, ...)"),
         _ => None,
     };
     let one = match one {
         Kernel::Packed(mut v) if args.act8 => {
             v[0].set_act_mode(ActMode::Int8Block)
-                .context("--act8 needs INT4 codes")?;
+                .context("--act8 needs INT4..INT8, E2M1 (MXFP4/NVFP4) or NF4 codes")?;
             Kernel::Packed(v)
         }
         k => k,
