@@ -121,14 +121,25 @@ impl RowKernel {
         zrow: &mut [u8],
         pending: &mut Vec<usize>,
     ) {
+        let job = RowJob {
+            k: *self,
+            x,
+            gs,
+            ctx,
+            drow,
+            srow,
+            zrow,
+            pending,
+        };
         #[cfg(target_arch = "x86_64")]
-        if avx2::run(self, x, gs, ctx, drow, srow, zrow, pending) {
+        let Some(job) = avx2::run(job) else {
             return;
-        }
-        self.run_portable(x, gs, ctx, drow, srow, zrow, pending);
+        };
+        pulp::Arch::new().dispatch(job);
     }
 
-    /// [`Self::run`] through the portable (auto-vectorized) kernels only.
+    /// [`Self::run`] through the portable (auto-vectorized) kernels only (tests).
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_portable(
         &self,
@@ -153,8 +164,10 @@ impl RowKernel {
     }
 }
 
-/// One row for [`pulp::Arch::dispatch`]: `with_simd` is monomorphised per instruction set and
-/// everything below it is `#[inline(always)]`, so the whole kernel is compiled for that set.
+/// One row of a [`RowKernel`]: run by [`pulp::Arch::dispatch`] for the portable kernels
+/// (`with_simd` is monomorphised per instruction set and everything below it is
+/// `#[inline(always)]`, so the whole kernel is compiled for that set), or wrapped with the
+/// AVX2 token for the explicit AVX2 kernels.
 struct RowJob<'a> {
     k: RowKernel,
     x: &'a [f32],
@@ -624,7 +637,7 @@ pub(crate) fn dequant_e4m3_row(
 /// are packed to nibbles in registers.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Ctx, Kind, RowKernel, SignRule};
+    use super::{Ctx, Kind, RowJob, RowKernel, SignRule};
     use crate::mx::MxScaleRule;
     use crate::quantize::params_from_range;
     use bytemuck::cast;
@@ -910,49 +923,23 @@ mod avx2 {
         }
     }
 
-    /// Run `k` on one row with AVX2 if the CPU has it and there is a kernel for it here;
-    /// `false` leaves the row to the portable kernels.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn run(
-        k: &RowKernel,
-        x: &[f32],
-        gs: f32,
-        ctx: &Ctx,
-        drow: &mut [u8],
-        srow: &mut [f32],
-        zrow: &mut [u8],
-        pending: &mut Vec<usize>,
-    ) -> bool {
-        if matches!(k, RowKernel::Fp8 { .. }) {
-            return false;
+    /// Run the job with AVX2 if the CPU has it and there is a kernel for it here; otherwise
+    /// hand it back (for the portable kernels).
+    pub(super) fn run(job: RowJob<'_>) -> Option<RowJob<'_>> {
+        if matches!(job.k, RowKernel::Fp8 { .. }) {
+            return Some(job);
         }
         let Some(simd) = V3::try_new() else {
-            return false;
+            return Some(job);
         };
-        simd.vectorize(Job {
-            s: K(simd),
-            k: *k,
-            x,
-            gs,
-            ctx,
-            drow,
-            srow,
-            zrow,
-            pending,
-        });
-        true
+        simd.vectorize(Job { s: K(simd), job });
+        None
     }
 
+    /// A [`RowJob`] with the AVX2 token, for `V3::vectorize`.
     struct Job<'a> {
         s: K,
-        k: RowKernel,
-        x: &'a [f32],
-        gs: f32,
-        ctx: &'a Ctx,
-        drow: &'a mut [u8],
-        srow: &'a mut [f32],
-        zrow: &'a mut [u8],
-        pending: &'a mut Vec<usize>,
+        job: RowJob<'a>,
     }
 
     impl pulp::NullaryFnOnce for Job<'_> {
@@ -962,14 +949,17 @@ mod avx2 {
         fn call(self) {
             let Job {
                 s,
-                k,
-                x,
-                gs,
-                ctx,
-                drow,
-                srow,
-                zrow,
-                pending,
+                job:
+                    RowJob {
+                        k,
+                        x,
+                        gs,
+                        ctx,
+                        drow,
+                        srow,
+                        zrow,
+                        pending,
+                    },
             } = self;
             match k {
                 RowKernel::Fp8 { .. } => {}
