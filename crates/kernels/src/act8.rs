@@ -297,6 +297,9 @@ pub(crate) mod avx2 {
     use super::QuantAct;
     use crate::packed::{HdrMode, PackedLinear, CHUNK, TB, TILE_ROWS};
 
+    /// Software prefetch distance in bytes of the weight stream.
+    const PREFETCH: usize = 1024;
+
     /// `[v0, v0, v1, v1, v2, v2, v3, v3]`: a per-row value on both lanes of its row.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -473,6 +476,10 @@ pub(crate) mod avx2 {
                         _mm256_loadu_si256(w.add(bi * 64 + 32) as *const __m256i),
                     )
                 };
+                // The stream is sequential, but the decode leaves few loads in flight: ask for
+                // the line PREFETCH bytes ahead (one 64-byte line per block). Prefetches never
+                // fault, and the address is only formed with wrapping arithmetic.
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(bi * 64 + PREFETCH) as *const i8);
                 let (lo0, hi0) = unpack4::<LUT>(w0, lut);
                 let (lo1, hi1) = unpack4::<LUT>(w1, lut);
                 for t in 0..NT {
@@ -576,6 +583,9 @@ pub(crate) mod avx2 {
                 // chunk j row r at w + (j * 4 + r) * 16; chunk j + 1 follows (64 bytes later)
                 // SAFETY: chunk j is in the segment, and chunk j + 1 when `two`.
                 let p = unsafe { w.add(j * 64) };
+                // two lines per block, PREFETCH bytes ahead (see tile_b4)
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
                 let mut w0 = [_mm256_setzero_si256(); 4];
                 let mut w1 = [_mm256_setzero_si256(); 4];
                 for r in 0..TILE_ROWS {

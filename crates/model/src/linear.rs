@@ -187,7 +187,9 @@ impl Linear {
     /// ([`lowbit_kernels::ActMode::Int8Block`]: the input is rounded to 8 bits per 32 columns
     /// and the products are integer dot products), or back to f32 activations. It changes the
     /// numerics, so it is off unless asked for. Only layers whose packed kernel has the mode
-    /// (INT4 codes) take it; returns whether this layer now runs it. Rebuilding the packed
+    /// (INT4..INT8, MXFP4/NVFP4 and NF4 codes; NF4 also rounds its table to multiples of
+    /// 1/64, see `lowbit_kernels::act8`) take it; returns whether this layer now runs it.
+    /// An INT8 output head (`--head int8-pc`) takes it too. Rebuilding the packed
     /// layout ([`Self::set_use_kernels`]) resets it.
     pub fn set_act8(&mut self, on: bool) -> Result<bool> {
         if let Weight::Quantized {
