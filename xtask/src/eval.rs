@@ -77,6 +77,12 @@ pub struct Args {
     /// Per-token activation clipping ratio in (0, 1] (1 = no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub act_clip: f32,
+    /// Static per-tensor activation scales instead of per-token dynamic ones: one scale per
+    /// decoder linear, calibrated on --calib (never the evaluation text) through the rotated,
+    /// weight-quantized model: `absmax`, `percentile:P` (e.g. `percentile:99.9`) or `mse`.
+    /// INT / FP8 activation schemes only (not w4a4-nvfp4 / w4a4-mxfp4), without --act-clip.
+    #[arg(long)]
+    pub act_static: Option<String>,
     /// SpinQuant Cayley SGD iterations for R1 (R2 gets half).
     #[arg(long, default_value_t = 40)]
     pub spin_iters: usize,
@@ -93,6 +99,12 @@ pub struct Args {
     /// (SpinQuant's W16 setting).
     #[arg(long, default_value = "rtn")]
     pub spin_weights: String,
+    /// SpinQuant: calibration windows drawn in addition to --calib-samples and held out of the
+    /// optimisation; on them the QuaRot start and the learned rotations are compared end to
+    /// end (KL of the RTN-quantized model to f32) and the better one is kept. 0 = keep the
+    /// learned rotations unconditionally.
+    #[arg(long, default_value_t = 2)]
+    pub spin_select: usize,
     /// Seed of the rotations (QuaRot signs, SpinQuant sampling) and calibration windows.
     #[arg(long, default_value_t = 0)]
     pub rotate_seed: u64,
@@ -203,10 +215,21 @@ pub fn run(args: Args) -> Result<()> {
             m2.insert("wa_scheme".into(), json!(args.wa_scheme));
             m2.insert("weight_method".into(), json!(args.weight_method));
             m2.insert("act_clip".into(), json!(args.act_clip));
+            m2.insert("act_static".into(), json!(args.act_static));
+            m2.insert("act_static_seconds".into(), json!(r.act_static_seconds));
             m2.insert("weight_clip".into(), json!(args.weight_clip));
             m2.insert("rotate_seconds".into(), json!(r.rotate_seconds));
             m2.insert("quantize_seconds".into(), json!(r.quantize_seconds));
             m2.insert("calib_windows".into(), json!(m));
+            if let Some(s) = &r.spin_selection {
+                m2.insert(
+                    "spin_selection".into(),
+                    json!({"windows": s.windows, "seconds": s.seconds,
+                           "chosen": s.candidates[s.chosen].name,
+                           "candidates": s.candidates.iter().map(|c| json!({
+                               "name": c.name, "kl": c.kl, "nll": c.nll})).collect::<Vec<_>>()}),
+                );
+            }
             for (k, sr) in [("spin_r1", &r.spin_r1), ("spin_r2", &r.spin_r2)] {
                 if let Some(sr) = sr {
                     m2.insert(
@@ -256,11 +279,20 @@ fn rotate_in_memory(
     if rotate == RotateMethod::None && scheme.quant.is_none() {
         return Ok(None);
     }
+    let act_static = args
+        .act_static
+        .as_deref()
+        .map(lowbit_calibration::actquant::StaticCalib::parse)
+        .transpose()?;
+    if act_static.is_some() && scheme.quant.is_none() {
+        bail!("--act-static needs a quantized --wa-scheme (w4a4-int, w4a8-int, w8a8-int8)");
+    }
     let needs_calib = rotate == RotateMethod::Spinquant
+        || act_static.is_some()
         || (weight_method == WeightMethod::Gptq && scheme.quant.is_some());
     let samples = if needs_calib {
         if args.calib.is_empty() {
-            bail!("--rotate spinquant and --weight-method gptq need --calib FILE (calibration text, never the evaluation text)");
+            bail!("--rotate spinquant, --act-static and --weight-method gptq need --calib FILE (calibration text, never the evaluation text)");
         }
         let files = lowbit_model::quantize::read_calibration_files(&args.calib, Some(&args.text))?;
         let mut toks = Vec::new();
@@ -270,8 +302,13 @@ fn rotate_in_memory(
                     .context("tokenizing the calibration text")?,
             );
         }
+        let held_out = if rotate == RotateMethod::Spinquant {
+            args.spin_select
+        } else {
+            0
+        };
         let cfg = lowbit_model::quantize::CalibConfig {
-            samples: args.calib_samples,
+            samples: args.calib_samples + held_out,
             seqlen: args.calib_seqlen,
             seed: args.rotate_seed,
         };
@@ -294,9 +331,11 @@ fn rotate_in_memory(
                 "f32" => false,
                 w => bail!("unknown --spin-weights `{w}` (rtn or f32)"),
             },
+            select_windows: args.spin_select,
             ..SpinOptions::default()
         },
         seed: args.rotate_seed,
+        act_static,
     };
     let t = Instant::now();
     let rep = prepare(model, &opts, &samples, &mut |m| {
@@ -310,9 +349,33 @@ fn rotate_in_memory(
             );
         }
     }
+    if let Some(s) = &rep.spin_selection {
+        for (i, c) in s.candidates.iter().enumerate() {
+            eprintln!(
+                "SpinQuant selection on {} held-out calibration windows: {} KL {:.5} NLL {:.5}{}",
+                s.windows,
+                c.name,
+                c.kl,
+                c.nll,
+                if i == s.chosen { "  (kept)" } else { "" }
+            );
+        }
+    }
     eprintln!(
         "rotate {} + {} ({}): rotation {:.1} s, weights {:.1} s",
         args.rotate, args.wa_scheme, args.weight_method, rep.rotate_seconds, rep.quantize_seconds
     );
+    if let Some(sc) = &rep.act_static_scales {
+        let flat: Vec<f32> = sc.iter().flatten().copied().collect();
+        let (lo, hi) = flat
+            .iter()
+            .fold((f32::INFINITY, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+        eprintln!(
+            "static activation scales ({}): {} linears, scale range {lo:.3e} .. {hi:.3e}, {:.1} s",
+            args.act_static.as_deref().unwrap_or(""),
+            flat.len(),
+            rep.act_static_seconds
+        );
+    }
     Ok(Some((rep, samples.len())))
 }

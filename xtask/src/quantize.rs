@@ -35,6 +35,8 @@ ROTATION (--rotate none|quarot|spinquant, --act-clip, --spin-iters; --method rtn
   absmax|mse): norms folded, R1/R2 folded into the weights, the head untied, an online Hadamard
   before down_proj; lowbit-rotation.json in the folder makes `cargo xtask eval --model OUT` run
   the same online Hadamard and activation quantizers.
+  --act-static absmax|percentile:99.9|mse: per-tensor static activation scales, one per decoder
+  linear, calibrated on --calib (needed) and stored in lowbit-rotation.json (INT/FP8 only).
   (any other name lowbit_numerics::Scheme::from_name accepts, e.g. int4-g32-asym, works too)
 
 RECIPE (--config FILE, JSON): {\"scheme\": ..., \"targets\": [globs], \"ignore\": [globs],
@@ -126,6 +128,18 @@ pub struct RotateArgs {
     /// SpinQuant initial step (decays linearly to 0).
     #[arg(long, default_value_t = 0.2)]
     pub spin_lr: f64,
+    /// Static per-tensor activation scales instead of per-token dynamic ones: one scale per
+    /// decoder linear, calibrated on --calib through the rotated, weight-quantized model and
+    /// saved in lowbit-rotation.json: `absmax`, `percentile:P` (e.g. `percentile:99.9`) or
+    /// `mse`. INT / FP8 activation schemes only (not w4a4-nvfp4 / w4a4-mxfp4), without
+    /// --act-clip.
+    #[arg(long)]
+    pub act_static: Option<String>,
+    /// SpinQuant: calibration windows drawn in addition to --samples and held out of the
+    /// optimisation; on them the QuaRot start and the learned rotations are compared end to
+    /// end (KL of the RTN-quantized model to f32) and the better one is kept (0 = off).
+    #[arg(long, default_value_t = 2)]
+    pub spin_select: usize,
 }
 
 impl Default for RotateArgs {
@@ -135,6 +149,8 @@ impl Default for RotateArgs {
             act_clip: 1.0,
             spin_iters: 40,
             spin_lr: 0.2,
+            act_static: None,
+            spin_select: 2,
         }
     }
 }
@@ -170,6 +186,7 @@ fn calibration_windows(args: &Args, src: &Source) -> Result<(Vec<Vec<u32>>, Vec<
 fn wants_rotation_path(args: &Args) -> bool {
     let s = args.scheme.trim().to_ascii_lowercase();
     !args.rot.rotate.trim().eq_ignore_ascii_case("none")
+        || args.rot.act_static.is_some()
         || matches!(
             s.as_str(),
             "w4a4-int" | "w4a8-int" | "w4a4-nvfp4" | "w4a4-mxfp4"
@@ -199,12 +216,27 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
     let t_load = Instant::now();
     let src = load_source(&args.model)?;
     let load_secs = t_load.elapsed().as_secs_f64();
-    let needs = rotate == RotateMethod::Spinquant || weight_method == WeightMethod::Gptq;
+    let act_static = args
+        .rot
+        .act_static
+        .as_deref()
+        .map(lowbit_calibration::actquant::StaticCalib::parse)
+        .transpose()?;
+    let needs = rotate == RotateMethod::Spinquant
+        || weight_method == WeightMethod::Gptq
+        || act_static.is_some();
     if needs && args.calib.is_empty() {
-        bail!("--rotate spinquant and --method gptq need --calib FILE (never the evaluation text)");
+        bail!(
+            "--rotate spinquant, --act-static and --method gptq need --calib FILE (never the \
+             evaluation text)"
+        );
     }
     let (windows, sources) = if needs {
-        calibration_windows(args, &src)?
+        let mut a = args.clone();
+        if rotate == RotateMethod::Spinquant {
+            a.samples += args.rot.spin_select;
+        }
+        calibration_windows(&a, &src)?
     } else {
         (Vec::new(), Vec::new())
     };
@@ -216,9 +248,11 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
         spin: SpinOptions {
             iters: args.rot.spin_iters,
             lr: args.rot.spin_lr,
+            select_windows: args.rot.spin_select,
             ..SpinOptions::default()
         },
         seed: args.seed,
+        act_static,
     };
     let mut model = src.model;
     let t = Instant::now();
@@ -240,6 +274,7 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
         "scheme": args.scheme,
         "rotate": rotate.name(),
         "act_clip": args.rot.act_clip,
+        "act_static": args.rot.act_static,
         "activations": opts.scheme.quant.as_ref().map(|(_, a)| format!("{a:?}")),
         "calibration": {
             "files": sources, "samples": windows.len(), "seqlen": args.seqlen, "seed": args.seed,
@@ -247,10 +282,15 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
         "options": { "clip": args.clip, "spin_iters": args.rot.spin_iters, "spin_lr": args.rot.spin_lr },
         "spin_r1": spin(&rep.spin_r1),
         "spin_r2": spin(&rep.spin_r2),
+        "spin_selection": rep.spin_selection.as_ref().map(|s| json!({
+            "windows": s.windows, "seconds": s.seconds, "chosen": s.candidates[s.chosen].name,
+            "candidates": s.candidates.iter().map(|c| json!({
+                "name": c.name, "kl": c.kl, "nll": c.nll})).collect::<Vec<_>>()})),
         "mean_rel_error": Value::Null,
         "layers": [],
         "timings": { "load_secs": load_secs, "rotate_secs": rep.rotate_seconds,
-                     "quantize_secs": rep.quantize_seconds },
+                     "quantize_secs": rep.quantize_seconds,
+                     "act_static_secs": rep.act_static_seconds },
         "threads": rayon::current_num_threads(),
     });
     let t_write = Instant::now();
@@ -261,7 +301,7 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
         "lowbit-report.json".into(),
         serde_json::to_vec_pretty(&summary)?,
     ));
-    let ck = rotated_checkpoint(&model, &opts, extra)?;
+    let ck = rotated_checkpoint(&model, &opts, &rep, extra)?;
     ct::write_checkpoint(&args.out, &ck, &WriteOptions::default())
         .with_context(|| format!("writing {}", args.out.display()))?;
     summary["timings"]["write_secs"] = json!(t_write.elapsed().as_secs_f64());

@@ -176,6 +176,65 @@ pub enum StaticCalib {
     Mse,
 }
 
+impl StaticCalib {
+    /// Parse `absmax`, `percentile:P` (0 < P <= 100, e.g. `percentile:99.9`) or `mse`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let l = s.trim().to_ascii_lowercase();
+        let how = match l.as_str() {
+            "absmax" | "max" => StaticCalib::AbsMax,
+            "mse" => StaticCalib::Mse,
+            _ => match l.strip_prefix("percentile:").map(|p| p.parse::<f64>()) {
+                Some(Ok(p)) if p > 0.0 && p <= 100.0 => StaticCalib::Percentile(p),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "unknown static activation calibration `{s}` (absmax, percentile:P with \
+                         0 < P <= 100, mse)"
+                    )))
+                }
+            },
+        };
+        Ok(how)
+    }
+
+    /// The name [`StaticCalib::parse`] reads back.
+    pub fn name(self) -> String {
+        match self {
+            StaticCalib::AbsMax => "absmax".into(),
+            StaticCalib::Percentile(p) => format!("percentile:{p}"),
+            StaticCalib::Mse => "mse".into(),
+        }
+    }
+}
+
+/// Above this many values, [`StaticCalib::Mse`] scores its candidates on a histogram (per-bin
+/// count, sum and sum of squares over [`MSE_BINS`] bins of `[-max|x|, max|x|]`, every value of a
+/// bin sent to the code of the bin's mean) instead of on every value.
+pub const MSE_EXACT_MAX: usize = 1 << 16;
+/// Histogram bins of the large-input MSE search ([`MSE_EXACT_MAX`]).
+pub const MSE_BINS: usize = 1 << 15;
+
+/// Squared quantization error of `x` with scale `s`, exactly or on the histogram `hist`
+/// (`(count, sum, sum of squares)` per bin).
+fn mse_error(format: ActFormat, x: &[f32], hist: Option<&[(f64, f64, f64)]>, s: f32) -> f64 {
+    match hist {
+        None => x
+            .iter()
+            .map(|&v| {
+                let d = (format.qdq(v, s) - v) as f64;
+                d * d
+            })
+            .sum(),
+        Some(h) => h
+            .iter()
+            .filter(|b| b.0 > 0.0)
+            .map(|&(n, s1, s2)| {
+                let q = format.qdq((s1 / n) as f32, s) as f64;
+                (s2 - 2.0 * q * s1 + n * q * q).max(0.0)
+            })
+            .sum(),
+    }
+}
+
 /// Choose a per-tensor static scale for `format` (INT or FP8) from calibration values `x`.
 pub fn calibrate_static_scale(x: &[f32], format: ActFormat, how: StaticCalib) -> Result<f32> {
     check_finite(x, "calibration activations")?;
@@ -210,16 +269,23 @@ pub fn calibrate_static_scale(x: &[f32], format: ActFormat, how: StaticCalib) ->
             (*v).max(f32::MIN_POSITIVE) / qmax
         }
         StaticCalib::Mse => {
+            let hist = (x.len() > MSE_EXACT_MAX).then(|| {
+                let mut h = vec![(0f64, 0f64, 0f64); MSE_BINS];
+                let w = MSE_BINS as f32 / (2.0 * amax);
+                for &v in x {
+                    let i = (((v + amax) * w) as usize).min(MSE_BINS - 1);
+                    let b = &mut h[i];
+                    let v = v as f64;
+                    b.0 += 1.0;
+                    b.1 += v;
+                    b.2 += v * v;
+                }
+                h
+            });
             let mut best = (f64::INFINITY, amax / qmax);
             for k in 1..=100 {
                 let s = k as f32 / 100.0 * amax / qmax;
-                let e: f64 = x
-                    .iter()
-                    .map(|&v| {
-                        let d = (format.qdq(v, s) - v) as f64;
-                        d * d
-                    })
-                    .sum();
+                let e = mse_error(format, x, hist.as_deref(), s);
                 if e < best.0 {
                     best = (e, s);
                 }
@@ -232,6 +298,38 @@ pub fn calibrate_static_scale(x: &[f32], format: ActFormat, how: StaticCalib) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_mse_matches_the_exact_search() {
+        // Heavy-tailed values: the MSE scale clips well below the max.
+        let mut state = 12345u64;
+        let x: Vec<f32> = (0..MSE_EXACT_MAX + 1000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = ((state >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
+                let g = (u - 0.5) * 2.0;
+                g * g * g * 10.0
+            })
+            .collect();
+        for f in [ActFormat::Int { bits: 4 }, ActFormat::Int { bits: 8 }] {
+            let big = calibrate_static_scale(&x, f, StaticCalib::Mse).unwrap();
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Exact search on the same data, candidate by candidate.
+            let (mut be, mut bs) = (f64::INFINITY, 0f32);
+            for k in 1..=100 {
+                let s = k as f32 / 100.0 * amax / f.qmax();
+                let e = mse_error(f, &x, None, s);
+                if e < be {
+                    (be, bs) = (e, s);
+                }
+            }
+            let eb = mse_error(f, &x, None, big);
+            assert!(eb <= be * 1.01, "{f:?}: {eb} vs {be} ({big} vs {bs})");
+            assert!(big < amax / f.qmax(), "{f:?}");
+        }
+    }
 
     #[test]
     fn int4_per_token_rows_use_own_scale() {
@@ -300,6 +398,16 @@ mod tests {
             ActFormat::parse("INT4").unwrap(),
             ActFormat::Int { bits: 4 }
         );
+        for how in [
+            StaticCalib::AbsMax,
+            StaticCalib::Mse,
+            StaticCalib::Percentile(99.9),
+        ] {
+            assert_eq!(StaticCalib::parse(&how.name()).unwrap(), how);
+        }
+        assert!(StaticCalib::parse("percentile:0").is_err());
+        assert!(StaticCalib::parse("percentile:101").is_err());
+        assert!(StaticCalib::parse("minmax").is_err());
         let mut bad = vec![f32::NAN];
         assert!(ActQuantizer::per_token(ActFormat::Fp8E4m3)
             .apply(&mut bad, 1, 1)

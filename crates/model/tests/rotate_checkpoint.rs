@@ -76,10 +76,11 @@ fn rotated_checkpoints_round_trip_with_their_forward_hooks() {
                 ..SpinOptions::default()
             },
             seed: 3,
+            act_static: None,
         };
-        prepare(&mut m, &opts, &samples, &mut |_| {}).unwrap();
+        let rep = prepare(&mut m, &opts, &samples, &mut |_| {}).unwrap();
         let want = logits(&m);
-        let ck = rotated_checkpoint(&m, &opts, vec![]).unwrap();
+        let ck = rotated_checkpoint(&m, &opts, &rep, vec![]).unwrap();
         let dir = std::env::temp_dir().join(format!(
             "lowbit-rotck-{}-{scheme}-{}",
             std::process::id(),
@@ -89,7 +90,7 @@ fn rotated_checkpoints_round_trip_with_their_forward_hooks() {
         let side: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join(ROTATION_FILE)).unwrap()).unwrap();
         let sc = RotationSidecar::from_json(&side).unwrap();
-        assert_eq!(sc, RotationSidecar::new(&m, &opts), "{scheme}");
+        assert_eq!(sc, RotationSidecar::new(&m, &opts, &rep), "{scheme}");
         let back = load_ct_model(&dir).unwrap();
         for l in &back.layers {
             for n in LAYER_LINEARS {

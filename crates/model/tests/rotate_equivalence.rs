@@ -128,6 +128,7 @@ fn w4a4_pipelines_run_and_rotation_helps_with_outliers() {
                 ..SpinOptions::default()
             },
             seed: 1,
+            act_static: None,
         };
         let rep = prepare(&mut m, &opts, &samples, &mut |_| {}).unwrap();
         if rot == RotateMethod::Spinquant {
@@ -158,6 +159,7 @@ fn bad_input_gives_clear_errors() {
         weight_clipping: Default::default(),
         spin: SpinOptions::default(),
         seed: 0,
+        act_static: None,
     };
     let e = prepare(&mut m, &opts, &[], &mut |_| {})
         .unwrap_err()

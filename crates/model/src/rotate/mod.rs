@@ -9,7 +9,10 @@
 //!    rows and `o_proj` columns; R4 (Hadamard of the FFN width) into `down_proj` columns with the
 //!    matching transform run online on `down_proj`'s input;
 //! 3. weights quantized (RTN or GPTQ, in the rotated basis), then per-token activation
-//!    quantizers installed on every decoder linear (after the online Hadamard on `down_proj`).
+//!    quantizers installed on every decoder linear (after the online Hadamard on `down_proj`);
+//! 4. optionally ([`PrepareOptions::act_static`]), per-tensor static activation scales, one per
+//!    decoder linear, calibrated layer by layer on the calibration windows through the rotated,
+//!    weight-quantized model ([`calibrate_static_act_scales`]) and installed instead.
 //!
 //! The rotated, unquantized model computes the same function as the original up to f32 rounding.
 //! R3 (Q/K Hadamard after RoPE, for KV-cache quantization) is not implemented here.
@@ -17,8 +20,8 @@
 use crate::config::Arch;
 use crate::error::{Error, Result};
 use crate::linear::{ActQuant, Linear};
-use crate::llama::{Model, LAYER_LINEARS};
-use lowbit_calibration::actquant::{ActFormat, ActQuantizer};
+use crate::llama::{Layer, Model, LAYER_LINEARS};
+use lowbit_calibration::actquant::{calibrate_static_scale, ActFormat, ActQuantizer, StaticCalib};
 use lowbit_calibration::hadamard::Hadamard;
 use lowbit_calibration::quarot::quarot_rotations;
 use lowbit_calibration::rotation::{rotate_output_side, rotate_rows, rotate_rows_blockwise};
@@ -276,36 +279,217 @@ pub fn apply_rotations(
     Ok(had)
 }
 
+fn hook(q: Option<ActQuantizer>, hm: Option<Arc<Hadamard>>, inp: usize) -> Option<ActQuant> {
+    if q.is_none() && hm.is_none() {
+        return None;
+    }
+    let f: ActQuant = Box::new(move |x: &mut [f32], n: usize| {
+        if let Some(hm) = &hm {
+            let _ = hm.apply_rows(x);
+        }
+        if let Some(q) = &q {
+            let _ = q.apply(x, n, inp);
+        }
+    });
+    Some(f)
+}
+
+/// Install one layer's hooks: `act(i)` is the quantizer of `LAYER_LINEARS[i]`.
+fn install_layer_hooks(
+    layer: &mut Layer,
+    act: &dyn Fn(usize) -> Option<ActQuantizer>,
+    r4: Option<&Arc<Hadamard>>,
+) {
+    for (i, name) in LAYER_LINEARS.iter().enumerate() {
+        let l = layer.linear_mut(name).expect("known name");
+        let hm = if *name == "mlp.down_proj" {
+            r4.cloned()
+        } else {
+            None
+        };
+        l.act_quant = hook(act(i), hm, l.inp);
+    }
+}
+
 /// Install the forward-pass hooks on every decoder linear: the online Hadamard on
 /// `down_proj`'s input (when `r4` is given) followed by the activation quantizer (when given).
 /// Replaces any previous hook. A quantizer error (a NaN input) leaves the rows unquantized; the
 /// NaN then shows in the logits.
 pub fn install_hooks(model: &mut Model, act: Option<&ActQuantizer>, r4: Option<Arc<Hadamard>>) {
     for layer in &mut model.layers {
-        for name in LAYER_LINEARS {
-            let l = layer.linear_mut(name).expect("known name");
-            let inp = l.inp;
-            let q = act.cloned();
-            let hm = if name == "mlp.down_proj" {
-                r4.clone()
-            } else {
-                None
-            };
-            l.act_quant = if q.is_none() && hm.is_none() {
-                None
-            } else {
-                let f: ActQuant = Box::new(move |x: &mut [f32], n: usize| {
-                    if let Some(hm) = &hm {
-                        let _ = hm.apply_rows(x);
-                    }
-                    if let Some(q) = &q {
-                        let _ = q.apply(x, n, inp);
-                    }
-                });
-                Some(f)
-            };
+        install_layer_hooks(layer, &|_| act.cloned(), r4.as_ref());
+    }
+}
+
+/// Per-linear static activation scales: `scales[layer][i]` is the per-tensor scale of the
+/// input of `LAYER_LINEARS[i]` in that layer (after the online Hadamard for `down_proj`).
+pub type StaticScales = Vec<Vec<f32>>;
+
+fn check_static(act: &ActQuantizer, scales: &[Vec<f32>], n_layers: usize) -> Result<()> {
+    if scales.len() != n_layers || scales.iter().any(|l| l.len() != LAYER_LINEARS.len()) {
+        return Err(Error::Quantize(format!(
+            "static activation scales: expected {n_layers} layers x {} linears",
+            LAYER_LINEARS.len()
+        )));
+    }
+    for (li, l) in scales.iter().enumerate() {
+        for (i, &s) in l.iter().enumerate() {
+            ActQuantizer {
+                static_scale: Some(s),
+                ..act.clone()
+            }
+            .validate()
+            .map_err(|e| {
+                Error::Quantize(format!(
+                    "static activation scale of layer {li} {}: {e}",
+                    LAYER_LINEARS[i]
+                ))
+            })?;
         }
     }
+    Ok(())
+}
+
+/// Install per-linear static activation quantizers (`act` with each linear's own scale from
+/// `scales`, see [`StaticScales`]) after the online Hadamard `r4` on `down_proj`. Errors on a
+/// wrong number of layers / linears, or a scale `act`'s format cannot take (NVFP4 / MXFP4,
+/// non-positive).
+pub fn install_static_hooks(
+    model: &mut Model,
+    act: &ActQuantizer,
+    scales: &[Vec<f32>],
+    r4: Option<Arc<Hadamard>>,
+) -> Result<()> {
+    check_static(act, scales, model.layers.len())?;
+    for (layer, sc) in model.layers.iter_mut().zip(scales) {
+        install_layer_hooks(
+            layer,
+            &|i| {
+                Some(ActQuantizer {
+                    static_scale: Some(sc[i]),
+                    ..act.clone()
+                })
+            },
+            r4.as_ref(),
+        );
+    }
+    Ok(())
+}
+
+/// Reject static activation settings that cannot work, before any expensive step.
+fn check_static_request(act: &ActQuantizer) -> Result<()> {
+    if matches!(act.format, ActFormat::Nvfp4 | ActFormat::Mxfp4) {
+        return Err(Error::Quantize(format!(
+            "static per-tensor activation scales are not supported for {} activations (a block \
+             format with its own per-block scales); use a per-token scheme or w4a8-int / \
+             w8a8-int8 / w4a4-int",
+            act.format.name()
+        )));
+    }
+    if act.clip != 1.0 {
+        return Err(Error::Quantize(format!(
+            "activation clip ratio {} applies to per-token dynamic scales; static scales are \
+             clipped by their calibration (percentile:P or mse)",
+            act.clip
+        )));
+    }
+    Ok(())
+}
+
+/// Calibrate one static activation scale per decoder linear (`how`: absmax, percentile, MSE over
+/// every value of the linear's calibration inputs) and install the static quantizers, layer by
+/// layer: layer `l`'s inputs are recorded by running `samples` through the model as it is (the
+/// weights already quantized, layers `< l` already with their static quantizers, layer `l`
+/// with only the online Hadamard), its scales computed with [`calibrate_static_scale`] and
+/// installed, and the calibration hidden states propagated through the now fully quantized
+/// layer. q/k/v share their input, hence their scale; so do gate/up. Returns the scales.
+/// `samples` are calibration windows (never the evaluation text).
+pub fn calibrate_static_act_scales(
+    model: &mut Model,
+    act: &ActQuantizer,
+    how: StaticCalib,
+    samples: &[Vec<u32>],
+    r4: Option<Arc<Hadamard>>,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<StaticScales> {
+    check_static_request(act)?;
+    if samples.is_empty() {
+        return Err(Error::Quantize(
+            "static activation scales need calibration windows (--calib FILE, never the \
+             evaluation text)"
+                .into(),
+        ));
+    }
+    let seqlen = samples[0].len();
+    let mut hidden: Vec<Vec<f32>> = samples
+        .iter()
+        .map(|s| model.embed(s))
+        .collect::<Result<_>>()?;
+    let n_layers = model.layers.len();
+    let mut all = Vec::with_capacity(n_layers);
+    for li in 0..n_layers {
+        on_layer(li, n_layers);
+        install_layer_hooks(&mut model.layers[li], &|_| None, r4.as_ref());
+        let mut rec: std::collections::BTreeMap<&'static str, Vec<f32>> = Default::default();
+        let mut hs_copy = hidden.clone();
+        capture_layer(
+            model,
+            li,
+            &mut hs_copy,
+            seqlen,
+            r4.as_deref(),
+            &mut |name, x, _| {
+                if let Some(k) = [
+                    "self_attn.q_proj",
+                    "self_attn.o_proj",
+                    "mlp.gate_proj",
+                    "mlp.down_proj",
+                ]
+                .into_iter()
+                .find(|k| *k == name)
+                {
+                    rec.entry(k).or_default().extend_from_slice(x);
+                }
+            },
+        )?;
+        drop(hs_copy);
+        let mut site_scale = std::collections::BTreeMap::new();
+        for (k, x) in &rec {
+            let s = calibrate_static_scale(x, act.format, how)
+                .map_err(|e| Error::Quantize(format!("layer {li} {k} static scale: {e}")))?;
+            site_scale.insert(*k, s);
+        }
+        drop(rec);
+        let mut scales = Vec::with_capacity(LAYER_LINEARS.len());
+        for name in LAYER_LINEARS {
+            let key = match name {
+                "self_attn.k_proj" | "self_attn.v_proj" => "self_attn.q_proj",
+                "mlp.up_proj" => "mlp.gate_proj",
+                k => k,
+            };
+            scales.push(*site_scale.get(key).ok_or_else(|| {
+                Error::Quantize(format!("layer {li}: no calibration inputs for {key}"))
+            })?);
+        }
+        check_static(act, std::slice::from_ref(&scales), 1)?;
+        let sc = scales.clone();
+        install_layer_hooks(
+            &mut model.layers[li],
+            &|i| {
+                Some(ActQuantizer {
+                    static_scale: Some(sc[i]),
+                    ..act.clone()
+                })
+            },
+            r4.as_ref(),
+        );
+        for hs in hidden.iter_mut() {
+            let mut cache = model.new_cache("f32")?;
+            model.layer_forward(li, hs, seqlen, cache.as_mut())?;
+        }
+        all.push(scales);
+    }
+    Ok(all)
 }
 
 /// How the weights are quantized after the rotation.
@@ -485,6 +669,13 @@ pub struct SpinOptions {
     /// Quantize the weights (RTN, the target scheme) inside the loss while learning; `false`
     /// learns against full-precision weights (SpinQuant's W16 setting).
     pub weights_in_loop: bool,
+    /// Calibration windows (the last ones of `samples`) held out of the optimisation, on
+    /// which the QuaRot start and the learned rotations are compared end to end: the mean
+    /// KL(f32 ‖ quantized) of the next-token distributions of the whole model, weights RTN with
+    /// the target scheme, activations quantized. The lower one is kept, so that the learned
+    /// rotation never replaces a start that is better on held-out calibration text. 0 = always
+    /// keep the learned rotations.
+    pub select_windows: usize,
 }
 
 impl Default for SpinOptions {
@@ -499,6 +690,7 @@ impl Default for SpinOptions {
             problems_per_iter: 8,
             seed: 0,
             weights_in_loop: true,
+            select_windows: 2,
         }
     }
 }
@@ -514,6 +706,163 @@ pub struct RotateReport {
     pub rotate_seconds: f64,
     /// Seconds spent quantizing weights.
     pub quantize_seconds: f64,
+    /// The per-linear static activation scales, when [`PrepareOptions::act_static`] asked
+    /// for them.
+    pub act_static_scales: Option<StaticScales>,
+    /// Seconds spent calibrating static activation scales.
+    pub act_static_seconds: f64,
+    /// SpinQuant's end-to-end selection on held-out calibration windows, if run.
+    pub spin_selection: Option<SpinSelection>,
+}
+
+/// One candidate of SpinQuant's held-out selection ([`SpinOptions::select_windows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectionCandidate {
+    /// `quarot` (the start) or `spinquant` (the learned R1/R2).
+    pub name: String,
+    /// Mean KL(f32 ‖ quantized) over the held-out predicted tokens (nats).
+    pub kl: f64,
+    /// Mean NLL of the quantized model on the held-out next tokens (nats).
+    pub nll: f64,
+}
+
+/// What SpinQuant's held-out selection measured and chose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpinSelection {
+    /// Every candidate, in the order tried.
+    pub candidates: Vec<SelectionCandidate>,
+    /// Index of the kept candidate (lowest KL).
+    pub chosen: usize,
+    /// Held-out windows used.
+    pub windows: usize,
+    /// Wall time of the selection in seconds.
+    pub seconds: f64,
+}
+
+fn copy_linear(l: &Linear) -> Result<Linear> {
+    let mut n = Linear::dense(l.weight_f32().to_vec(), l.out, l.inp)?;
+    if let Some(b) = &l.bias {
+        n = n.with_bias(b.clone())?;
+    }
+    Ok(n)
+}
+
+/// A dense copy of `model`'s weights (quantized weights decoded), without hooks.
+fn dense_copy(model: &Model) -> Result<Model> {
+    let layers = model
+        .layers
+        .iter()
+        .map(|l| {
+            Ok(Layer {
+                attn_norm: l.attn_norm.clone(),
+                q_proj: copy_linear(&l.q_proj)?,
+                k_proj: copy_linear(&l.k_proj)?,
+                v_proj: copy_linear(&l.v_proj)?,
+                o_proj: copy_linear(&l.o_proj)?,
+                mlp_norm: l.mlp_norm.clone(),
+                gate_proj: copy_linear(&l.gate_proj)?,
+                up_proj: copy_linear(&l.up_proj)?,
+                down_proj: copy_linear(&l.down_proj)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Model::new(
+        model.config.clone(),
+        model.embed.clone(),
+        layers,
+        model.norm.clone(),
+        model.lm_head.as_ref().map(copy_linear).transpose()?,
+    )
+}
+
+fn log_softmax_rows(x: &mut [f32], vocab: usize) {
+    for row in x.chunks_exact_mut(vocab) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let z: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
+        let lz = m + z.ln() as f32;
+        row.iter_mut().for_each(|v| *v -= lz);
+    }
+}
+
+fn window_log_probs(model: &Model, toks: &[u32]) -> Result<Vec<f32>> {
+    let mut cache = model.new_cache("f32")?;
+    let mut lp = model.forward(toks, cache.as_mut(), crate::llama::Logits::All)?;
+    log_softmax_rows(&mut lp, model.config.vocab_size);
+    Ok(lp)
+}
+
+/// Compare rotation pairs `(name, R1, R2)` end to end on held-out calibration windows `held`:
+/// each candidate is applied to a dense copy of `model` (norms folded, unrotated, f32), its
+/// weights RTN-quantized with `ws`, the activation quantizer `act` installed (with the online
+/// Hadamard), and the mean KL(f32 ‖ quantized) of its next-token distributions measured
+/// against `model`'s own. Returns the selection (lowest KL chosen).
+pub fn select_rotations(
+    model: &Model,
+    candidates: &[(&str, &[f32], &[f32])],
+    ws: &Scheme,
+    clipping: Clipping,
+    act: &ActQuantizer,
+    held: &[Vec<u32>],
+    progress: &mut dyn FnMut(&str),
+) -> Result<SpinSelection> {
+    let t0 = Instant::now();
+    if held.is_empty() || candidates.is_empty() {
+        return Err(Error::Quantize(
+            "rotation selection needs held-out windows and candidates".into(),
+        ));
+    }
+    let vocab = model.config.vocab_size;
+    let refs: Vec<Vec<f32>> = held
+        .iter()
+        .map(|w| window_log_probs(model, w))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::new();
+    for (name, r1, r2) in candidates {
+        progress(&format!(
+            "SpinQuant selection: {name} on {} held-out calibration windows",
+            held.len()
+        ));
+        let mut m = dense_copy(model)?;
+        let r4 = apply_rotations(&mut m, r1, Some(r2), true)?;
+        quantize_weights_rtn(&mut m, ws, clipping)?;
+        install_hooks(&mut m, Some(act), r4);
+        let (mut kl, mut nll, mut n) = (0f64, 0f64, 0usize);
+        for (w, rl) in held.iter().zip(&refs) {
+            let ql = window_log_probs(&m, w)?;
+            for (i, (p, q)) in rl
+                .chunks_exact(vocab)
+                .zip(ql.chunks_exact(vocab))
+                .enumerate()
+                .take(w.len().saturating_sub(1))
+            {
+                kl += p
+                    .iter()
+                    .zip(q)
+                    .map(|(&a, &b)| (a as f64).exp() * (a - b) as f64)
+                    .sum::<f64>();
+                nll -= q[w[i + 1] as usize] as f64;
+                n += 1;
+            }
+        }
+        let n = n.max(1) as f64;
+        out.push(SelectionCandidate {
+            name: name.to_string(),
+            kl: kl / n,
+            nll: nll / n,
+        });
+    }
+    let chosen = out
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.kl.total_cmp(&b.1.kl))
+        .map(|(i, _)| i)
+        .expect("non-empty");
+    Ok(SpinSelection {
+        candidates: out,
+        chosen,
+        windows: held.len(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 fn rows_of(x: &[f32], width: usize, keep: usize) -> (Vec<f32>, usize) {
@@ -646,6 +995,10 @@ pub struct PrepareOptions {
     pub spin: SpinOptions,
     /// Seed of QuaRot's random signs.
     pub seed: u64,
+    /// `Some(how)`: per-tensor static activation scales, one per decoder linear, calibrated on
+    /// the calibration windows ([`calibrate_static_act_scales`]) instead of per-token dynamic
+    /// ones. INT / FP8 activations only, without per-token clipping.
+    pub act_static: Option<StaticCalib>,
 }
 
 /// Rotate (fold norms, R1, R2, R4), quantize the weights and install the activation quantizers,
@@ -657,6 +1010,24 @@ pub fn prepare(
     progress: &mut dyn FnMut(&str),
 ) -> Result<RotateReport> {
     let mut rep = RotateReport::default();
+    if let Some(how) = opts.act_static {
+        let act = match &opts.scheme.quant {
+            Some((_, a)) => a,
+            None => {
+                return Err(Error::Quantize(
+                    "static activation scales need a weight+activation scheme (not f32)".into(),
+                ))
+            }
+        };
+        check_static_request(act)?;
+        if samples.is_empty() {
+            return Err(Error::Quantize(format!(
+                "static activation scales ({}) need calibration windows (--calib FILE, never \
+                 the evaluation text)",
+                how.name()
+            )));
+        }
+    }
     let t0 = Instant::now();
     let (h, hd) = (model.config.hidden_size, model.config.head_dim);
     let mut r4 = None;
@@ -678,15 +1049,45 @@ pub fn prepare(
                         ))
                     }
                 };
+                let sel = opts.spin.select_windows;
+                if sel > 0 && samples.len() <= sel {
+                    return Err(Error::Quantize(format!(
+                        "SpinQuant holds out {sel} of the calibration windows to choose between \
+                         QuaRot and the learned rotations, but there are only {}: draw more \
+                         (--calib-samples) or turn the selection off (--spin-select 0)",
+                        samples.len()
+                    )));
+                }
+                let (train, held) = samples.split_at(samples.len() - sel);
                 progress("SpinQuant: capturing calibration activations and optimising R1/R2");
                 let spin = SpinOptions {
                     seed: opts.seed,
                     ..opts.spin.clone()
                 };
-                let (r1, r2, a, b) = spinquant_rotations(model, samples, &ws, &act, &spin)?;
+                let (r1, r2, a, b) = spinquant_rotations(model, train, &ws, &act, &spin)?;
                 rep.spin_r1 = Some(a);
                 rep.spin_r2 = Some(b);
-                (r1, r2)
+                if held.is_empty() {
+                    (r1, r2)
+                } else {
+                    let q = quarot_rotations(h, hd, opts.seed)?;
+                    let s = select_rotations(
+                        model,
+                        &[("quarot", &q.r1, &q.r2), ("spinquant", &r1, &r2)],
+                        &ws,
+                        opts.weight_clipping,
+                        &act,
+                        held,
+                        progress,
+                    )?;
+                    let keep_start = s.chosen == 0;
+                    rep.spin_selection = Some(s);
+                    if keep_start {
+                        (q.r1, q.r2)
+                    } else {
+                        (r1, r2)
+                    }
+                }
             }
         };
         progress("applying rotations");
@@ -699,7 +1100,7 @@ pub fn prepare(
             WeightMethod::Rtn => {
                 progress("RTN weights");
                 quantize_weights_rtn(model, ws, opts.weight_clipping)?;
-                install_hooks(model, Some(act), r4);
+                install_hooks(model, Some(act), r4.clone());
             }
             WeightMethod::Gptq => {
                 // Hooks first, so that each layer's output for the next layer is what the
@@ -717,9 +1118,23 @@ pub fn prepare(
             }
         }
     } else {
-        install_hooks(model, None, r4);
+        install_hooks(model, None, r4.clone());
     }
     rep.quantize_seconds = t1.elapsed().as_secs_f64();
+    if let (Some(how), Some((_, act))) = (opts.act_static, &opts.scheme.quant) {
+        let t2 = Instant::now();
+        let mut cb = |i: usize, n: usize| {
+            progress(&format!(
+                "static activation scales ({}): layer {}/{n}",
+                how.name(),
+                i + 1
+            ))
+        };
+        rep.act_static_scales = Some(calibrate_static_act_scales(
+            model, act, how, samples, r4, &mut cb,
+        )?);
+        rep.act_static_seconds = t2.elapsed().as_secs_f64();
+    }
     Ok(rep)
 }
 
@@ -735,19 +1150,26 @@ pub struct RotationSidecar {
     pub rotate: RotateMethod,
     /// The weight + activation scheme name (informational).
     pub wa_scheme: String,
-    /// The activation quantizer on every decoder linear's input, if any.
+    /// The activation quantizer on every decoder linear's input, if any (with
+    /// [`RotationSidecar::act_scales`], the format of the per-linear static quantizers).
     pub act: Option<ActQuantizer>,
+    /// How the static scales were calibrated (informational).
+    pub act_static: Option<StaticCalib>,
+    /// Per-linear static activation scales ([`StaticScales`]), if the activations are static.
+    pub act_scales: Option<StaticScales>,
     /// Size of the online Hadamard applied to `down_proj`'s input (the FFN width), if any.
     pub online_hadamard: Option<usize>,
 }
 
 impl RotationSidecar {
-    /// The sidecar of a model prepared with `opts` ([`prepare`]).
-    pub fn new(model: &Model, opts: &PrepareOptions) -> Self {
+    /// The sidecar of a model prepared with `opts` ([`prepare`], which returned `rep`).
+    pub fn new(model: &Model, opts: &PrepareOptions, rep: &RotateReport) -> Self {
         RotationSidecar {
             rotate: opts.rotate,
             wa_scheme: opts.scheme.name.clone(),
             act: opts.scheme.quant.as_ref().map(|(_, a)| a.clone()),
+            act_static: rep.act_static_scales.as_ref().and(opts.act_static),
+            act_scales: rep.act_static_scales.clone(),
             online_hadamard: (opts.rotate != RotateMethod::None)
                 .then_some(model.config.intermediate_size),
         }
@@ -758,12 +1180,26 @@ impl RotationSidecar {
         serde_json::json!({
             "rotate": self.rotate.name(),
             "wa_scheme": self.wa_scheme,
-            "activations": self.act.as_ref().map(|a| serde_json::json!({
-                "format": a.format.name(),
-                "strategy": if a.static_scale.is_some() { "tensor" } else { "token" },
-                "clip": a.clip,
-                "static_scale": a.static_scale,
-            })),
+            "activations": self.act.as_ref().map(|a| {
+                let mut o = serde_json::json!({
+                    "format": a.format.name(),
+                    "strategy": if a.static_scale.is_some() || self.act_scales.is_some() {
+                        "tensor"
+                    } else {
+                        "token"
+                    },
+                    "clip": a.clip,
+                    "static_scale": a.static_scale,
+                });
+                if let Some(sc) = &self.act_scales {
+                    o["static_calibration"] = serde_json::json!(self.act_static.map(|h| h.name()));
+                    o["static_scales"] = serde_json::json!({
+                        "modules": LAYER_LINEARS,
+                        "layers": sc,
+                    });
+                }
+                o
+            }),
             "online_hadamard": self.online_hadamard.map(|n| serde_json::json!({
                 "modules": ["mlp.down_proj"], "size": n, "normalized": true,
             })),
@@ -783,6 +1219,8 @@ impl RotationSidecar {
             .and_then(|x| x.as_str())
             .unwrap_or("")
             .to_string();
+        let mut act_static = None;
+        let mut act_scales = None;
         let act = match v.get("activations").filter(|a| !a.is_null()) {
             None => None,
             Some(a) => {
@@ -803,6 +1241,45 @@ impl RotationSidecar {
                     static_scale,
                 };
                 q.validate().map_err(|e| bad(&e.to_string()))?;
+                if let Some(how) = a.get("static_calibration").filter(|h| !h.is_null()) {
+                    let how = how
+                        .as_str()
+                        .ok_or_else(|| bad("`static_calibration` must be a string"))?;
+                    act_static = Some(StaticCalib::parse(how).map_err(|e| bad(&e.to_string()))?);
+                }
+                if let Some(ss) = a.get("static_scales").filter(|h| !h.is_null()) {
+                    let mods = ss.get("modules").and_then(|m| m.as_array());
+                    let same = mods.is_some_and(|m| {
+                        m.len() == LAYER_LINEARS.len()
+                            && m.iter()
+                                .zip(LAYER_LINEARS)
+                                .all(|(a, b)| a.as_str() == Some(b))
+                    });
+                    if !same {
+                        return Err(bad(&format!(
+                            "static_scales.modules must be {LAYER_LINEARS:?}"
+                        )));
+                    }
+                    let layers = ss
+                        .get("layers")
+                        .and_then(|l| l.as_array())
+                        .ok_or_else(|| bad("static_scales without `layers`"))?;
+                    let mut sc = Vec::with_capacity(layers.len());
+                    for (li, l) in layers.iter().enumerate() {
+                        let row: Option<Vec<f32>> = l.as_array().and_then(|r| {
+                            r.iter()
+                                .map(|x| x.as_f64().map(|x| x as f32))
+                                .collect::<Option<Vec<f32>>>()
+                        });
+                        sc.push(row.ok_or_else(|| {
+                            bad(&format!(
+                                "static_scales.layers[{li}] is not a list of numbers"
+                            ))
+                        })?);
+                    }
+                    check_static(&q, &sc, sc.len()).map_err(|e| bad(&e.to_string()))?;
+                    act_scales = Some(sc);
+                }
                 Some(q)
             }
         };
@@ -829,6 +1306,8 @@ impl RotationSidecar {
             rotate,
             wa_scheme,
             act,
+            act_static,
+            act_scales,
             online_hadamard,
         })
     }
@@ -851,7 +1330,15 @@ impl RotationSidecar {
                 })?))
             }
         };
-        install_hooks(model, self.act.as_ref(), had);
+        match (&self.act_scales, &self.act) {
+            (Some(sc), Some(a)) => install_static_hooks(model, a, sc, had).map_err(|e| {
+                Error::Quantize(format!(
+                    "{ROTATION_FILE}: {e} (model has {} layers)",
+                    model.layers.len()
+                ))
+            })?,
+            _ => install_hooks(model, self.act.as_ref(), had),
+        }
         Ok(())
     }
 }
@@ -871,7 +1358,8 @@ pub fn install_from_dir(model: &mut Model, dir: &std::path::Path) -> Result<bool
 }
 
 /// The compressed-tensors checkpoint of a model prepared with `opts` ([`prepare`]): the
-/// quantized (rotated) weights, the untied f32 head, and the [`ROTATION_FILE`] sidecar that
+/// quantized (rotated) weights, the untied f32 head, and the [`ROTATION_FILE`] sidecar (with the
+/// per-linear static activation scales of `rep`, [`prepare`]'s report, when there are any) that
 /// [`crate::quantize::load_ct_model`] reads back to install the online Hadamard and the
 /// activation quantizers. `w8a8-int8` also sets the standard `input_activations` (per-token
 /// INT8); the 4-bit activation formats have no compressed-tensors field, so other readers see
@@ -879,16 +1367,28 @@ pub fn install_from_dir(model: &mut Model, dir: &std::path::Path) -> Result<bool
 pub fn rotated_checkpoint(
     model: &Model,
     opts: &PrepareOptions,
+    rep: &RotateReport,
     extra_files: Vec<(String, Vec<u8>)>,
 ) -> Result<crate::ct::Checkpoint> {
     use crate::ct::ActivationQuant;
+    if opts.act_static.is_some() && rep.act_static_scales.is_none() {
+        return Err(Error::Quantize(
+            "static activation scales were asked for but the report holds none (pass the \
+             report of prepare)"
+                .into(),
+        ));
+    }
     let input_activations = match &opts.scheme.quant {
-        Some((_, a)) if a.format == (ActFormat::Int { bits: 8 }) && a.clip == 1.0 => {
+        Some((_, a))
+            if a.format == (ActFormat::Int { bits: 8 })
+                && a.clip == 1.0
+                && rep.act_static_scales.is_none() =>
+        {
             Some(ActivationQuant::Int8PerToken)
         }
         _ => None,
     };
-    let side = RotationSidecar::new(model, opts).to_json();
+    let side = RotationSidecar::new(model, opts, rep).to_json();
     let mut extra = extra_files;
     extra.push((
         ROTATION_FILE.to_string(),
