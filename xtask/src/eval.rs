@@ -36,8 +36,9 @@ pub struct Args {
     /// decode benchmark's `--head` does, to measure what that costs in quality.
     #[arg(long)]
     pub head: Option<String>,
-    /// INT8 block activations on the INT4 quantized linears (W4A8 integer dot products,
-    /// `lowbit_kernels::ActMode::Int8Block`; changes the numerics slightly).
+    /// INT8 block activations on the quantized linears that have an integer path (INT4..INT8,
+    /// MXFP4/NVFP4, NF4; integer dot products, `lowbit_kernels::ActMode::Int8Block`; changes the
+    /// numerics slightly).
     #[arg(long)]
     pub act8: bool,
     /// KV-cache policy of the evaluated model (`f32`, `fp8`, ...; see docs/kv-cache.md).

@@ -43,8 +43,9 @@ pub struct Args {
     /// Quantize the output head at load time (RTN, e.g. `int8-pc`) for faster decoding.
     #[arg(long)]
     pub head: Option<String>,
-    /// INT8 block activations on the INT4 quantized linears (W4A8 integer dot products,
-    /// `lowbit_kernels::ActMode::Int8Block`; changes the numerics slightly).
+    /// INT8 block activations on the quantized linears that have an integer path (INT4..INT8,
+    /// MXFP4/NVFP4, NF4; integer dot products, `lowbit_kernels::ActMode::Int8Block`; changes the
+    /// numerics slightly).
     #[arg(long)]
     pub act8: bool,
     /// Print one JSON object (text, tokens, speed) instead of streaming text.

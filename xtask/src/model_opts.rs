@@ -1,6 +1,6 @@
 //! Options that change how a loaded model runs, shared by `eval`, `generate` and `bench model`:
-//! `--head SCHEME` (quantize the output head) and `--act8` (INT8 block activations on the INT4
-//! packed linears).
+//! `--head SCHEME` (quantize the output head) and `--act8` (INT8 block activations on the packed
+//! linears whose codes have an integer path: INT4..INT8, MXFP4/NVFP4, NF4).
 
 use anyhow::{Context, Result};
 use lowbit_model::llama::Model;

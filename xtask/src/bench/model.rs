@@ -20,8 +20,9 @@ pub struct Args {
     /// store it; the head otherwise dominates the bytes a small quantized model reads per token.
     #[arg(long)]
     pub head: Option<String>,
-    /// INT8 block activations on the INT4 quantized linears (W4A8 integer dot products,
-    /// `lowbit_kernels::ActMode::Int8Block`; changes the numerics slightly).
+    /// INT8 block activations on the quantized linears that have an integer path (INT4..INT8,
+    /// MXFP4/NVFP4, NF4; integer dot products, `lowbit_kernels::ActMode::Int8Block`; changes the
+    /// numerics slightly).
     #[arg(long)]
     pub act8: bool,
     /// Comma-separated thread counts (default: 1 and all cores).
