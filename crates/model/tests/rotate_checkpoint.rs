@@ -3,7 +3,6 @@
 //! and the `lowbit-rotation.json` sidecar (online Hadamard before `down_proj`, activation
 //! quantizers) all round-trip. Without the sidecar the loaded model differs.
 
-use lowbit_model::config::{Arch, ModelConfig, RopeScaling};
 use lowbit_model::ct::{self, WriteOptions};
 use lowbit_model::llama::{Logits, Model, LAYER_LINEARS};
 use lowbit_model::quantize::load_ct_model;
@@ -11,38 +10,9 @@ use lowbit_model::rotate::{
     parse_wa_scheme, prepare, rotated_checkpoint, PrepareOptions, RotateMethod, RotationSidecar,
     SpinOptions, WeightMethod, ROTATION_FILE,
 };
-use lowbit_model::weights::random_model;
 
-fn cfg() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 61,
-        hidden_size: 64,
-        intermediate_size: 96,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        rms_eps: 1e-5,
-        max_ctx: 128,
-        tie_embeddings: true,
-        qkv_bias: false,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
-}
-
-fn model() -> Model {
-    let mut m = random_model(cfg(), 7).unwrap();
-    // Residual outlier channels, as in real LLMs.
-    for row in m.embed.chunks_exact_mut(64) {
-        row[3] *= 30.0;
-        row[40] *= 20.0;
-    }
-    m
-}
+mod common;
+use common::outlier_model as model;
 
 fn logits(m: &Model) -> Vec<f32> {
     let toks: Vec<u32> = (0..19).map(|i| (i * 13 + 5) % 61).collect();
