@@ -27,19 +27,8 @@
 use lowbit_kernels::{ActMode, Isa, PackedLinear};
 use lowbit_numerics::{ElemFormat, Granularity, QuantizedTensor, ScaleDtype, Scheme};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    }
-}
+mod common;
+use common::Rng;
 
 const U: f64 = f32::EPSILON as f64 / 2.0;
 
