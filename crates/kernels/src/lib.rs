@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod act8;
+pub mod amx;
 pub mod codes;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -7,6 +7,10 @@
 //!   (precomputed per row); 64 multiply-adds per instruction.
 //! * AVX2: `vpmaddubsw(|wq|, sign(xq, wq))` then `vpmaddwd` with ones: with `|xq| <= 127` and
 //!   `|wq| <= 128` a pair sum is at most 32512, so the i16 stage never saturates.
+//! * AMX-INT8 ([`crate::amx`]), for batches of at least [`amx_min_tokens`] tokens where the
+//!   CPU and OS allow it: `tdpbssd` on 16 x 64-byte tiles, s8 x s8 directly (no offset), the
+//!   weights packed a second time into tile layout when the layer is built. `LOWBIT_AMX=0`
+//!   turns it off (and skips that packing); so does forcing `LOWBIT_KERNEL` below `avx512`.
 //! * scalar reference.
 //!
 //! The integer sums are exact (|sum| <= cols * 127 * 128 < 2^31 for cols < 131072), so every path
@@ -15,8 +19,67 @@
 use lowbit_numerics::{ElemFormat, Granularity, QuantizedTensor};
 use rayon::prelude::*;
 
+use crate::amx::{self, AmxPackedB};
 use crate::isa::{self, Isa};
 use crate::{Error, Result};
+
+/// The W8A8 implementation that runs a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum W8A8Path {
+    /// Portable integer reference.
+    Scalar,
+    /// AVX2 `vpmaddubsw` / `vpmaddwd`.
+    Avx2,
+    /// AVX-512 VNNI `vpdpbusd`.
+    Avx512Vnni,
+    /// AMX-INT8 tiles (`tdpbssd`).
+    Amx,
+}
+
+impl W8A8Path {
+    /// Lower-case name (`scalar`, `avx2`, `avx512-vnni`, `amx`).
+    pub fn name(self) -> &'static str {
+        match self {
+            W8A8Path::Scalar => "scalar",
+            W8A8Path::Avx2 => "avx2",
+            W8A8Path::Avx512Vnni => "avx512-vnni",
+            W8A8Path::Amx => "amx",
+        }
+    }
+
+    /// The non-AMX path an [`Isa`] gives (clamped to the CPU).
+    pub fn from_isa(isa: Isa) -> W8A8Path {
+        match Isa::clamp(isa) {
+            Isa::Scalar => W8A8Path::Scalar,
+            Isa::Avx512 if isa::has_avx512_vnni() => W8A8Path::Avx512Vnni,
+            _ => W8A8Path::Avx2,
+        }
+    }
+
+    /// The path [`W8A8Linear::forward`] takes for `n_tokens` tokens in this process: AMX when
+    /// [`amx::available`], `n_tokens >= amx_min_tokens()` and [`isa::selected`] is AVX-512,
+    /// else the path of [`isa::selected`].
+    pub fn selected(n_tokens: usize) -> W8A8Path {
+        let sel = isa::selected();
+        if sel == Isa::Avx512 && n_tokens >= amx_min_tokens() && amx::available() {
+            W8A8Path::Amx
+        } else {
+            W8A8Path::from_isa(sel)
+        }
+    }
+}
+
+/// Fewest tokens per call for which [`W8A8Linear::forward`] uses AMX (a tile holds 16 tokens,
+/// fewer are zero padding): `LOWBIT_AMX_MIN_TOKENS` if set to a number, else 4. Read once.
+pub fn amx_min_tokens() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("LOWBIT_AMX_MIN_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4)
+    })
+}
 
 /// Rows per tile and the column padding unit of the packed weights.
 const TR: usize = 4;
@@ -84,6 +147,8 @@ pub struct W8A8Linear {
     wsum128: Vec<i32>,
     /// Per row weight scale.
     ws: Vec<f32>,
+    /// The same codes in AMX tile layout, built when [`amx::available`].
+    amx: Option<AmxPackedB>,
 }
 
 impl W8A8Linear {
@@ -129,6 +194,11 @@ impl W8A8Linear {
                 _ => q.scales[r],
             };
         }
+        let amx = if amx::available() {
+            Some(AmxPackedB::new(&w, rows, cols, kp)?)
+        } else {
+            None
+        };
         Ok(W8A8Linear {
             rows,
             cols,
@@ -136,6 +206,7 @@ impl W8A8Linear {
             w,
             wsum128,
             ws,
+            amx,
         })
     }
 
@@ -149,28 +220,97 @@ impl W8A8Linear {
         self.cols
     }
 
-    /// Bytes of packed weights.
+    /// Bytes of packed weights read per call (the row-major codes; the AMX tile copy, where
+    /// built, is [`W8A8Linear::amx_weight_bytes`] more in memory).
     pub fn weight_bytes(&self) -> usize {
         self.w.len()
     }
 
-    /// Quantize `x` per token and compute `y = x · Wᵀ` with integer dot products
-    /// (path from [`isa::selected`]).
-    pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<()> {
-        let (xq, xs) = try_quantize_activations_int8_per_token(x, n_tokens, self.cols)?;
-        self.forward_quantized_with(isa::selected(), &xq, &xs, n_tokens, y)
+    /// Bytes of the AMX tile-layout copy of the weights (0 where AMX is not used).
+    pub fn amx_weight_bytes(&self) -> usize {
+        self.amx.as_ref().map_or(0, AmxPackedB::bytes)
     }
 
-    /// `y[t][r] = xs[t] * ws[r] * sum_k xq[t][k] * wq[r][k]` on an explicit path (clamped to
-    /// what the CPU supports). `xq` values must be in `[-127, 127]`.
-    pub fn forward_quantized_with(
+    /// The path [`W8A8Linear::forward`] takes for `n_tokens` tokens ([`W8A8Path::selected`]).
+    pub fn path_for(&self, n_tokens: usize) -> W8A8Path {
+        match W8A8Path::selected(n_tokens) {
+            W8A8Path::Amx if self.amx.is_none() => W8A8Path::from_isa(isa::selected()),
+            p => p,
+        }
+    }
+
+    /// Quantize `x` per token and compute `y = x · Wᵀ` with integer dot products
+    /// (path from [`W8A8Linear::path_for`]).
+    pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<()> {
+        self.forward_path(self.path_for(n_tokens), x, n_tokens, y)
+    }
+
+    /// [`W8A8Linear::forward`] on an explicit path; [`Error::Unsupported`] if this CPU (or
+    /// this layer, built without the AMX copy) cannot run it.
+    pub fn forward_path(
         &self,
-        isa: Isa,
+        path: W8A8Path,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let (xq, xs) = try_quantize_activations_int8_per_token(x, n_tokens, self.cols)?;
+        self.forward_quantized_path(path, &xq, &xs, n_tokens, y)
+    }
+
+    /// [`W8A8Linear::forward_quantized_with`] on an explicit [`W8A8Path`]; [`Error::Unsupported`]
+    /// if this CPU (or this layer, built without the AMX copy) cannot run it.
+    pub fn forward_quantized_path(
+        &self,
+        path: W8A8Path,
         xq: &[i8],
         xs: &[f32],
         n_tokens: usize,
         y: &mut [f32],
     ) -> Result<()> {
+        let isa = match path {
+            W8A8Path::Amx => {
+                self.check_quantized(xq, xs, n_tokens, y)?;
+                let Some(b) = &self.amx else {
+                    return Err(Error::Unsupported(format!(
+                        "W8A8 AMX path: this layer has no AMX weights ({})",
+                        amx::detect().err().unwrap_or_else(|| "LOWBIT_AMX=0".into())
+                    )));
+                };
+                let acc = amx::gemm_i32(b, xq, n_tokens)?;
+                self.scale_rows(&acc, xs, n_tokens, y);
+                return Ok(());
+            }
+            W8A8Path::Scalar => Isa::Scalar,
+            W8A8Path::Avx2 => Isa::Avx2,
+            W8A8Path::Avx512Vnni => Isa::Avx512,
+        };
+        if W8A8Path::from_isa(isa) != path {
+            return Err(Error::Unsupported(format!(
+                "W8A8 path {} not supported by this CPU",
+                path.name()
+            )));
+        }
+        self.forward_quantized_with(isa, xq, xs, n_tokens, y)
+    }
+
+    /// `y[t][r] = acc[t][r] * (xs[t] * ws[r])`, the same rounding as the SIMD paths.
+    fn scale_rows(&self, acc: &[i32], xs: &[f32], n_tokens: usize, y: &mut [f32]) {
+        if self.rows == 0 {
+            return;
+        }
+        y[..n_tokens * self.rows]
+            .par_chunks_mut(self.rows)
+            .zip(acc.par_chunks(self.rows))
+            .zip(xs.par_iter())
+            .for_each(|((yt, at), &s)| {
+                for ((d, &a), &w) in yt.iter_mut().zip(at).zip(&self.ws) {
+                    *d = a as f32 * (s * w);
+                }
+            });
+    }
+
+    fn check_quantized(&self, xq: &[i8], xs: &[f32], n_tokens: usize, y: &[f32]) -> Result<()> {
         if xq.len() != n_tokens * self.cols
             || xs.len() != n_tokens
             || y.len() != n_tokens * self.rows
@@ -189,6 +329,47 @@ impl W8A8Linear {
                 "W8A8 activations must lie in [-127, 127]".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// The int32 sums `sum_k xq[t][k] * wq[r][k]` (`[n_tokens][rows]`) of the AMX blocked
+    /// product with emulated tiles (runs anywhere; packs the tile layout if this layer has none).
+    pub fn amx_int_dot_emulated(&self, xq: &[i8], n_tokens: usize) -> Result<Vec<i32>> {
+        match &self.amx {
+            Some(b) => amx::gemm_i32_emulated(b, xq, n_tokens),
+            None => amx::gemm_i32_emulated(
+                &AmxPackedB::new(&self.w, self.rows, self.cols, self.kp)?,
+                xq,
+                n_tokens,
+            ),
+        }
+    }
+
+    /// The int32 sums of the AMX product on the hardware tiles (packs the tile layout if this
+    /// layer has none); [`Error::Unsupported`] where AMX is missing ([`amx::detect`]).
+    pub fn amx_int_dot(&self, xq: &[i8], n_tokens: usize) -> Result<Vec<i32>> {
+        match &self.amx {
+            Some(b) => amx::gemm_i32(b, xq, n_tokens),
+            None => amx::gemm_i32(
+                &AmxPackedB::new(&self.w, self.rows, self.cols, self.kp)?,
+                xq,
+                n_tokens,
+            ),
+        }
+    }
+
+    /// `y[t][r] = xs[t] * ws[r] * sum_k xq[t][k] * wq[r][k]` on an explicit path (clamped to
+    /// what the CPU supports; never AMX, see [`W8A8Linear::forward_quantized_path`]). `xq`
+    /// values must be in `[-127, 127]`.
+    pub fn forward_quantized_with(
+        &self,
+        isa: Isa,
+        xq: &[i8],
+        xs: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        self.check_quantized(xq, xs, n_tokens, y)?;
         if n_tokens == 0 || self.rows == 0 {
             return Ok(());
         }
