@@ -188,6 +188,7 @@ impl AmxPackedB {
     }
 
     /// The packed tile of channel block `nb` and k block `kb` (16 x 64 bytes, stride 64).
+    #[inline]
     pub fn tile(&self, nb: usize, kb: usize) -> &[i8] {
         &self.data[(nb * self.kblk + kb) * TILE_BYTES..][..TILE_BYTES]
     }
@@ -382,6 +383,47 @@ mod hw {
     }
 }
 
+/// One work item: a block of up to 2 x 2 `C` tiles at token row `row0`, channel tile `nb0`.
+struct Block<'a> {
+    b: &'a AmxPackedB,
+    a: &'a [i8],
+    lda: usize,
+    row0: usize,
+    nb0: usize,
+}
+
+impl Block<'_> {
+    /// `C` tiles `(i, j)`, `i < MI`, `j < NI` over the whole k range, stored into `c`
+    /// (`[32][32]` int32).
+    #[inline(always)]
+    fn run<T: Tiles, const MI: usize, const NI: usize>(&self, tiles: &mut T, c: &mut [i32]) {
+        for i in 0..MI {
+            for j in 0..NI {
+                tiles.zero(2 * i + j);
+            }
+        }
+        for kb in 0..self.b.kblk {
+            for i in 0..MI {
+                let row = self.row0 + i * TILE_ROWS;
+                tiles.load(4 + i, &self.a[row * self.lda + kb * TILE_K..], self.lda);
+            }
+            for j in 0..NI {
+                tiles.load(6 + j, self.b.tile(self.nb0 + j, kb), TILE_COLSB);
+            }
+            for i in 0..MI {
+                for j in 0..NI {
+                    tiles.dp(i, j);
+                }
+            }
+        }
+        for i in 0..MI {
+            for j in 0..NI {
+                tiles.store(2 * i + j, &mut c[i * TILE_ROWS * BLK + j * TILE_N..], BLK);
+            }
+        }
+    }
+}
+
 /// The blocked product on one tile back end: `out[t][r] = sum_k xq[t][k] * w[r][k]`
 /// (`[n_tokens][rows]`), `new_tiles` called once per rayon work piece on its thread.
 fn gemm_with<T: Tiles>(
@@ -414,29 +456,19 @@ fn gemm_with<T: Tiles>(
             let (nb2, mb2) = (item / mblk, item % mblk);
             let ni = (b.nblk - 2 * nb2).min(2);
             let mi = (mtiles - 2 * mb2).min(2);
-            for i in 0..mi {
-                for j in 0..ni {
-                    tiles.zero(2 * i + j);
-                }
-            }
-            for kb in 0..b.kblk {
-                for i in 0..mi {
-                    let row0 = (2 * mb2 + i) * TILE_ROWS;
-                    tiles.load(4 + i, &a[row0 * lda + kb * TILE_K..], lda);
-                }
-                for j in 0..ni {
-                    tiles.load(6 + j, b.tile(2 * nb2 + j, kb), TILE_COLSB);
-                }
-                for i in 0..mi {
-                    for j in 0..ni {
-                        tiles.dp(i, j);
-                    }
-                }
-            }
-            for i in 0..mi {
-                for j in 0..ni {
-                    tiles.store(2 * i + j, &mut c[i * TILE_ROWS * BLK + j * TILE_N..], BLK);
-                }
+            // the tile counts as constants, so the k loop has no per-tile branches
+            let blk = Block {
+                b,
+                a: &a,
+                lda,
+                row0: 2 * mb2 * TILE_ROWS,
+                nb0: 2 * nb2,
+            };
+            match (mi, ni) {
+                (2, 2) => blk.run::<T, 2, 2>(tiles, c),
+                (2, _) => blk.run::<T, 2, 1>(tiles, c),
+                (_, 2) => blk.run::<T, 1, 2>(tiles, c),
+                _ => blk.run::<T, 1, 1>(tiles, c),
             }
         });
     out.par_chunks_mut(b.rows).enumerate().for_each(|(t, row)| {

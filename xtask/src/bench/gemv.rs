@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use lowbit_kernels::w8a8::W8A8Path;
 use lowbit_kernels::{dense, membw, ActMode, PackedLinear, W8A8Linear};
 use lowbit_numerics::{ElemFormat, FloatFormat, QuantizedTensor, ScaleDtype, Scheme};
 
@@ -157,6 +158,8 @@ struct Line {
     f32_s: f64,
     /// `--act8`: the f32-activation kernel of the same weights, and `gemv_f32`.
     act8_base: Option<(f64, f64)>,
+    /// `w8a8` on AMX: the non-AMX integer path of the same weights (name, seconds per pass).
+    w8a8_alt: Option<(&'static str, f64)>,
 }
 
 /// Seconds per pass of `f` over `passes` consecutive buffers (cycling), median of rounds.
@@ -219,6 +222,13 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
         Kernel::W8a8(v) => Kernel::W8a8(vec![v[0].clone(); copies]),
         Kernel::F32(v) => Kernel::F32(vec![v[0].clone(); copies]),
     };
+    // w8a8 on AMX: also time the path it replaces (VNNI/AVX2) on the same weights and rounds
+    let w8a8_alt = match &kern {
+        Kernel::W8a8(v) if v[0].path_for(batch) == W8A8Path::Amx => {
+            Some(W8A8Path::from_isa(lowbit_kernels::isa::selected()))
+        }
+        _ => None,
+    };
     let reads: Vec<Vec<u8>> = (0..copies).map(|i| vec![i as u8 | 1; wb]).collect();
     let f32_bytes = rows * cols * 4;
     let f32_copies = if regime == "dram" {
@@ -231,6 +241,12 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
         .collect();
     let x: Vec<f32> = (0..batch * cols).map(|_| rng.f()).collect();
     let mut y = vec![0f32; batch * rows];
+    let run_alt = |p: W8A8Path, i: usize, y: &mut [f32]| -> Result<()> {
+        if let Kernel::W8a8(v) = &kern {
+            v[i % v.len()].forward_path(p, &x, batch, y)?;
+        }
+        Ok(())
+    };
     let mut sink = 0u64;
     // Per round: every copy once (dram) or the same buffer `copies`=1 times after warm-up.
     let passes_k = copies.max(if regime == "cache" { 5 } else { 1 });
@@ -239,10 +255,13 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
     for (i, r) in reads.iter().enumerate().take(copies) {
         kern.run(i, &x, batch, &mut y)?;
         sink = sink.wrapping_add(membw::par_sum_words(r));
+        if let Some(p) = w8a8_alt {
+            run_alt(p, i, &mut y)?;
+        }
     }
     dense::matmul_wt(&x, &wf[0], &mut y, batch, cols, rows)?;
     let (mut tk, mut tr, mut tf) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut tb, mut tg) = (Vec::new(), Vec::new());
+    let (mut tb, mut tg, mut ta) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.reps.max(1) {
         tr.extend(time_passes(1, passes_k, |i| {
             sink = sink.wrapping_add(membw::par_sum_words(&reads[i % copies]));
@@ -255,6 +274,9 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
             dense::matmul_wt(&x, &wf[i % f32_copies], &mut y, batch, cols, rows)?;
             Ok(())
         })?);
+        if let Some(p) = w8a8_alt {
+            ta.extend(time_passes(1, passes_k, |i| run_alt(p, i, &mut y))?);
+        }
         if let Some(b) = &base {
             tb.extend(time_passes(1, passes_k, |i| b.run(i, &x, batch, &mut y))?);
             tg.extend(time_passes(1, passes_f, |i| {
@@ -276,6 +298,7 @@ fn measure(args: &Args, scheme: Option<Scheme>, regime: &'static str) -> Result<
         read_s: median(tr),
         f32_s: median(tf),
         act8_base: base.map(|_| (median(tb), median(tg))),
+        w8a8_alt: w8a8_alt.map(|p| (p.name(), median(ta))),
     })
 }
 
@@ -309,10 +332,18 @@ pub fn run(args: Args) -> Result<()> {
         .num_threads(threads)
         .build()?;
     let isa = lowbit_kernels::isa::selected().name();
+    // the W8A8 implementation (amx / avx512-vnni / avx2 / scalar); `LOWBIT_AMX=0` turns AMX off
+    let w8a8_path = (scheme.is_none() && args.format.eq_ignore_ascii_case("w8a8"))
+        .then(|| W8A8Path::selected(args.batch).name());
     if !args.json {
         println!(
-            "bench gemv: {} {}x{} batch {} threads {} kernel path {isa} (LOWBIT_KERNEL to force)",
-            args.format, args.rows, args.cols, args.batch, threads
+            "bench gemv: {} {}x{} batch {} threads {} kernel path {isa}{} (LOWBIT_KERNEL / LOWBIT_AMX=0 to force)",
+            args.format,
+            args.rows,
+            args.cols,
+            args.batch,
+            threads,
+            w8a8_path.map_or(String::new(), |p| format!(", w8a8 path {p}"))
         );
         println!(
             "{:<6} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9}",
@@ -345,6 +376,9 @@ pub fn run(args: Args) -> Result<()> {
                     "speedup_vs_f32_act": l.act8_base.map(|b| b.0 / l.kernel_s),
                     "gemv_f32_ms": l.act8_base.map(|b| b.1 * 1e3),
                     "speedup_vs_gemv_f32": l.act8_base.map(|b| b.1 / l.kernel_s),
+                    "w8a8_path": w8a8_path, "alt_path": l.w8a8_alt.map(|a| a.0),
+                    "alt_ms": l.w8a8_alt.map(|a| a.1 * 1e3),
+                    "speedup_vs_alt": l.w8a8_alt.map(|a| a.1 / l.kernel_s),
                 })
             );
         } else {
@@ -360,6 +394,14 @@ pub fn run(args: Args) -> Result<()> {
                 l.f32_s * 1e3,
                 speedup
             );
+            if let Some((p, a)) = l.w8a8_alt {
+                println!(
+                    "       w8a8: {p} path on the same weights {:.3} ms ({:.2}x slower than {})",
+                    a * 1e3,
+                    a / l.kernel_s,
+                    w8a8_path.unwrap_or("?")
+                );
+            }
             if let Some((b, g)) = l.act8_base {
                 println!(
                     "       act8: f32-activation kernel {:.3} ms ({:.2}x slower), gemv_f32 {:.3} ms ({:.2}x slower)",
