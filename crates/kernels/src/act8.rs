@@ -166,6 +166,18 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (scale, sum)
 }
 
+/// From this many tokens on, [`PackedLinear::quantize_act`] splits the tokens over the pool.
+const PAR_QUANT_TOKENS: usize = 16;
+
+/// `buf` as `n` rows of `len` values (`len == 0`: `n` empty rows).
+fn split_rows(buf: &mut [i8], len: usize, n: usize) -> Vec<&mut [i8]> {
+    if len == 0 {
+        (0..n).map(|_| <&mut [i8]>::default()).collect()
+    } else {
+        buf.chunks_exact_mut(len).collect()
+    }
+}
+
 impl PackedLinear {
     /// Whether [`ActMode::Int8Block`] is available for this layer: INT4..INT8 codes (sym or
     /// asym), FP4 E2M1 (MXFP4, NVFP4) or NF4.
@@ -174,7 +186,9 @@ impl PackedLinear {
     }
 
     /// Quantize `xp` (`n_tokens x pcols`, packed column order) per block; `simd` also builds
-    /// the SIMD kernels' copy of the codes (nibble order for 4-bit layers, i16 for 8-bit).
+    /// the SIMD kernels' copy of the codes (nibble order for 4-bit layers, i16 for 8-bit) and
+    /// quantizes whole 32-column blocks with AVX2 (bit-identical to [`quantize_block`]). The
+    /// tokens are split over the rayon pool from [`PAR_QUANT_TOKENS`] tokens on.
     pub(crate) fn quantize_act(&self, xp: &[f32], n_tokens: usize, simd: bool) -> QuantAct {
         let pc = self.pcols;
         let nseg = self.segs.len();
@@ -184,38 +198,96 @@ impl PackedLinear {
             blk0.push(nblk);
             nblk += s.chunks.div_ceil(CHUNKS_PER_BLOCK);
         }
-        let mut xq = vec![0i8; n_tokens * pc];
+        #[cfg(target_arch = "x86_64")]
+        let simd = simd && crate::isa::Isa::Avx2.supported();
+        let b4 = simd && self.store == Store::B4;
+        let b8 = simd && self.store == Store::B8;
+        // The scalar reference reads `xq`; the 4-bit SIMD kernel only `xperm`, the 8-bit one
+        // only `x16`.
+        let keep_xq = !simd || b8;
+        let mut xq = vec![0i8; if keep_xq { n_tokens * pc } else { 0 }];
+        let mut xperm = vec![0i8; if b4 { n_tokens * pc } else { 0 }];
         let mut sx = vec![0f32; n_tokens * nblk];
         let mut xsum = vec![0f32; n_tokens * nseg];
-        for t in 0..n_tokens {
+        let one = |t: usize, xq: &mut [i8], xperm: &mut [i8], sx: &mut [f32], xsum: &mut [f32]| {
+            let xr = &xp[t * pc..(t + 1) * pc];
+            let mut tmp = [0i8; ACT_BLOCK];
             for (k, seg) in self.segs.iter().enumerate() {
                 let end = seg.col0 + seg.chunks * CHUNK;
                 let mut acc = 0f32;
                 for bi in 0..seg.chunks.div_ceil(CHUNKS_PER_BLOCK) {
                     let c0 = seg.col0 + bi * ACT_BLOCK;
                     let c1 = (c0 + ACT_BLOCK).min(end);
-                    let (s, isum) = quantize_block(
-                        &xp[t * pc + c0..t * pc + c1],
-                        &mut xq[t * pc + c0..t * pc + c1],
-                    );
-                    sx[t * nblk + blk0[k] + bi] = s;
+                    let x = &xr[c0..c1];
+                    let (s, isum) = match () {
+                        #[cfg(target_arch = "x86_64")]
+                        () if simd && c1 - c0 == ACT_BLOCK => {
+                            let x: &[f32; ACT_BLOCK] = x.try_into().expect("32 columns");
+                            // SAFETY: AVX2 is available (checked above).
+                            let (s, isum, nat, perm) = unsafe { avx2::quantize_block32(x) };
+                            if keep_xq {
+                                xq[c0..c1].copy_from_slice(&nat);
+                            }
+                            if b4 {
+                                xperm[c0..c1].copy_from_slice(&perm);
+                            }
+                            (s, isum)
+                        }
+                        _ => {
+                            let q = &mut tmp[..c1 - c0];
+                            let r = quantize_block(x, q);
+                            if keep_xq {
+                                xq[c0..c1].copy_from_slice(q);
+                            }
+                            if b4 {
+                                for (d, s) in xperm[c0..c1]
+                                    .chunks_exact_mut(CHUNK)
+                                    .zip(q.chunks_exact(CHUNK))
+                                {
+                                    for (i, &o) in NIBBLE_ORDER.iter().enumerate() {
+                                        d[i] = s[o];
+                                    }
+                                }
+                            }
+                            r
+                        }
+                    };
+                    sx[blk0[k] + bi] = s;
                     acc += s * isum as f32;
                 }
-                xsum[t * nseg + k] = acc;
+                xsum[k] = acc;
+            }
+        };
+        let xq_len = if keep_xq { pc } else { 0 };
+        let xp_len = if b4 { pc } else { 0 };
+        if n_tokens >= PAR_QUANT_TOKENS && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            // per-token rows; an empty buffer gives empty rows (`chunks` of len 0 needs a
+            // non-zero size, so those are built as empty slices)
+            let xq_rows: Vec<&mut [i8]> = split_rows(&mut xq, xq_len, n_tokens);
+            let xp_rows: Vec<&mut [i8]> = split_rows(&mut xperm, xp_len, n_tokens);
+            xq_rows
+                .into_par_iter()
+                .zip(xp_rows)
+                .zip(sx.par_chunks_mut(nblk.max(1)))
+                .zip(xsum.par_chunks_mut(nseg.max(1)))
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(t, (((a, b), s), x))| one(t, a, b, s, x));
+        } else {
+            let mut xq_rows = split_rows(&mut xq, xq_len, n_tokens);
+            let mut xp_rows = split_rows(&mut xperm, xp_len, n_tokens);
+            for t in 0..n_tokens {
+                one(
+                    t,
+                    xq_rows[t],
+                    xp_rows[t],
+                    &mut sx[t * nblk..(t + 1) * nblk],
+                    &mut xsum[t * nseg..(t + 1) * nseg],
+                );
             }
         }
-        let xperm = if simd && self.store == Store::B4 {
-            let mut p = vec![0i8; xq.len()];
-            for (d, s) in p.chunks_exact_mut(CHUNK).zip(xq.chunks_exact(CHUNK)) {
-                for (i, &o) in NIBBLE_ORDER.iter().enumerate() {
-                    d[i] = s[o];
-                }
-            }
-            p
-        } else {
-            Vec::new()
-        };
-        let x16 = if simd && self.store == Store::B8 {
+        let x16 = if b8 {
             xq.iter().map(|&v| v as i16).collect()
         } else {
             Vec::new()
@@ -299,6 +371,106 @@ pub(crate) mod avx2 {
 
     /// Software prefetch distance in bytes of the weight stream.
     const PREFETCH: usize = 1024;
+
+    /// [`super::quantize_block`] of one full 32-column block, bit-identical (the same IEEE
+    /// division, round-half-even by `vroundps`, which equals the scalar 1.5 * 2^23 trick for
+    /// `|v / scale| <= 127.0001`, the same clamp): `(scale, sum of codes, codes, codes with
+    /// each 16-column chunk in [`super::NIBBLE_ORDER`])`.
+    ///
+    /// # Safety
+    /// AVX2 available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn quantize_block32(
+        x: &[f32; super::ACT_BLOCK],
+    ) -> (f32, i32, [i8; super::ACT_BLOCK], [i8; super::ACT_BLOCK]) {
+        let zero = [0i8; super::ACT_BLOCK];
+        let p = x.as_ptr();
+        // SAFETY: x holds 32 f32, read as 4 unaligned vectors of 8.
+        let v: [__m256; 4] = unsafe {
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut a = [_mm256_setzero_ps(); 4];
+        for i in 0..4 {
+            a[i] = _mm256_and_ps(v[i], absm);
+        }
+        // finite <=> |v| < inf (false for NaN)
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let fin = _mm256_and_ps(
+            _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_LT_OQ>(a[0], inf),
+                _mm256_cmp_ps::<_CMP_LT_OQ>(a[1], inf),
+            ),
+            _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_LT_OQ>(a[2], inf),
+                _mm256_cmp_ps::<_CMP_LT_OQ>(a[3], inf),
+            ),
+        );
+        if _mm256_movemask_ps(fin) != 0xff {
+            return (f32::NAN, 0, zero, zero);
+        }
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+        let amax = _mm_cvtss_f32(m);
+        if amax == 0.0 {
+            return (0.0, 0, zero, zero);
+        }
+        let scale = amax / 127.0;
+        let sv = _mm256_set1_ps(scale);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let mut q = [_mm256_setzero_si256(); 4];
+        for i in 0..4 {
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_div_ps(v[i], sv),
+            );
+            q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        }
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+        let isum = _mm_cvtsi128_si32(s);
+        // [q0 0-3, q1 0-3 | q0 4-7, q1 4-7] -> i8 [q0 0-3, q1 0-3, q2 0-3, q3 0-3 | 4-7 ...]
+        let p = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let nat = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        const O: [usize; CHUNK] = super::NIBBLE_ORDER;
+        let idx = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+            O[0] as i8,
+            O[1] as i8,
+            O[2] as i8,
+            O[3] as i8,
+            O[4] as i8,
+            O[5] as i8,
+            O[6] as i8,
+            O[7] as i8,
+            O[8] as i8,
+            O[9] as i8,
+            O[10] as i8,
+            O[11] as i8,
+            O[12] as i8,
+            O[13] as i8,
+            O[14] as i8,
+            O[15] as i8,
+        ));
+        let perm = _mm256_shuffle_epi8(nat, idx);
+        let (mut a0, mut a1) = (zero, zero);
+        // SAFETY: a0 and a1 hold 32 bytes each.
+        unsafe {
+            _mm256_storeu_si256(a0.as_mut_ptr() as *mut __m256i, nat);
+            _mm256_storeu_si256(a1.as_mut_ptr() as *mut __m256i, perm);
+        }
+        (scale, isum, a0, a1)
+    }
 
     /// `[v0, v0, v1, v1, v2, v2, v3, v3]`: a per-row value on both lanes of its row.
     #[target_feature(enable = "avx2,fma")]
@@ -644,6 +816,64 @@ pub(crate) mod avx2 {
             unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[t]) };
             for r in 0..TILE_ROWS {
                 out[t][r] = a[r] + a[r + 4];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 block quantizer is bit-identical to the scalar one: random blocks over a wide
+    /// range of magnitudes, exact ties at the scale, zero, tiny and subnormal blocks, and
+    /// blocks with an infinity or a NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_block_quantizer_matches_scalar() {
+        if !crate::isa::Isa::Avx2.supported() {
+            return;
+        }
+        let mut s = 7u64;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut blocks: Vec<[f32; ACT_BLOCK]> = Vec::new();
+        for k in 0..2000 {
+            let mag = [1.0f32, 1e-3, 1e3, 1e-30, 1e30, 3e-39][k % 6];
+            blocks.push(std::array::from_fn(|_| next() * mag));
+        }
+        // ties: amax 127 gives scale 1, so the halves sit exactly between two codes
+        blocks.push(std::array::from_fn(|i| {
+            if i == 0 {
+                127.0
+            } else {
+                (i as f32 - 16.0) + 0.5
+            }
+        }));
+        blocks.push([0.0; ACT_BLOCK]);
+        blocks.push(std::array::from_fn(|i| if i == 3 { -0.0 } else { 0.0 }));
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            for pos in [0, 13, 31] {
+                let mut b: [f32; ACT_BLOCK] = std::array::from_fn(|_| next());
+                b[pos] = bad;
+                blocks.push(b);
+            }
+        }
+        for b in &blocks {
+            let mut q = [0i8; ACT_BLOCK];
+            let (sc, sum) = quantize_block(b, &mut q);
+            // SAFETY: AVX2 checked above.
+            let (sv, sumv, nat, perm) = unsafe { avx2::quantize_block32(b) };
+            assert_eq!(sc.to_bits(), sv.to_bits(), "{b:?}");
+            assert_eq!((sum, q), (sumv, nat), "{b:?}");
+            for (c, (p, n)) in perm.chunks(CHUNK).zip(nat.chunks(CHUNK)).enumerate() {
+                for (i, &o) in NIBBLE_ORDER.iter().enumerate() {
+                    assert_eq!(p[i], n[o], "chunk {c} slot {i}");
+                }
             }
         }
     }

@@ -65,6 +65,10 @@ impl HdrMode {
 }
 /// Tokens processed per pass of the fused kernel.
 pub(crate) const TB: usize = 4;
+/// Tokens per task of the INT8-activation prefill ([`PackedLinear::run_tiles_2d`]).
+const TOKEN_BLOCK: usize = 64;
+/// Most row tiles per task of the INT8-activation prefill.
+const ROW_BLOCK_TILES: usize = 16;
 /// From this many tokens on, the SIMD paths dequantize a row block into an f32 tile and run
 /// the dense GEMM micro-kernel on it.
 pub const GEMM_MIN_TOKENS: usize = 16;
@@ -497,9 +501,15 @@ impl PackedLinear {
         let xp = self.gather(x, n_tokens);
         if self.act == ActMode::Int8Block {
             let qa = self.quantize_act(&xp, n_tokens, isa != Isa::Scalar);
-            self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
-                self.run_tile_act8(isa, tile, &qa, tok, tb, buf)
-            });
+            if n_tokens > TB {
+                self.run_tiles_2d(n_tokens, y, |tile, tok, tb, buf| {
+                    self.run_tile_act8(isa, tile, &qa, tok, tb, buf)
+                });
+            } else {
+                self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
+                    self.run_tile_act8(isa, tile, &qa, tok, tb, buf)
+                });
+            }
             return Ok(());
         }
         let nseg = self.segs.len();
@@ -578,6 +588,71 @@ impl PackedLinear {
                     .copy_from_slice(&out[t * nrows..t * nrows + take]);
             }
         }
+    }
+
+    /// Prefill scheduler: the `(row tiles) x (tokens)` output is cut into tasks of up to
+    /// [`ROW_BLOCK_TILES`] row tiles x [`TOKEN_BLOCK`] tokens, split over the pool in both
+    /// directions (so that short layers still give every thread work), each written straight
+    /// into `y`. Inside a task the tokens go in groups of [`TB`] and, per group, every row tile
+    /// of the block: the group's activation codes stay in L1 and the block's weights in L2.
+    /// `tile_fn` is the same per-tile kernel as [`Self::run_row_blocks`]'s, so every output
+    /// value is computed by the same instructions in the same order as there.
+    fn run_tiles_2d<F>(&self, n_tokens: usize, y: &mut [f32], tile_fn: F)
+    where
+        F: Fn(usize, usize, usize, &mut [[f32; TILE_ROWS]; TB]) + Sync,
+    {
+        /// Wraps the output pointer so that the tasks can share it.
+        #[derive(Clone, Copy)]
+        struct OutPtr(*mut f32);
+        // SAFETY: the tasks write disjoint (token, row) ranges of `y` (see below) and `y`
+        // outlives the parallel loop, which joins before this function returns.
+        unsafe impl Send for OutPtr {}
+        // SAFETY: as above.
+        unsafe impl Sync for OutPtr {}
+        impl OutPtr {
+            // a method, so that closures capture the wrapper and not its raw-pointer field
+            fn at(self, i: usize) -> *mut f32 {
+                self.0.wrapping_add(i)
+            }
+        }
+        debug_assert_eq!(y.len(), n_tokens * self.rows);
+        let threads = rayon::current_num_threads().max(1);
+        let ntb = n_tokens.div_ceil(TOKEN_BLOCK);
+        let want_rb = (threads * 8).div_ceil(ntb).max(1);
+        let tiles_per_rb = self.ntiles.div_ceil(want_rb).clamp(1, ROW_BLOCK_TILES);
+        let nrb = self.ntiles.div_ceil(tiles_per_rb);
+        let out = OutPtr(y.as_mut_ptr());
+        let rows = self.rows;
+        (0..nrb * ntb).into_par_iter().for_each(|task| {
+            let (rb, kb) = (task / ntb, task % ntb);
+            let tile0 = rb * tiles_per_rb;
+            let tile1 = (tile0 + tiles_per_rb).min(self.ntiles);
+            let tok1 = ((kb + 1) * TOKEN_BLOCK).min(n_tokens);
+            let mut tok = kb * TOKEN_BLOCK;
+            let mut buf = [[0f32; TILE_ROWS]; TB];
+            while tok < tok1 {
+                let tb = (tok1 - tok).min(TB);
+                for tile in tile0..tile1 {
+                    tile_fn(tile, tok, tb, &mut buf);
+                    let r0 = tile * TILE_ROWS;
+                    let take = TILE_ROWS.min(rows - r0);
+                    for (t, b) in buf.iter().enumerate().take(tb) {
+                        // SAFETY: tok + t < n_tokens and r0 + take <= rows, so the range lies
+                        // inside y (n_tokens x rows); task (rb, kb) alone owns tokens
+                        // kb*TOKEN_BLOCK.. x rows of tiles tile0..tile1, so no two tasks write
+                        // the same element and nothing reads y meanwhile.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                b.as_ptr(),
+                                out.at((tok + t) * rows + r0),
+                                take,
+                            )
+                        };
+                    }
+                }
+                tok += tb;
+            }
+        });
     }
 
     /// One row tile of the INT8-activation path.
