@@ -1,9 +1,11 @@
 //! Dense f32 GEMV for decode: `y[n] = W[n][k] · x[k]`, one token.
 //!
 //! Decode reads every weight once per token, so this product is bound by memory bandwidth, not
-//! arithmetic. The AVX2 path streams four weight rows at a time (four independent hardware
-//! prefetch streams, eight FMA chains) against one `x` that stays in L1, and the rayon pool splits
-//! the rows into contiguous blocks. The scalar path is the reference the SIMD path is tested
+//! arithmetic. The AVX2 path walks the rows one after another, so a block of rows is read as one
+//! sequential stream (four FMA chains per row, `x` stays in L1), and the rayon pool splits the
+//! rows into contiguous blocks. On Zen 3 this single stream keeps the hardware prefetcher ahead
+//! better than four interleaved row streams (2.3 KB apart for k = 576) or software prefetch did
+//! (docs/benchmarks.md, "f32 decode GEMV"). The scalar path is the reference the SIMD path is tested
 //! against; both accumulate in f32, so results differ from an f64 dot product by the usual
 //! `k · eps · Σ|w·x|` accumulation-order bound (see the tests).
 
@@ -106,73 +108,58 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn block(x: &[f32], w: &[f32], y: &mut [f32]) {
         let k = x.len();
-        let k16 = k - k % 16;
+        let k32 = k - k % 32;
         let k8 = k - k % 8;
         let mask = tail_mask(k % 8);
         let xp = x.as_ptr();
-        let n = y.len();
-        let mut j = 0;
-        while j + 4 <= n {
-            // SAFETY: rows j..j+4 exist (j + 4 <= n) so every offset below is < 4 * k past
-            // row j, inside `w`; x offsets stay below k; the masked load reads only lanes < k.
+        for (j, yj) in y.iter_mut().enumerate() {
+            // SAFETY: row j exists (j < y.len() and w.len() == y.len() * k), so every offset
+            // below is < k past its start; x offsets stay below k; the masked loads read only
+            // lanes < k.
             unsafe {
-                let r0 = w.as_ptr().add(j * k);
-                let (r1, r2, r3) = (r0.add(k), r0.add(2 * k), r0.add(3 * k));
-                let mut a = [_mm256_setzero_ps(); 8];
+                let r = w.as_ptr().add(j * k);
+                let mut a = [_mm256_setzero_ps(); 4];
                 let mut p = 0;
-                while p < k16 {
-                    let x0 = _mm256_loadu_ps(xp.add(p));
-                    let x1 = _mm256_loadu_ps(xp.add(p + 8));
-                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p)), x0, a[0]);
-                    a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p + 8)), x1, a[1]);
-                    a[2] = _mm256_fmadd_ps(_mm256_loadu_ps(r1.add(p)), x0, a[2]);
-                    a[3] = _mm256_fmadd_ps(_mm256_loadu_ps(r1.add(p + 8)), x1, a[3]);
-                    a[4] = _mm256_fmadd_ps(_mm256_loadu_ps(r2.add(p)), x0, a[4]);
-                    a[5] = _mm256_fmadd_ps(_mm256_loadu_ps(r2.add(p + 8)), x1, a[5]);
-                    a[6] = _mm256_fmadd_ps(_mm256_loadu_ps(r3.add(p)), x0, a[6]);
-                    a[7] = _mm256_fmadd_ps(_mm256_loadu_ps(r3.add(p + 8)), x1, a[7]);
-                    p += 16;
+                while p < k32 {
+                    a[0] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(r.add(p)),
+                        _mm256_loadu_ps(xp.add(p)),
+                        a[0],
+                    );
+                    a[1] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(r.add(p + 8)),
+                        _mm256_loadu_ps(xp.add(p + 8)),
+                        a[1],
+                    );
+                    a[2] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(r.add(p + 16)),
+                        _mm256_loadu_ps(xp.add(p + 16)),
+                        a[2],
+                    );
+                    a[3] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(r.add(p + 24)),
+                        _mm256_loadu_ps(xp.add(p + 24)),
+                        a[3],
+                    );
+                    p += 32;
                 }
-                if p < k8 {
-                    let x0 = _mm256_loadu_ps(xp.add(p));
-                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p)), x0, a[0]);
-                    a[2] = _mm256_fmadd_ps(_mm256_loadu_ps(r1.add(p)), x0, a[2]);
-                    a[4] = _mm256_fmadd_ps(_mm256_loadu_ps(r2.add(p)), x0, a[4]);
-                    a[6] = _mm256_fmadd_ps(_mm256_loadu_ps(r3.add(p)), x0, a[6]);
-                    p += 8;
-                }
-                if p < k {
-                    let x0 = _mm256_maskload_ps(xp.add(p), mask);
-                    a[1] = _mm256_fmadd_ps(_mm256_maskload_ps(r0.add(p), mask), x0, a[1]);
-                    a[3] = _mm256_fmadd_ps(_mm256_maskload_ps(r1.add(p), mask), x0, a[3]);
-                    a[5] = _mm256_fmadd_ps(_mm256_maskload_ps(r2.add(p), mask), x0, a[5]);
-                    a[7] = _mm256_fmadd_ps(_mm256_maskload_ps(r3.add(p), mask), x0, a[7]);
-                }
-                y[j] = hsum(_mm256_add_ps(a[0], a[1]));
-                y[j + 1] = hsum(_mm256_add_ps(a[2], a[3]));
-                y[j + 2] = hsum(_mm256_add_ps(a[4], a[5]));
-                y[j + 3] = hsum(_mm256_add_ps(a[6], a[7]));
-            }
-            j += 4;
-        }
-        while j < n {
-            // SAFETY: row j exists; offsets stay below k within it; masked tail as above.
-            unsafe {
-                let r0 = w.as_ptr().add(j * k);
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut p = 0;
                 while p < k8 {
-                    let x0 = _mm256_loadu_ps(xp.add(p));
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0.add(p)), x0, a0);
+                    a[0] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(r.add(p)),
+                        _mm256_loadu_ps(xp.add(p)),
+                        a[0],
+                    );
                     p += 8;
                 }
                 if p < k {
                     let x0 = _mm256_maskload_ps(xp.add(p), mask);
-                    a1 = _mm256_fmadd_ps(_mm256_maskload_ps(r0.add(p), mask), x0, a1);
+                    a[1] = _mm256_fmadd_ps(_mm256_maskload_ps(r.add(p), mask), x0, a[1]);
                 }
-                y[j] = hsum(_mm256_add_ps(a0, a1));
+                *yj = hsum(_mm256_add_ps(
+                    _mm256_add_ps(a[0], a[1]),
+                    _mm256_add_ps(a[2], a[3]),
+                ));
             }
-            j += 1;
         }
     }
 }
@@ -182,8 +169,8 @@ mod tests {
     use super::*;
     use crate::dense::tests::lcg;
 
-    /// Every supported path against an f64 dot product, on shapes with ragged row counts
-    /// (not multiples of 4) and ragged k (tails of 1..15 past a 16-multiple), single- and
+    /// Every supported path against an f64 dot product, on shapes with ragged row counts and
+    /// ragged k (8-wide steps and masked tails of 1..7 past a 32-multiple), single- and
     /// multi-block. Tolerance: f32 accumulation of k products, |error| <= k * eps * Σ|w x|
     /// (a loose form of the standard bound γ_k Σ|w_i x_i|).
     #[test]
@@ -199,6 +186,9 @@ mod tests {
             (257, 1536),
             (1031, 203),
             (64, 8),
+            (7, 40),
+            (6, 63),
+            (2, 100),
         ] {
             let x: Vec<f32> = (0..k).map(|_| lcg(&mut s)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
