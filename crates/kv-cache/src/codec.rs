@@ -295,6 +295,12 @@ impl TokenCodec {
 
     /// Encode `x` (`d` values) into `out` (`record_bytes(d)` bytes).
     pub fn encode(&self, x: &[f32], out: &mut [u8]) {
+        self.encode_fit(x, out, false);
+    }
+
+    /// [`Self::encode`]; with `mse`, INT groups take the least-squares grid of
+    /// [`int_params_mse`] instead of min/max (same record format; other codecs ignore it).
+    pub fn encode_fit(&self, x: &[f32], out: &mut [u8], mse: bool) {
         let d = x.len();
         debug_assert_eq!(out.len(), self.record_bytes(d));
         match *self {
@@ -350,7 +356,11 @@ impl TokenCodec {
                 let gb = group * bits as usize / 8 + 4;
                 let levels = ((1u32 << bits) - 1) as f32;
                 for (xg, og) in x.chunks_exact(group).zip(out.chunks_exact_mut(gb)) {
-                    let (scale, min) = int_params(xg, levels);
+                    let (scale, min) = if mse {
+                        int_params_mse(xg, levels)
+                    } else {
+                        int_params(xg, levels)
+                    };
                     og[0..2].copy_from_slice(&scale.to_le_bytes());
                     og[2..4].copy_from_slice(&min.to_le_bytes());
                     pack_codes(xg, scale.to_f32(), min.to_f32(), bits, levels, &mut og[4..]);
@@ -526,6 +536,84 @@ pub(crate) fn int_params(x: &[f32], levels: f32) -> (f16, f16) {
     // Scale from the rounded minimum so the top code still reaches `hi` (up to f16 rounding).
     let scale = f16::from_f32(((hi - min.to_f32()) / levels).clamp(0.0, 65504.0));
     (scale, min)
+}
+
+/// Squared error of `x` on the grid `min + q * scale`, rounded and clamped as [`pack_codes`]
+/// rounds it.
+fn grid_sse(x: &[f32], scale: f32, min: f32, levels: f32) -> f32 {
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    x.iter()
+        .map(|&v| {
+            let q = ((v - min) * inv).round().clamp(0.0, levels);
+            let e = v - (min + q * scale);
+            e * e
+        })
+        .sum()
+}
+
+/// Scale and minimum (both f16) of an asymmetric `levels`-step grid chosen for the smallest
+/// squared error on `x` (policy item `fit=mse`) instead of covering `[min, max]`: candidate
+/// ranges `[lo + a·w/20, hi - b·w/20]` (`w = hi - lo`, `a, b` in `0..=5`, so up to a quarter of
+/// the range clipped at each end), each refitted twice by least squares on its own codes
+/// (the `min` and `scale` that minimize the error for fixed codes), all evaluated with
+/// f16-rounded parameters exactly as [`pack_codes`] quantizes. The min/max grid of
+/// [`int_params`] is one of the candidates, so the result is never worse than it.
+pub(crate) fn int_params_mse(x: &[f32], levels: f32) -> (f16, f16) {
+    let (s0, m0) = int_params(x, levels);
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in x {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() || !hi.is_finite() || hi <= lo || hi - lo > 65504.0 {
+        return (s0, m0);
+    }
+    let mut best = (grid_sse(x, s0.to_f32(), m0.to_f32(), levels), s0, m0);
+    let mut consider = |s: f32, m: f32| {
+        if s.is_nan() || s <= 0.0 || !s.is_finite() || !m.is_finite() {
+            return;
+        }
+        let (sf, mf) = (
+            f16::from_f32(s.min(65504.0)),
+            f16::from_f32(m.clamp(-65504.0, 65504.0)),
+        );
+        let e = grid_sse(x, sf.to_f32(), mf.to_f32(), levels);
+        if e < best.0 {
+            best = (e, sf, mf);
+        }
+    };
+    let w = hi - lo;
+    let n = x.len() as f32;
+    for a in 0..6 {
+        for b in 0..6 {
+            let (l, h) = (lo + a as f32 * w / 20.0, hi - b as f32 * w / 20.0);
+            let (mut scale, mut min) = ((h - l) / levels, l);
+            consider(scale, min);
+            for _ in 0..2 {
+                let inv = 1.0 / scale;
+                let (mut sq, mut sqq, mut sx, mut sqx) = (0f32, 0f32, 0f32, 0f32);
+                for &v in x {
+                    let q = ((v - min) * inv).round().clamp(0.0, levels);
+                    sq += q;
+                    sqq += q * q;
+                    sx += v;
+                    sqx += q * v;
+                }
+                let det = n * sqq - sq * sq;
+                if det <= 0.0 {
+                    break;
+                }
+                let s = (n * sqx - sq * sx) / det;
+                if s.is_nan() || s <= 0.0 {
+                    break;
+                }
+                let m = (sx - s * sq) / n;
+                consider(s, m);
+                (scale, min) = (s, m);
+            }
+        }
+    }
+    (best.1, best.2)
 }
 
 /// Quantize `x` onto `min + q * scale` (q in 0..=levels) and pack `bits`-bit codes.
@@ -763,5 +851,67 @@ mod tests {
         );
         assert_eq!(TokenCodec::Int { bits: 8, group: 64 }.name(64), "int8");
         assert_eq!(TokenCodec::Int { bits: 4, group: 32 }.name(64), "int4g32");
+    }
+
+    /// `fit=mse`: the least-squares grid is never worse than min/max (measured through the real
+    /// record, encode then decode), and clearly better on Gaussian-like data with a tail,
+    /// where clipping pays; inputs that min/max represents exactly (constant, or two values
+    /// an f16-exact step apart) stay exact.
+    #[test]
+    fn mse_fit_never_worse_than_minmax() {
+        let mut s = 0x0bad_cafe_1234_5678u64;
+        let (mut sum_mm, mut sum_mse) = (0f64, 0f64);
+        for bits in [2u8, 4] {
+            for group in [16usize, 32, 64] {
+                let c = TokenCodec::Int { bits, group };
+                for trial in 0..200 {
+                    // Sum of 4 uniforms (bell-shaped), sometimes with one outlier.
+                    let x: Vec<f32> = (0..64)
+                        .map(|i| {
+                            let b: f32 = (0..4).map(|_| rng(&mut s)).sum();
+                            if trial % 3 == 0 && i == 7 {
+                                b * 4.0
+                            } else {
+                                b + 0.5
+                            }
+                        })
+                        .collect();
+                    let err = |mse: bool| {
+                        let mut rec = vec![0u8; c.record_bytes(64)];
+                        c.encode_fit(&x, &mut rec, mse);
+                        let mut y = vec![0f32; 64];
+                        c.decode(&rec, &mut y, &mut [0u16; 64]);
+                        x.iter()
+                            .zip(&y)
+                            .map(|(a, b)| ((a - b) as f64).powi(2))
+                            .sum::<f64>()
+                    };
+                    let (mm, ms) = (err(false), err(true));
+                    assert!(
+                        ms <= mm * (1.0 + 1e-6),
+                        "bits {bits} group {group}: {ms} > {mm}"
+                    );
+                    if bits == 2 {
+                        sum_mm += mm;
+                        sum_mse += ms;
+                    }
+                }
+            }
+        }
+        assert!(
+            sum_mse < 0.8 * sum_mm,
+            "2-bit MSE fit gains too little: {sum_mse} vs {sum_mm}"
+        );
+        for x in [
+            vec![0.75f32; 32],
+            (0..32).map(|i| (i % 2) as f32 * 3.0).collect(),
+        ] {
+            let c = TokenCodec::Int { bits: 2, group: 32 };
+            let mut rec = vec![0u8; c.record_bytes(32)];
+            c.encode_fit(&x, &mut rec, true);
+            let mut y = vec![0f32; 32];
+            c.decode(&rec, &mut y, &mut [0u16; 32]);
+            assert_eq!(x, y);
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! Values use the per-token INT codec of [`crate::codec`]; the residual window of recent
 //! full-precision tokens is managed by [`crate::QuantCache`].
 
-use crate::codec::{int_params, pack_codes, unpack_codes};
+use crate::codec::{int_params, int_params_mse, pack_codes, unpack_codes};
 use half::f16;
 
 /// Bytes of one (group, head) record of keys: `d` channels of scale + min + `g` codes.
@@ -23,8 +23,10 @@ pub fn record_bytes(d: usize, g: usize, bits: u8, compact: bool) -> usize {
     }
 }
 
-/// Encode `g` key vectors of one head (`rows`: `[g][d]`) channel by channel into `out`.
-pub fn encode_group(rows: &[f32], d: usize, bits: u8, out: &mut [u8]) {
+/// Encode `g` key vectors of one head (`rows`: `[g][d]`) channel by channel into `out`; with
+/// `mse`, each channel's grid is the least-squares one ([`crate::codec`]'s `int_params_mse`,
+/// policy item `fit=mse`) instead of its min/max.
+pub fn encode_group(rows: &[f32], d: usize, bits: u8, mse: bool, out: &mut [u8]) {
     let g = rows.len() / d;
     let levels = ((1u32 << bits) - 1) as f32;
     let cb = 4 + g * bits as usize / 8;
@@ -33,7 +35,11 @@ pub fn encode_group(rows: &[f32], d: usize, bits: u8, out: &mut [u8]) {
         for (t, v) in col.iter_mut().enumerate() {
             *v = rows[t * d + c];
         }
-        let (scale, min) = int_params(&col, levels);
+        let (scale, min) = if mse {
+            int_params_mse(&col, levels)
+        } else {
+            int_params(&col, levels)
+        };
         o[0..2].copy_from_slice(&scale.to_le_bytes());
         o[2..4].copy_from_slice(&min.to_le_bytes());
         pack_codes(
@@ -300,7 +306,7 @@ mod tests {
             .collect();
         for bits in [2u8, 4] {
             let mut rec = vec![0u8; group_bytes(d, g, bits)];
-            encode_group(&rows, d, bits, &mut rec);
+            encode_group(&rows, d, bits, false, &mut rec);
             let mut out = vec![0f32; g * d];
             let mut col = vec![0f32; g];
             decode_group(&rec, d, g, bits, &mut out, &mut col);

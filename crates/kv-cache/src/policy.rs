@@ -57,6 +57,14 @@ pub struct Policy {
     /// with the model's frequencies, see [`crate::KvCache::set_rope`]) and the attention kernel
     /// re-applies RoPE to each decoded group.
     pub pre_rope: bool,
+    /// Rotate values per head by the normalized Walsh-Hadamard transform before storing
+    /// (`rot=hv`: keys and values, `rot=v`: values only); the attention output, a convex
+    /// combination of rotated values, is rotated back (the transform is its own inverse).
+    /// Spreads value outlier channels before per-token quantization.
+    pub rotate_v: bool,
+    /// INT grids (KIVI keys with f16 metadata, INT/KIVI values) chosen for the least squared
+    /// error instead of min/max (`fit=mse`; `fit=minmax` is the default). Same records.
+    pub fit_mse: bool,
 }
 
 fn bad(policy: &str, reason: impl Into<String>) -> Error {
@@ -200,6 +208,8 @@ impl Policy {
         let mut kivi = false;
         let mut rotate = false;
         let mut pre_rope = false;
+        let mut rotate_v = false;
+        let mut fit_mse = false;
         for item in p.split(',').map(str::trim) {
             if item.is_empty() {
                 return Err(bad(policy, "empty item (two commas in a row?)"));
@@ -224,21 +234,39 @@ impl Policy {
                         kivi |= kv;
                     }
                     "sink" | "s" => sink = parse_num(policy, key, val.trim())?,
-                    "rot" => match val.trim() {
-                        "h" | "hadamard" => {
-                            if !d.is_power_of_two() {
+                    "rot" => {
+                        let o = val.trim();
+                        (rotate, rotate_v) = match o {
+                            "h" | "hadamard" | "hk" => (true, false),
+                            "hv" => (true, true),
+                            "v" => (false, true),
+                            "none" | "0" => (false, false),
+                            _ => {
                                 return Err(bad(
                                     policy,
-                                    format!("`rot=h` needs a power-of-two head_dim, not {d}"),
-                                ));
+                                    format!(
+                                        "`rot={o}`: known rotations are h (Hadamard on keys), \
+                                         hv (keys and values), v (values only) and none"
+                                    ),
+                                ))
                             }
-                            rotate = true;
+                        };
+                        if (rotate || rotate_v) && !d.is_power_of_two() {
+                            return Err(bad(
+                                policy,
+                                format!("`rot={o}` needs a power-of-two head_dim, not {d}"),
+                            ));
                         }
-                        "none" | "0" => rotate = false,
+                    }
+                    "fit" => match val.trim() {
+                        "mse" => fit_mse = true,
+                        "minmax" => fit_mse = false,
                         o => {
                             return Err(bad(
                                 policy,
-                                format!("`rot={o}`: known rotations are h (Hadamard) and none"),
+                                format!(
+                                    "`fit={o}`: expected mse (least-squares INT grids) or minmax"
+                                ),
                             ))
                         }
                     },
@@ -265,7 +293,9 @@ impl Policy {
                     other => {
                         return Err(bad(
                             policy,
-                            format!("unknown key `{other}`; known: k, v, sink, r, g, rot, rope"),
+                            format!(
+                                "unknown key `{other}`; known: k, v, sink, r, g, rot, rope, fit"
+                            ),
                         ))
                     }
                 },
@@ -324,6 +354,8 @@ impl Policy {
             group,
             rotate,
             pre_rope,
+            rotate_v,
+            fit_mse,
         })
     }
 
@@ -431,6 +463,17 @@ mod tests {
         assert!(err("fp8,int8", None).contains("twice"));
         assert!(err("fp8s+x", None).contains("scale exponent"));
         assert!(err("k=fp8s99,v=fp8", None).contains("-20..=20"));
+        assert!(err("kivi2,rot=x", None).contains("`rot=x`: known rotations"));
+        assert!(err("kivi2,fit=l1", None).contains("`fit=l1`: expected mse"));
+        let odd = KvShape { head_dim: 48, ..S };
+        assert!(matches!(
+            Policy::parse("fp8,rot=v", odd, None),
+            Err(Error::Policy { reason, .. }) if reason.contains("power-of-two head_dim")
+        ));
+        let p = Policy::parse("kivi2,rot=hv,fit=mse", S, None).unwrap();
+        assert!(p.rotate && p.rotate_v && p.fit_mse);
+        let p = Policy::parse("kivi2,rot=v", S, None).unwrap();
+        assert!(!p.rotate && p.rotate_v && !p.fit_mse);
     }
 
     #[test]

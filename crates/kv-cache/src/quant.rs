@@ -156,7 +156,7 @@ impl QuantCache {
                     .chunks_exact(d)
                     .zip(l.qk[base..].chunks_exact_mut(ku))
                 {
-                    c.encode(x, o);
+                    c.encode_fit(x, o, p.fit_mse);
                 }
             }
             Side::KiviChannel { bits, compact } => {
@@ -209,7 +209,7 @@ impl QuantCache {
                             let refs = &l.kref[h * 2 * d..][..2 * d];
                             kivi::encode_group_c(&rows, d, bits, refs, &mut l.qk[base..]);
                         } else {
-                            kivi::encode_group(&rows, d, bits, &mut l.qk[base..]);
+                            kivi::encode_group(&rows, d, bits, p.fit_mse, &mut l.qk[base..]);
                         }
                     }
                 }
@@ -221,7 +221,7 @@ impl QuantCache {
             .chunks_exact(d)
             .zip(l.qv[base..].chunks_exact_mut(vu))
         {
-            vc.encode(x, o);
+            vc.encode_fit(x, o, p.fit_mse);
         }
         l.nq += n;
     }
@@ -270,6 +270,15 @@ impl KvCache for QuantCache {
             &rotated[..]
         } else {
             k
+        };
+        let rotated_v;
+        let v = if self.policy.rotate_v {
+            let mut x = v.to_vec();
+            x.chunks_exact_mut(self.shape.head_dim).for_each(hadamard);
+            rotated_v = x;
+            &rotated_v[..]
+        } else {
+            v
         };
         let l = &mut self.layers[layer];
         // The previous append's shadow is no longer needed.
@@ -390,6 +399,12 @@ impl KvCache for QuantCache {
             scale,
         };
         attn::attend(&job, out, self.force_scalar);
+        if self.policy.rotate_v {
+            // The output is a convex combination of rotated values: rotate it back.
+            out[..n_q * n_heads * self.shape.head_dim]
+                .chunks_exact_mut(self.shape.head_dim)
+                .for_each(hadamard);
+        }
         Ok(())
     }
 

@@ -70,7 +70,7 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
     let mut tmp = vec![0u16; d];
     let tok = |c: TokenCodec, x: &[f32], y: &mut [f32], tmp: &mut [u16]| {
         let mut rec = vec![0u8; c.record_bytes(d)];
-        c.encode(x, &mut rec);
+        c.encode_fit(x, &mut rec, p.fit_mse);
         c.decode(&rec, y, tmp);
     };
     for t in p.sink..p.sink + nq {
@@ -80,7 +80,16 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                 tok(c, &k[o..o + d], &mut k2[o..o + d], &mut tmp);
             }
             if let Side::Token(c) = p.v {
-                tok(c, &v[o..o + d], &mut v2[o..o + d], &mut tmp);
+                if p.rotate_v {
+                    // `rot=v`: values are stored rotated and the output rotated back, i.e.
+                    // each body value is read as H·dequant(quant(H·v)).
+                    let mut x = v[o..o + d].to_vec();
+                    crate::quant::hadamard(&mut x);
+                    tok(c, &x, &mut v2[o..o + d], &mut tmp);
+                    crate::quant::hadamard(&mut v2[o..o + d]);
+                } else {
+                    tok(c, &v[o..o + d], &mut v2[o..o + d], &mut tmp);
+                }
             }
         }
     }
@@ -113,7 +122,7 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                     kivi::decode_group_c(&rec, d, g, bits, rb, &mut out, &mut vec![0f32; g]);
                 } else {
                     let mut rec = vec![0u8; kivi::group_bytes(d, g, bits)];
-                    kivi::encode_group(&rows, d, bits, &mut rec);
+                    kivi::encode_group(&rows, d, bits, p.fit_mse, &mut rec);
                     kivi::decode_group(&rec, d, g, bits, &mut out, &mut vec![0f32; g]);
                 }
                 if p.pre_rope {
@@ -177,6 +186,12 @@ const POLICIES: &[&str] = &[
     "k=kivi2,v=fp8,g=16,r=0",
     "fp8s",
     "k=fp8s-1,v=int4g4,sink=2",
+    "kivi2,fit=mse,rot=v,r=8,g=8,sink=2",
+    // (Not with `fit=mse`: the reference undoes RoPE in f64, the cache in f32, and the MSE
+    // search may pick another grid for inputs that differ by rounding.)
+    "kivi2,rope=pre,rot=hv,r=8,g=8,sink=1",
+    "k=int2g16,v=int4g4,fit=mse",
+    "k=fp8,v=int2g16,rot=v",
 ];
 
 /// f64 causal GQA attention: query `i` sits at position `len - n_q + i` and reads token `t`'s
@@ -343,8 +358,11 @@ fn attention_matches_decode_view_reference() {
                     (&kk[t * row..][..row], &vv[t * row..][..row])
                 });
                 let err = rel_err(&oa, &want);
+                // `rot=v` rotates every value and the output in f32 (two more roundings than
+                // the reference, which rotates only the body values).
+                let tol = if p.rotate_v { 1e-5 } else { 3e-6 };
                 assert!(
-                    err < 3e-6,
+                    err < tol,
                     "shape {si} {pol} len {len} chunks {chunks:?} n_q {n_q}: {err}"
                 );
                 assert_eq!(qc.len(1), len);
