@@ -138,15 +138,17 @@ struct Partial {
 }
 
 impl Job<'_> {
-    /// Visible absolute range `[lo, hi)` of region `r` for the query at position `p`.
+    /// Visible absolute range `[lo, hi)` of region `r` for the query at position `p` that sees
+    /// at most `window` tokens (itself included; `usize::MAX`: no window).
     #[inline(always)]
-    fn visible(&self, r: &Region<'_>, p: usize) -> (usize, usize) {
+    fn visible(&self, r: &Region<'_>, p: usize, window: usize) -> (usize, usize) {
         let end = (r.start + r.n).min(p + 1);
         let (lo, hi) = match r.vis {
             Vis::All => (r.start, end),
             Vis::Body => (r.start, end.min(self.bound.at(p).max(self.recent_start))),
             Vis::Recent => (r.start.max(self.bound.at(p)), end),
         };
+        let lo = lo.max((p + 1).saturating_sub(window));
         (lo, hi.max(lo))
     }
 }
@@ -302,9 +304,16 @@ fn pv(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
 }
 
 /// One task: query positions `qs` (indices into the job's queries) of the query heads of KV
-/// head `kvh`, keys `keys` (absolute positions).
+/// head `kvh`, keys `keys` (absolute positions), each query seeing at most `window` keys.
 #[inline(always)]
-fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>, simd: Simd) -> Partial {
+fn task(
+    j: &Job<'_>,
+    kvh: usize,
+    qs: Range<usize>,
+    keys: Range<usize>,
+    window: usize,
+    simd: Simd,
+) -> Partial {
     let d = j.d;
     let g = j.n_heads / j.nh_kv;
     let row = j.nh_kv * d;
@@ -366,7 +375,7 @@ fn task(j: &Job<'_>, kvh: usize, qs: Range<usize>, keys: Range<usize>, simd: Sim
             // Each row's visible columns of this tile, relative to `a`.
             let mut any = false;
             for (r, rg) in ranges.iter_mut().enumerate() {
-                let (lo, hi) = j.visible(reg, pos[r]);
+                let (lo, hi) = j.visible(reg, pos[r], window);
                 let (lo, hi) = (lo.max(u0), hi.min(u1));
                 *rg = if lo < hi {
                     any = true;
@@ -558,6 +567,7 @@ struct V3Task<'a, 'b> {
     kvh: usize,
     qs: Range<usize>,
     keys: Range<usize>,
+    window: usize,
     v3: pulp::x86::V3,
 }
 
@@ -567,7 +577,14 @@ impl pulp::WithSimd for V3Task<'_, '_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) -> Partial {
-        task(self.j, self.kvh, self.qs, self.keys, Some(self.v3))
+        task(
+            self.j,
+            self.kvh,
+            self.qs,
+            self.keys,
+            self.window,
+            Some(self.v3),
+        )
     }
 }
 
@@ -576,6 +593,7 @@ fn run_task(
     kvh: usize,
     qs: Range<usize>,
     keys: Range<usize>,
+    window: usize,
     scalar: bool,
 ) -> Partial {
     #[cfg(target_arch = "x86_64")]
@@ -588,42 +606,52 @@ fn run_task(
                     kvh,
                     qs,
                     keys,
+                    window,
                     v3,
                 },
             );
         }
     }
     let _ = scalar;
-    task(j, kvh, qs, keys, None)
+    task(j, kvh, qs, keys, window, None)
 }
 
 /// Run the attention described by `j` into `out` (`[n_q][n_heads][d]`). The caller has
 /// validated shapes; `n_q >= 1`.
 pub(crate) fn attend(j: &Job<'_>, out: &mut [f32], scalar: bool) {
+    attend_window(j, usize::MAX, out, scalar)
+}
+
+/// [`attend`] with a sliding window: the query at position `p` sees only keys
+/// `p + 1 - window ..= p` (`window >= 1`; `usize::MAX`: plain causal attention).
+pub(crate) fn attend_window(j: &Job<'_>, window: usize, out: &mut [f32], scalar: bool) {
     let (d, g) = (j.d, j.n_heads / j.nh_kv);
     let n_qt = j.n_q.div_ceil(QT);
     let base = j.nh_kv * n_qt;
     let threads = rayon::current_num_threads().max(1);
+    // Keys below `k0` are outside every query's window.
+    let k0 = (j.len - j.n_q + 1).saturating_sub(window);
+    let nk = j.len - k0;
     // Split the keys only when (head, query tile) tasks cannot keep the threads busy.
-    let n_split = if base < 2 * threads && j.len >= 512 {
-        (2 * threads).div_ceil(base).min(j.len / 256).max(1)
+    let n_split = if base < 2 * threads && nk >= 512 {
+        (2 * threads).div_ceil(base).min(nk / 256).max(1)
     } else {
         1
     };
-    let span = j.len.div_ceil(n_split);
+    let span = nk.div_ceil(n_split);
     let mut tasks = Vec::with_capacity(base * n_split);
     for h in 0..j.nh_kv {
         for qt in 0..n_qt {
             let qs = qt * QT..((qt + 1) * QT).min(j.n_q);
             for sp in 0..n_split {
-                let keys = sp * span..((sp + 1) * span).min(j.len);
+                let keys = k0 + sp * span..(k0 + (sp + 1) * span).min(j.len);
                 tasks.push((h, qs.clone(), keys));
             }
         }
     }
     let work = j.n_q * j.len * j.n_heads * d;
     let run = |(h, qs, keys): &(usize, Range<usize>, Range<usize>)| {
-        run_task(j, *h, qs.clone(), keys.clone(), scalar)
+        run_task(j, *h, qs.clone(), keys.clone(), window, scalar)
     };
     let parts: Vec<Partial> = if work >= 1 << 16 && tasks.len() > 1 && threads > 1 {
         tasks.par_iter().map(run).collect()

@@ -101,6 +101,22 @@ impl KvCache for F32Cache {
         scale: f32,
         out: &mut [f32],
     ) -> Result<()> {
+        self.attend_window(layer, q, n_q, n_heads, scale, usize::MAX, out)
+    }
+
+    fn attend_window(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n_q: usize,
+        n_heads: usize,
+        scale: f32,
+        window: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        if window == 0 {
+            return Err(Error::Shape("sliding window of 0 tokens".into()));
+        }
         self.check_layer(layer)?;
         let len = self.len(layer);
         check_attend_args(&self.shape, len, q, n_q, n_heads, out)?;
@@ -131,7 +147,7 @@ impl KvCache for F32Cache {
             q,
             scale,
         };
-        attn::attend(&job, out, false);
+        attn::attend_window(&job, window, out, false);
         Ok(())
     }
 

@@ -66,6 +66,38 @@ pub trait KvCache: Send {
         out: &mut [f32],
     ) -> Result<()>;
 
+    /// [`Self::attend`] with a sliding window (Gemma-3's local layers): query `i`, at position
+    /// `p = len - n_q + i`, sees only stored tokens `p + 1 - window ..= p` (`window >= 1`).
+    /// The default runs [`Self::attend`] when no query can have more than `window` tokens in
+    /// view (`len <= window`, where both are the same) and refuses otherwise; caches that
+    /// implement the window override it.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_window(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n_q: usize,
+        n_heads: usize,
+        scale: f32,
+        window: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        if window == 0 {
+            return Err(Error::Shape("sliding window of 0 tokens".into()));
+        }
+        if self.len(layer) <= window {
+            return self.attend(layer, q, n_q, n_heads, scale, out);
+        }
+        Err(Error::Policy {
+            policy: self.policy_name(),
+            reason: format!(
+                "sliding-window attention (window {window}, {} tokens cached) is not \
+                 implemented for this cache",
+                self.len(layer)
+            ),
+        })
+    }
+
     /// Bytes held for stored tokens, all metadata (scales, zero points) counted.
     fn bytes(&self) -> usize;
 

@@ -6,7 +6,8 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The architectures this crate runs. All are "Llama family": pre-norm decoder, RMSNorm, RoPE,
-/// GQA attention, SwiGLU MLP.
+/// GQA attention, gated MLP. Gemma-3 adds post-norms, q/k norms, GeGLU, a scaled embedding and
+/// sliding-window attention on its local layers (see [`Gemma3Params`] and `docs/gemma3.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Arch {
@@ -16,11 +17,56 @@ pub enum Arch {
     Mistral,
     /// Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`, GGUF `qwen2`): bias on q/k/v projections.
     Qwen2,
+    /// Gemma-3 text models (`Gemma3ForCausalLM`, model_type `gemma3_text`, GGUF `gemma3`).
+    Gemma3(Gemma3Params),
+}
+
+/// What Gemma-3 needs beyond [`ModelConfig`]'s Llama fields.
+///
+/// Layer `i` is *global* (full causal attention, RoPE base [`ModelConfig::rope_theta`] with
+/// [`ModelConfig::rope_scaling`]) when `(i + 1) % sliding_window_pattern == 0`, else *local*:
+/// the query at position `p` sees keys `p - sliding_window < k <= p`, RoPE base
+/// `rope_local_theta`, no scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemma3Params {
+    /// Keys a local layer's query sees (itself included).
+    pub sliding_window: usize,
+    /// Every `sliding_window_pattern`-th layer is global.
+    pub sliding_window_pattern: usize,
+    /// RoPE base of the local layers.
+    pub rope_local_theta: f64,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-0.5` (not `head_dim^-0.5`).
+    pub query_pre_attn_scalar: f64,
+}
+
+impl Default for Gemma3Params {
+    /// Hugging Face `Gemma3TextConfig` defaults.
+    fn default() -> Self {
+        Gemma3Params {
+            sliding_window: 4096,
+            sliding_window_pattern: 6,
+            rope_local_theta: 10_000.0,
+            query_pre_attn_scalar: 256.0,
+        }
+    }
+}
+
+// The float fields are validated finite, so bitwise equality is an equivalence.
+impl Eq for Gemma3Params {}
+
+impl std::hash::Hash for Gemma3Params {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.sliding_window.hash(h);
+        self.sliding_window_pattern.hash(h);
+        self.rope_local_theta.to_bits().hash(h);
+        self.query_pre_attn_scalar.to_bits().hash(h);
+    }
 }
 
 /// Names accepted for [`Arch`], listed in error messages.
-pub const SUPPORTED_ARCHS: &str = "HF: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM \
-     (model_type llama, mistral, qwen2); GGUF general.architecture: llama, qwen2";
+pub const SUPPORTED_ARCHS: &str = "HF: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, \
+     Gemma3ForCausalLM (model_type llama, mistral, qwen2, gemma3_text); \
+     GGUF general.architecture: llama, qwen2, gemma3";
 
 impl Arch {
     /// Parse an HF `model_type` / `architectures[0]` or a GGUF `general.architecture`.
@@ -29,6 +75,9 @@ impl Arch {
             "llama" | "LlamaForCausalLM" | "smollm" => Ok(Arch::Llama),
             "mistral" | "MistralForCausalLM" => Ok(Arch::Mistral),
             "qwen2" | "Qwen2ForCausalLM" => Ok(Arch::Qwen2),
+            "gemma3" | "gemma3_text" | "Gemma3ForCausalLM" => {
+                Ok(Arch::Gemma3(Gemma3Params::default()))
+            }
             other => Err(Error::Config(format!(
                 "unsupported architecture `{other}`; supported: {SUPPORTED_ARCHS}"
             ))),
@@ -40,6 +89,7 @@ impl Arch {
         match self {
             Arch::Llama | Arch::Mistral => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Gemma3(_) => "gemma3",
         }
     }
 }
@@ -128,6 +178,64 @@ fn first_id(v: Option<&Value>) -> Option<u32> {
     }
 }
 
+/// The Gemma-3 fields of a `Gemma3TextConfig` JSON (absent ones take transformers' defaults).
+/// Refuses what the forward pass does not implement: logit soft-capping, activations other than
+/// tanh-GELU, bidirectional attention, layer types off the `sliding_window_pattern` rhythm.
+fn gemma3_from_hf(v: &Value) -> Result<Gemma3Params> {
+    let d = Gemma3Params::default();
+    let err = |what: String| Err(Error::Config(format!("gemma3 config.json: {what}")));
+    for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+        if v.get(key).is_some_and(|x| !x.is_null()) {
+            return err(format!("`{key}` is not supported"));
+        }
+    }
+    if v.get("use_bidirectional_attention")
+        .and_then(Value::as_bool)
+        == Some(true)
+    {
+        return err("bidirectional attention is not supported".into());
+    }
+    match v.get("hidden_activation").and_then(Value::as_str) {
+        None | Some("gelu_pytorch_tanh") | Some("gelu_tanh") => {}
+        Some(other) => return err(format!("hidden_activation `{other}` is not supported")),
+    }
+    let local_theta = get_f64(v, "rope_local_base_freq").or_else(|| {
+        v.get("rope_parameters")
+            .and_then(|r| r.get("sliding_attention"))
+            .and_then(|r| get_f64(r, "rope_theta"))
+    });
+    let p = Gemma3Params {
+        sliding_window: v
+            .get("sliding_window")
+            .and_then(Value::as_u64)
+            .map_or(d.sliding_window, |w| w as usize),
+        sliding_window_pattern: v
+            .get("sliding_window_pattern")
+            .and_then(Value::as_u64)
+            .map_or(d.sliding_window_pattern, |w| w as usize),
+        rope_local_theta: local_theta.unwrap_or(d.rope_local_theta),
+        query_pre_attn_scalar: get_f64(v, "query_pre_attn_scalar")
+            .unwrap_or(d.query_pre_attn_scalar),
+    };
+    if let Some(types) = v.get("layer_types").and_then(Value::as_array) {
+        for (i, t) in types.iter().enumerate() {
+            let global = p.sliding_window_pattern > 0 && (i + 1) % p.sliding_window_pattern == 0;
+            let want = if global {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            };
+            if t.as_str() != Some(want) {
+                return err(format!(
+                    "layer_types[{i}] is {t}, expected {want} (pattern of {})",
+                    p.sliding_window_pattern
+                ));
+            }
+        }
+    }
+    Ok(p)
+}
+
 impl ModelConfig {
     /// Parse the text of a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
@@ -176,6 +284,22 @@ impl ModelConfig {
                 }
             }
         };
+        let arch = match arch {
+            Arch::Gemma3(_) => Arch::Gemma3(gemma3_from_hf(&v)?),
+            a => a,
+        };
+        // transformers 5 writes per-layer-type RoPE parameters; the global layers' base is
+        // `full_attention.rope_theta`.
+        let rope_theta = get_f64(&v, "rope_theta")
+            .or_else(|| {
+                v.get("rope_parameters")
+                    .and_then(|r| r.get("full_attention").or(Some(r)))
+                    .and_then(|r| get_f64(r, "rope_theta"))
+            })
+            .unwrap_or(match arch {
+                Arch::Gemma3(_) => 1_000_000.0,
+                _ => 10000.0,
+            });
         let cfg = ModelConfig {
             arch,
             vocab_size: get_usize(&v, "vocab_size")?,
@@ -185,14 +309,14 @@ impl ModelConfig {
             n_heads,
             n_kv_heads,
             head_dim,
-            rope_theta: get_f64(&v, "rope_theta").unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
             rms_eps: get_f64(&v, "rms_norm_eps").unwrap_or(1e-6) as f32,
             max_ctx: get_usize(&v, "max_position_embeddings").unwrap_or(2048),
             tie_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(matches!(arch, Arch::Gemma3(_))),
             qkv_bias: match arch {
                 Arch::Qwen2 => true,
                 _ => v
@@ -253,6 +377,22 @@ impl ModelConfig {
                 self.rms_eps
             )));
         }
+        if let Arch::Gemma3(g) = &self.arch {
+            if g.sliding_window == 0 || g.sliding_window_pattern == 0 {
+                return Err(Error::Config(format!(
+                    "gemma3: sliding window {} and pattern {} must be positive",
+                    g.sliding_window, g.sliding_window_pattern
+                )));
+            }
+            for (name, x) in [
+                ("rope_local_theta", g.rope_local_theta),
+                ("query_pre_attn_scalar", g.query_pre_attn_scalar),
+            ] {
+                if !(x.is_finite() && x > 0.0) {
+                    return Err(Error::Config(format!("gemma3: {name} {x} is not positive")));
+                }
+            }
+        }
         if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
                 return Err(Error::Config(format!(
@@ -263,6 +403,30 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// The Gemma-3 parameters, when this is a Gemma-3 model.
+    pub fn gemma3(&self) -> Option<&Gemma3Params> {
+        match &self.arch {
+            Arch::Gemma3(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The attention window of layer `layer`: `Some(w)` for a sliding-window (local) layer,
+    /// whose query at position `p` sees keys `p - w < k <= p`; `None` for full causal attention.
+    pub fn sliding_window(&self, layer: usize) -> Option<usize> {
+        let g = self.gemma3()?;
+        ((layer + 1) % g.sliding_window_pattern != 0).then_some(g.sliding_window)
+    }
+
+    /// The factor attention scores are scaled by before the softmax: `head_dim^-0.5`, or
+    /// Gemma-3's `query_pre_attn_scalar^-0.5`.
+    pub fn attn_scale(&self) -> f32 {
+        match self.gemma3() {
+            Some(g) => (1.0 / g.query_pre_attn_scalar.sqrt()) as f32,
+            None => 1.0 / (self.head_dim as f32).sqrt(),
+        }
     }
 
     /// Width of the query projection output (`n_heads * head_dim`).
@@ -325,9 +489,41 @@ mod tests {
         let t = SMOLLM.replace("LlamaForCausalLM", "GPT2LMHeadModel");
         let e = ModelConfig::from_hf_json(&t).unwrap_err().to_string();
         assert!(
-            e.contains("GPT2LMHeadModel") && e.contains("Qwen2ForCausalLM"),
+            e.contains("GPT2LMHeadModel")
+                && e.contains("Qwen2ForCausalLM")
+                && e.contains("gemma3")
+                && e.contains("Gemma3ForCausalLM"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn parses_gemma3_text_config() {
+        // The fields transformers 5.17 writes for Gemma-3-270M (abridged layer list: 6 layers).
+        let t = r#"{"architectures":["Gemma3ForCausalLM"],"model_type":"gemma3_text",
+          "hidden_size":640,"intermediate_size":2048,"num_hidden_layers":6,"num_attention_heads":4,
+          "num_key_value_heads":1,"head_dim":256,"vocab_size":262144,"rms_norm_eps":1e-6,
+          "query_pre_attn_scalar":256,"sliding_window":512,"final_logit_softcapping":null,
+          "hidden_activation":"gelu_pytorch_tanh","max_position_embeddings":32768,
+          "layer_types":["sliding_attention","sliding_attention","sliding_attention",
+            "sliding_attention","sliding_attention","full_attention"],
+          "rope_parameters":{"full_attention":{"rope_type":"default","rope_theta":1000000.0},
+            "sliding_attention":{"rope_type":"default","rope_theta":10000.0}}}"#;
+        let c = ModelConfig::from_hf_json(t).unwrap();
+        let g = c.gemma3().unwrap();
+        assert_eq!((g.sliding_window, g.sliding_window_pattern), (512, 6));
+        assert_eq!((g.rope_local_theta, c.rope_theta), (10000.0, 1e6));
+        assert!(c.tie_embeddings);
+        assert_eq!(c.sliding_window(4), Some(512));
+        assert_eq!(c.sliding_window(5), None);
+        assert_eq!(c.attn_scale(), 1.0 / 16.0);
+        let capped = t.replace(
+            r#""final_logit_softcapping":null"#,
+            r#""final_logit_softcapping":30.0"#,
+        );
+        assert!(ModelConfig::from_hf_json(&capped).is_err());
+        let off_pattern = t.replacen("sliding_attention", "full_attention", 1);
+        assert!(ModelConfig::from_hf_json(&off_pattern).is_err());
     }
 
     #[test]

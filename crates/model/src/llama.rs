@@ -1,4 +1,6 @@
-//! The Llama-family forward pass (Llama 1/2/3, Mistral, Qwen2, SmolLM) in plain f32 slices.
+//! The Llama-family forward pass (Llama 1/2/3, Mistral, Qwen2, SmolLM, Gemma-3) in plain f32
+//! slices. Gemma-3's extra norms, GeGLU, embedding scale and sliding-window layers are switched
+//! on by its config (see [`crate::gemma`]).
 //!
 //! One decoder layer, pre-norm:
 //! ```text
@@ -14,6 +16,7 @@
 //! ..., `model.layers.{i}.mlp.down_proj`, `lm_head`), see [`Model::linear_mut`].
 
 use crate::config::ModelConfig;
+use crate::gemma::GemmaLayer;
 use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::{Error, Result};
@@ -100,7 +103,12 @@ pub struct Model {
     pub norm: Vec<f32>,
     /// The LM head; `None` when tied to the embedding.
     pub lm_head: Option<Linear>,
+    /// Gemma-3's extra norms, one entry per layer (empty for other architectures); set with
+    /// [`Model::set_gemma_layers`].
+    pub gemma: Vec<GemmaLayer>,
     rope: Rope,
+    /// RoPE of Gemma-3's local (sliding-window) layers.
+    rope_local: Option<Rope>,
 }
 
 /// Which positions [`Model::forward`] returns logits for.
@@ -197,14 +205,44 @@ impl Model {
             }
         }
         let rope = Rope::new(&config);
+        let rope_local = config.gemma3().map(|g| {
+            let mut local = config.clone();
+            local.rope_theta = g.rope_local_theta;
+            local.rope_scaling = crate::config::RopeScaling::None;
+            Rope::new(&local)
+        });
         Ok(Model {
             config,
             embed,
             layers,
             norm,
             lm_head,
+            gemma: Vec::new(),
             rope,
+            rope_local,
         })
+    }
+
+    /// Attach Gemma-3's extra norms (one [`GemmaLayer`] per layer; Gemma-3 configs only).
+    pub fn set_gemma_layers(&mut self, layers: Vec<GemmaLayer>) -> Result<()> {
+        if self.config.gemma3().is_none() {
+            return Err(Error::Config(format!(
+                "{:?} has no Gemma-3 layer norms",
+                self.config.arch
+            )));
+        }
+        if layers.len() != self.config.n_layers {
+            return Err(Error::Shape(format!(
+                "{} Gemma layers, config says {}",
+                layers.len(),
+                self.config.n_layers
+            )));
+        }
+        for (i, l) in layers.iter().enumerate() {
+            l.validate(&self.config, i)?;
+        }
+        self.gemma = layers;
+        Ok(())
     }
 
     /// Canonical (HF) names of every linear layer, layer by layer, `lm_head` last if untied.
@@ -251,12 +289,18 @@ impl Model {
     /// The cache gets the model's RoPE frequencies (used by policies that quantize keys before
     /// RoPE, `rope=pre`).
     pub fn new_cache(&self, policy: &str) -> Result<Box<dyn KvCache>> {
+        // One table of frequencies per cache: Gemma-3's local and global layers differ.
+        if self.rope_local.is_some() && policy.contains("rope=pre") {
+            return Err(Error::Config(
+                "KV policies with rope=pre are not supported for gemma3 (two RoPE bases)".into(),
+            ));
+        }
         let mut c = lowbit_kv_cache::build(policy, self.config.kv_shape())?;
         c.set_rope(&crate::rope::inv_freqs(&self.config))?;
         Ok(c)
     }
 
-    /// Embedding rows of `tokens`: `[n_tokens][hidden]`.
+    /// Embedding rows of `tokens`: `[n_tokens][hidden]` (Gemma-3: times `sqrt(hidden)`).
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let h = self.config.hidden_size;
         let mut out = Vec::with_capacity(tokens.len() * h);
@@ -269,6 +313,11 @@ impl Model {
                 )));
             }
             out.extend_from_slice(&self.embed[t * h..][..h]);
+        }
+        if self.config.gemma3().is_some() {
+            // HF: `embed_tokens(ids) * hidden_size**0.5`, the scale rounded to the dtype (f32).
+            let s = (h as f64).sqrt() as f32;
+            out.iter_mut().for_each(|x| *x *= s);
         }
         Ok(out)
     }
@@ -307,6 +356,12 @@ impl Model {
             )));
         }
         let n = n_tokens;
+        let gemma = match c.gemma3() {
+            None => None,
+            Some(_) => Some(self.gemma.get(i).ok_or_else(|| {
+                Error::Shape(format!("gemma3 layer {i} has no q/k/post norms loaded"))
+            })?),
+        };
         let mut report = |name: &str, x: &[f32]| {
             if let Some(cb) = capture.as_deref_mut() {
                 cb(&format!("model.layers.{i}.{name}"), x, n);
@@ -325,15 +380,33 @@ impl Model {
         layer.q_proj.forward(&x, n, &mut q)?;
         layer.k_proj.forward(&x, n, &mut k)?;
         layer.v_proj.forward(&x, n, &mut v)?;
+        if let Some(g) = gemma {
+            // Per-head RMSNorm of queries and keys, before RoPE.
+            let (qs, ks) = (q.clone(), k.clone());
+            rms_norm(&qs, &g.q_norm, c.rms_eps, &mut q);
+            rms_norm(&ks, &g.k_norm, c.rms_eps, &mut k);
+        }
         let pos0 = cache.len(i);
-        self.rope.apply(&mut q, n, c.n_heads, pos0);
-        self.rope.apply(&mut k, n, c.n_kv_heads, pos0);
+        let window = c.sliding_window(i);
+        let rope = match (&self.rope_local, window) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        };
+        rope.apply(&mut q, n, c.n_heads, pos0);
+        rope.apply(&mut k, n, c.n_kv_heads, pos0);
         cache.append(i, &k, &v, n)?;
         let mut att = vec![0f32; n * c.q_dim()];
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        cache.attend(i, &q, n, c.n_heads, scale, &mut att)?;
+        let scale = c.attn_scale();
+        match window {
+            None => cache.attend(i, &q, n, c.n_heads, scale, &mut att)?,
+            Some(w) => cache.attend_window(i, &q, n, c.n_heads, scale, w, &mut att)?,
+        }
         report("self_attn.o_proj", &att);
         layer.o_proj.forward(&att, n, &mut x)?;
+        if let Some(g) = gemma {
+            let o = x.clone();
+            rms_norm(&o, &g.post_attn_norm, c.rms_eps, &mut x);
+        }
         hidden.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
 
         // MLP block.
@@ -345,9 +418,19 @@ impl Model {
         let mut u = vec![0f32; n * f];
         layer.gate_proj.forward(&x, n, &mut g)?;
         layer.up_proj.forward(&x, n, &mut u)?;
-        g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
+        if gemma.is_some() {
+            g.iter_mut()
+                .zip(&u)
+                .for_each(|(g, u)| *g = crate::gemma::gelu_tanh(*g) * u);
+        } else {
+            g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
+        }
         report("mlp.down_proj", &g);
         layer.down_proj.forward(&g, n, &mut x)?;
+        if let Some(gl) = gemma {
+            let o = x.clone();
+            rms_norm(&o, &gl.post_ffw_norm, c.rms_eps, &mut x);
+        }
         hidden.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
         Ok(())
     }

@@ -71,12 +71,30 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         }
     };
     let tok_id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let n_layers = u("block_count")?;
+    let arch = match arch {
+        // llama.cpp (src/llama-model.cpp, LLM_ARCH_GEMMA3) hard-codes what GGUF does not carry:
+        // every 6th layer global, local RoPE base 10000, query scale 1/sqrt(head_dim) except
+        // for the 27B model (62 layers), which uses 1/sqrt(hidden / heads).
+        Arch::Gemma3(d) => Arch::Gemma3(crate::config::Gemma3Params {
+            sliding_window: opt_u("attention.sliding_window").unwrap_or(d.sliding_window),
+            sliding_window_pattern: opt_u("attention.sliding_window_pattern")
+                .unwrap_or(d.sliding_window_pattern),
+            rope_local_theta: d.rope_local_theta,
+            query_pre_attn_scalar: if n_layers == 62 {
+                (hidden_size / n_heads.max(1)) as f64
+            } else {
+                head_dim as f64
+            },
+        }),
+        a => a,
+    };
     let cfg = ModelConfig {
         arch,
         vocab_size,
         hidden_size,
         intermediate_size: u("feed_forward_length")?,
-        n_layers: u("block_count")?,
+        n_layers,
         n_heads,
         n_kv_heads,
         head_dim,
@@ -152,7 +170,11 @@ impl<'a> GgufSource<'a> {
 
 impl TensorSource for GgufSource<'_> {
     fn get_f32(&mut self, name: &str) -> Result<Option<Vec<f32>>> {
-        let Some(gname) = gguf_tensor_name(name) else {
+        let gemma_name = match self.config.arch {
+            Arch::Gemma3(_) => crate::gemma::gguf_tensor_name(name),
+            _ => None,
+        };
+        let Some(gname) = gemma_name.or_else(|| gguf_tensor_name(name)) else {
             return Ok(None);
         };
         if self.file.tensor_info(&gname).is_err() {
@@ -229,7 +251,12 @@ impl TensorSource for HfSource<'_> {
 pub fn load_hf_folder(dir: &Path) -> Result<Model> {
     let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let folder = crate::hf::SafetensorsFolder::open(dir)?;
-    build_model(config, &mut HfSource::new(&folder))
+    let mut src = HfSource::new(&folder);
+    if config.gemma3().is_some() {
+        // HF Gemma stores `w` for a `1 + w` norm multiplier; the model holds `1 + w`.
+        return build_model(config, &mut crate::gemma::PlusOneNorms::new(&mut src));
+    }
+    build_model(config, &mut src)
 }
 
 /// Load a model from a path: a GGUF file or a Hugging Face folder.

@@ -67,7 +67,10 @@ pub fn build_model(config: ModelConfig, src: &mut dyn TensorSource) -> Result<Mo
         let mut it = lin.into_iter();
         let mut next = || it.next().expect("seven linears");
         let attn_norm_name = format!("{p}.input_layernorm.weight");
-        let mlp_norm_name = format!("{p}.post_attention_layernorm.weight");
+        let mlp_norm_name = match c.gemma3() {
+            Some(_) => format!("{p}.{}.weight", crate::gemma::GEMMA_MLP_NORM),
+            None => format!("{p}.post_attention_layernorm.weight"),
+        };
         layers.push(Layer {
             attn_norm: require(src.get_f32(&attn_norm_name)?, &attn_norm_name)?,
             q_proj: next(),
@@ -89,7 +92,15 @@ pub fn build_model(config: ModelConfig, src: &mut dyn TensorSource) -> Result<Mo
             "lm_head.weight",
         )?)
     };
-    Model::new(config, embed, layers, norm, lm_head)
+    let gemma = match config.gemma3() {
+        Some(_) => Some(crate::gemma::load_layers(&config, src)?),
+        None => None,
+    };
+    let mut model = Model::new(config, embed, layers, norm, lm_head)?;
+    if let Some(g) = gemma {
+        model.set_gemma_layers(g)?;
+    }
+    Ok(model)
 }
 
 /// A deterministic random model of shape `config` (weights ~ U(-a, a) with `a = 1/sqrt(in)`,

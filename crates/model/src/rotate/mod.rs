@@ -118,10 +118,13 @@ pub fn parse_wa_scheme(name: &str, act_clip: f32) -> Result<WaScheme> {
 }
 
 /// Whether this architecture's norms can be folded into the following linears (RMSNorm with
-/// a per-channel weight and no bias/offset: every architecture this crate runs).
+/// a per-channel weight and no bias/offset). Not Gemma-3: its post-attention/post-MLP norms sit
+/// between the output projections and the residual stream, so a rotation of the residual
+/// stream does not commute with them.
 pub fn norms_foldable(arch: Arch) -> bool {
     match arch {
         Arch::Llama | Arch::Mistral | Arch::Qwen2 => true,
+        Arch::Gemma3(_) => false,
     }
 }
 
