@@ -141,10 +141,14 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("--kv {p}: fix the policy string (see docs/kv-cache.md)"))?;
     }
     for &l in &args.lengths {
-        if l + GEN > max_ctx {
-            bail!("--lengths {l}: prompt + {GEN} generated tokens exceeds the model context {max_ctx}");
+        if l > max_ctx || max_ctx <= GEN {
+            bail!("--lengths {l}: longer than the model context {max_ctx}");
         }
     }
+    // A length at the model's context (8192 for SmolLM2) leaves no room for the generated
+    // tokens: its prompt is shortened to `max_ctx - GEN` so that prompt + answer fill exactly
+    // the context (`prompt_tokens` in the output says so).
+    let prompt_len = |l: usize| l.min(max_ctx - GEN);
     if args.depths.iter().any(|&d| d > 100) {
         bail!("--depths are percentages in 0..=100");
     }
@@ -177,7 +181,13 @@ pub fn run(args: Args) -> Result<()> {
                 let mut hits = 0usize;
                 for trial in 0..args.trials {
                     pb.set_message(format!("{policy} len {length} depth {depth} trial {trial}"));
-                    let t = make_trial(&tok, &fill, length, depth, args.seed + trial as u64)?;
+                    let t = make_trial(
+                        &tok,
+                        &fill,
+                        prompt_len(length),
+                        depth,
+                        args.seed + trial as u64,
+                    )?;
                     let mut cache = model.new_cache(policy)?;
                     let mut logits = model.forward(&t.tokens, cache.as_mut(), Logits::Last)?;
                     let mut out = Vec::new();
@@ -201,7 +211,8 @@ pub fn run(args: Args) -> Result<()> {
                         println!(
                             "{}",
                             json!({"policy": policy, "length": length, "depth": depth,
-                                   "trials": args.trials, "accuracy": acc})
+                                   "trials": args.trials, "accuracy": acc,
+                                   "prompt_tokens": prompt_len(length), "seed": args.seed})
                         );
                     } else {
                         println!(
