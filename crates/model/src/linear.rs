@@ -90,6 +90,9 @@ impl Linear {
             )));
         }
         check_finite("dense weight", &w)?;
+        // Decode streams this matrix once per token: back it with huge pages (a hint; see
+        // `advise_huge_pages`).
+        lowbit_kernels::gemv_f32::advise_huge_pages(&w);
         Ok(Linear {
             out,
             inp,

@@ -204,6 +204,8 @@ impl Model {
                 }
             }
         }
+        // The (tied) head streams the embedding once per decoded token: huge pages (a hint).
+        lowbit_kernels::gemv_f32::advise_huge_pages(&embed);
         let rope = Rope::new(&config);
         let rope_local = config.gemma3().map(|g| {
             let mut local = config.clone();
