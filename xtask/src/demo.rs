@@ -115,6 +115,7 @@ pub fn run(args: Args) -> Result<()> {
             alpha: 0.8,
             layer_sequential: false,
             json: false,
+            in_memory: true,
             rot: Default::default(),
         };
         eprintln!("quantizing with {method} {scheme} ...");

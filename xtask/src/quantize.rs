@@ -103,6 +103,13 @@ pub struct Args {
     /// Emit the summary as one JSON object on the last stdout line.
     #[arg(long)]
     pub json: bool,
+    /// Load the whole f32 model into memory first (the pre-streaming path). By default a GGUF
+    /// file or safetensors folder is streamed: each decoder layer is dequantized from the
+    /// memory-mapped file only when its turn comes and written out (a safetensors shard at a
+    /// time) once quantized, so memory stays near one layer's f32 weights plus the calibration
+    /// activations. The results are bit-identical.
+    #[arg(long)]
+    pub in_memory: bool,
     /// Rotation / weight+activation options (docs/rotations.md).
     #[command(flatten)]
     pub rot: RotateArgs,
@@ -161,13 +168,12 @@ impl Default for RotateArgs {
 /// Tokenize `--calib` (refusing the `--eval` text), draw `--samples` windows of `--seqlen`
 /// tokens with `--seed`, and describe each source file (path, sha256, bytes, tokens) for the
 /// report.
-fn calibration_windows(args: &Args, src: &Source) -> Result<(Vec<Vec<u32>>, Vec<Value>)> {
+fn calibration_windows(args: &Args, tokenizer: &Tok) -> Result<(Vec<Vec<u32>>, Vec<Value>)> {
     let files = read_calibration_files(&args.calib, args.eval.as_deref())?;
     let mut toks = Vec::new();
     let mut srcs = Vec::new();
     for (text, s) in &files {
-        let ids = src
-            .tokenizer
+        let ids = tokenizer
             .encode(text)
             .with_context(|| format!("tokenizing {}", s.path.display()))?;
         srcs.push(
@@ -236,7 +242,7 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
         if rotate == RotateMethod::Spinquant {
             a.samples += args.rot.spin_select;
         }
-        calibration_windows(&a, &src)?
+        calibration_windows(&a, &src.tokenizer)?
     } else {
         (Vec::new(), Vec::new())
     };
@@ -374,6 +380,16 @@ pub fn load_source(path: &Path) -> Result<Source> {
         .with_context(|| format!("loading {}", path.display()))?;
     let tokenizer = Tok::from_model_path(path)
         .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+    Ok(Source {
+        model,
+        tokenizer,
+        tokenizer_files: tokenizer_files(path)?,
+    })
+}
+
+/// The tokenizer files a quantized checkpoint of the model at `path` ships: a folder's
+/// tokenizer / generation files, or a vocab-only GGUF made from a GGUF file.
+fn tokenizer_files(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
     if path.is_dir() {
         for f in [
@@ -391,11 +407,7 @@ pub fn load_source(path: &Path) -> Result<Source> {
     } else {
         files.push(("lowbit-tokenizer.gguf".to_string(), vocab_only_gguf(path)?));
     }
-    Ok(Source {
-        model,
-        tokenizer,
-        tokenizer_files: files,
-    })
+    Ok(files)
 }
 
 /// A vocab-only GGUF holding the source GGUF's `general.architecture` and every `tokenizer.*`
@@ -431,6 +443,162 @@ pub fn quantize_to_folder(args: &Args, quiet: bool) -> Result<RunOutput> {
         return quantize_rotated(args, quiet);
     }
     let t_all = Instant::now();
+    let setup = pipeline_setup(args)?;
+    let t_load = Instant::now();
+    let src = load_source(&args.model)?;
+    let load_secs = t_load.elapsed().as_secs_f64();
+    // Calibration windows.
+    let (windows, sources) = if setup.needs_calib(args) {
+        calibration_windows(args, &src.tokenizer)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut model = src.model;
+    let bars = Bars::new(quiet, setup.method, model.config.n_layers, windows.len());
+    let report = quantize_model(&mut model, &windows, &setup.opts, &mut |e| bars.on_event(e))?;
+    bars.finish();
+    let mut summary = run_summary(args, &setup, &sources, windows.len(), &report, load_secs);
+    // Write the checkpoint.
+    let t_write = Instant::now();
+    let mut extra = src.tokenizer_files.clone();
+    extra.push((
+        "lowbit-recipe.json".into(),
+        serde_json::to_vec_pretty(&setup.recipe.to_json())?,
+    ));
+    let mut ck = model_to_checkpoint(
+        &model,
+        &ModelToCheckpoint {
+            input_activations: setup.act,
+            extra_files: extra,
+        },
+    )?;
+    summary["timings"]["total_secs_before_write"] = json!(t_all.elapsed().as_secs_f64());
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    ck.extra_files.push((
+        "lowbit-report.json".into(),
+        serde_json::to_vec_pretty(&summary)?,
+    ));
+    ct::write_checkpoint(&args.out, &ck, &WriteOptions::default())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    summary["timings"]["write_secs"] = json!(t_write.elapsed().as_secs_f64());
+    summary["timings"]["total_secs"] = json!(t_all.elapsed().as_secs_f64());
+    summary["out"] = json!(args.out);
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    Ok(RunOutput { model, summary })
+}
+
+/// Whether `args` can take the streaming path of [`quantize_streamed`]: the standard pipeline
+/// (no rotation), an existing GGUF file or a plain Hugging Face safetensors folder (not a
+/// compressed-tensors checkpoint), and no `--in-memory`.
+pub fn can_stream(args: &Args) -> bool {
+    let p = &args.model;
+    !args.in_memory
+        && !wants_rotation_path(args)
+        && (p.is_file()
+            || (p.is_dir()
+                && p.join("config.json").is_file()
+                && !lowbit_model::quantize::checkpoint::is_compressed_tensors(p)))
+}
+
+/// The streaming form of [`quantize_to_folder`] (the default of `cargo xtask quantize`, see
+/// [`Args::in_memory`]): the model file is memory-mapped, each decoder layer is dequantized to
+/// f32 only when the pipeline reaches it and is written out (a safetensors shard closes once
+/// it holds one f32 layer's worth of bytes) as soon as it is quantized. Same tensors, same
+/// `config.json` and report as the in-memory path; returns the summary.
+pub fn quantize_streamed(args: &Args, quiet: bool) -> Result<Value> {
+    use lowbit_model::gguf::GgufFile;
+    use lowbit_model::hf::SafetensorsFolder;
+    use lowbit_model::load::{config_from_gguf, GgufSource, HfSource};
+    use lowbit_model::quantize::{quantize_streaming, CheckpointSink};
+    use lowbit_model::weights::TensorSource;
+    use lowbit_model::ModelConfig;
+    let t_all = Instant::now();
+    let setup = pipeline_setup(args)?;
+    let path = &args.model;
+    let t_load = Instant::now();
+    let gguf;
+    let folder;
+    let (config, mut src): (ModelConfig, Box<dyn TensorSource + '_>) = if path.is_file() {
+        gguf = GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let c = config_from_gguf(&gguf)?;
+        (c.clone(), Box::new(GgufSource::new(&gguf, c)))
+    } else {
+        folder = SafetensorsFolder::open(path)?;
+        let c = ModelConfig::from_hf_file(&path.join("config.json"))?;
+        (c, Box::new(HfSource::new(&folder)))
+    };
+    // Fail before any work when the architecture has no checkpoint form.
+    lowbit_model::quantize::checkpoint::hf_config_json(&config)?;
+    let tokenizer = Tok::from_model_path(path)
+        .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+    let tok_files = tokenizer_files(path)?;
+    let load_secs = t_load.elapsed().as_secs_f64();
+    let (windows, sources) = if setup.needs_calib(args) {
+        calibration_windows(args, &tokenizer)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    drop(tokenizer);
+    let write_opts = WriteOptions::default();
+    let c = &config;
+    let layer_f32_bytes =
+        4 * c.hidden_size * (2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate_size);
+    let flush_bytes = layer_f32_bytes.min(write_opts.shard_bytes);
+    let writer = ct::StreamingWriter::create(&args.out, &write_opts)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let mut sink = CheckpointSink::new(writer, flush_bytes, setup.act);
+    let bars = Bars::new(quiet, setup.method, config.n_layers, windows.len());
+    let report = quantize_streaming(
+        &config,
+        src.as_mut(),
+        &windows,
+        &setup.opts,
+        &mut sink,
+        &mut |e| bars.on_event(e),
+    )?;
+    bars.finish();
+    drop(src);
+    let mut summary = run_summary(args, &setup, &sources, windows.len(), &report, load_secs);
+    summary["streaming"] = json!({
+        "layer_f32_bytes": layer_f32_bytes, "flush_bytes": flush_bytes,
+        "shards_before_head": sink.shards_written(),
+    });
+    let t_write = Instant::now();
+    let mut extra = tok_files;
+    extra.push((
+        "lowbit-recipe.json".into(),
+        serde_json::to_vec_pretty(&setup.recipe.to_json())?,
+    ));
+    summary["timings"]["total_secs_before_write"] = json!(t_all.elapsed().as_secs_f64());
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    extra.push((
+        "lowbit-report.json".into(),
+        serde_json::to_vec_pretty(&summary)?,
+    ));
+    sink.finish(&config, &extra)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    summary["timings"]["write_secs"] = json!(t_write.elapsed().as_secs_f64());
+    summary["timings"]["total_secs"] = json!(t_all.elapsed().as_secs_f64());
+    summary["out"] = json!(args.out);
+    summary["peak_rss_mib"] = json!(peak_rss_mib());
+    Ok(summary)
+}
+
+/// Method, scheme, recipe and pipeline options from the command line.
+struct Setup {
+    method: Method,
+    act: Option<lowbit_model::ct::ActivationQuant>,
+    recipe: Recipe,
+    opts: PipelineOptions,
+}
+
+impl Setup {
+    fn needs_calib(&self, args: &Args) -> bool {
+        !args.calib.is_empty() || !matches!(self.method, Method::Rtn | Method::Hqq)
+    }
+}
+
+fn pipeline_setup(args: &Args) -> Result<Setup> {
     let method = Method::parse(&args.method)?;
     let (_, act) = quantize::parse_scheme(&args.scheme)?;
     let recipe = match &args.config {
@@ -444,16 +612,6 @@ pub fn quantize_to_folder(args: &Args, quiet: bool) -> Result<RunOutput> {
     if method == Method::SmoothQuant && act.is_none() {
         eprintln!("note: smoothquant with a weight-only scheme; use --scheme w8a8-int8 for W8A8");
     }
-    let t_load = Instant::now();
-    let src = load_source(&args.model)?;
-    let load_secs = t_load.elapsed().as_secs_f64();
-    // Calibration windows.
-    let needs = !args.calib.is_empty() || !matches!(method, Method::Rtn | Method::Hqq);
-    let (windows, sources) = if needs {
-        calibration_windows(args, &src)?
-    } else {
-        (Vec::new(), Vec::new())
-    };
     let mut opts = PipelineOptions::new(method, recipe.clone());
     opts.gptq.damp_percent = args.damp;
     opts.gptq.act_order = match args.act_order.as_str() {
@@ -472,46 +630,78 @@ pub fn quantize_to_folder(args: &Args, quiet: bool) -> Result<RunOutput> {
     };
     opts.true_sequential = !args.layer_sequential;
     opts.smooth_alpha = args.alpha;
-    // Progress bars: layers, and the current pass over the windows.
-    let mp = MultiProgress::new();
-    if quiet {
-        mp.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    Ok(Setup {
+        method,
+        act,
+        recipe,
+        opts,
+    })
+}
+
+/// Progress bars: layers, and the current pass over the windows.
+struct Bars {
+    _mp: MultiProgress,
+    lb: ProgressBar,
+    pb: ProgressBar,
+}
+
+impl Bars {
+    fn new(quiet: bool, method: Method, n_layers: usize, windows: usize) -> Self {
+        let mp = MultiProgress::new();
+        if quiet {
+            mp.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let lb = mp.add(ProgressBar::new(n_layers as u64));
+        lb.set_style(style(
+            "{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} layers {msg}",
+        ));
+        lb.set_prefix(method.name());
+        let pb = mp.add(ProgressBar::new(windows.max(1) as u64));
+        pb.set_style(style("{prefix:>9} {bar:30} {pos}/{len} {msg}"));
+        Bars { _mp: mp, lb, pb }
     }
-    let n_layers = src.model.config.n_layers;
-    let lb = mp.add(ProgressBar::new(n_layers as u64));
-    lb.set_style(style(
-        "{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} layers {msg}",
-    ));
-    lb.set_prefix(method.name());
-    let pb = mp.add(ProgressBar::new(windows.len().max(1) as u64));
-    pb.set_style(style("{prefix:>9} {bar:30} {pos}/{len} {msg}"));
-    let mut model = src.model;
-    let mut on_event = |e: &Event| match e {
-        Event::LayerStart { layer, .. } => lb.set_message(format!("layer {layer}")),
-        Event::Pass {
-            layer,
-            what,
-            done,
-            total,
-        } => {
-            pb.set_length(*total as u64);
-            pb.set_position(*done as u64);
-            pb.set_prefix(format!("L{layer}"));
-            pb.set_message(*what);
+
+    fn on_event(&self, e: &Event) {
+        let (lb, pb) = (&self.lb, &self.pb);
+        match e {
+            Event::LayerStart { layer, .. } => lb.set_message(format!("layer {layer}")),
+            Event::Pass {
+                layer,
+                what,
+                done,
+                total,
+            } => {
+                pb.set_length(*total as u64);
+                pb.set_position(*done as u64);
+                pb.set_prefix(format!("L{layer}"));
+                pb.set_message(*what);
+            }
+            Event::Module(m) => {
+                let e = m
+                    .rel_error
+                    .map_or(String::new(), |e| format!(" err {e:.4}"));
+                pb.set_message(format!("{}{e}", m.name.rsplit('.').next().unwrap_or("")));
+            }
+            Event::LayerDone(_) => lb.inc(1),
+            _ => {}
         }
-        Event::Module(m) => {
-            let e = m
-                .rel_error
-                .map_or(String::new(), |e| format!(" err {e:.4}"));
-            pb.set_message(format!("{}{e}", m.name.rsplit('.').next().unwrap_or("")));
-        }
-        Event::LayerDone(_) => lb.inc(1),
-        _ => {}
-    };
-    let report = quantize_model(&mut model, &windows, &opts, &mut on_event)?;
-    pb.finish_and_clear();
-    lb.finish_and_clear();
-    // Summary / report.
+    }
+
+    fn finish(&self) {
+        self.pb.finish_and_clear();
+        self.lb.finish_and_clear();
+    }
+}
+
+/// The summary object of a standard-pipeline run (saved as `lowbit-report.json`).
+fn run_summary(
+    args: &Args,
+    setup: &Setup,
+    sources: &[Value],
+    samples: usize,
+    report: &lowbit_model::quantize::PipelineReport,
+    load_secs: f64,
+) -> Value {
     let layers: Vec<Value> = report
         .layers
         .iter()
@@ -527,53 +717,26 @@ pub fn quantize_to_folder(args: &Args, quiet: bool) -> Result<RunOutput> {
         .iter()
         .filter_map(|l| l.mean_rel_error)
         .collect();
-    let mut summary = json!({
+    json!({
         "command": "quantize",
         "model": args.model,
-        "method": method.name(),
+        "method": setup.method.name(),
         "scheme": args.scheme,
-        "activations": act.map(|a| format!("{a:?}")),
+        "activations": setup.act.map(|a| format!("{a:?}")),
         "calibration": {
-            "files": sources, "samples": windows.len(), "seqlen": args.seqlen, "seed": args.seed,
+            "files": sources, "samples": samples, "seqlen": args.seqlen, "seed": args.seed,
             "tokens": report.calib_tokens,
         },
         "options": {
             "act_order": args.act_order, "damp": args.damp, "clip": args.clip,
             "true_sequential": !args.layer_sequential, "alpha": args.alpha,
         },
-        "recipe": recipe.to_json(),
+        "recipe": setup.recipe.to_json(),
         "mean_rel_error": if errs.is_empty() { Value::Null } else { json!(errs.iter().sum::<f64>() / errs.len() as f64) },
         "layers": layers,
         "timings": { "load_secs": load_secs, "quantize_secs": report.secs },
         "threads": rayon::current_num_threads(),
-    });
-    // Write the checkpoint.
-    let t_write = Instant::now();
-    let mut extra = src.tokenizer_files.clone();
-    extra.push((
-        "lowbit-recipe.json".into(),
-        serde_json::to_vec_pretty(&recipe.to_json())?,
-    ));
-    let mut ck = model_to_checkpoint(
-        &model,
-        &ModelToCheckpoint {
-            input_activations: act,
-            extra_files: extra,
-        },
-    )?;
-    summary["timings"]["total_secs_before_write"] = json!(t_all.elapsed().as_secs_f64());
-    summary["peak_rss_mib"] = json!(peak_rss_mib());
-    ck.extra_files.push((
-        "lowbit-report.json".into(),
-        serde_json::to_vec_pretty(&summary)?,
-    ));
-    ct::write_checkpoint(&args.out, &ck, &WriteOptions::default())
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    summary["timings"]["write_secs"] = json!(t_write.elapsed().as_secs_f64());
-    summary["timings"]["total_secs"] = json!(t_all.elapsed().as_secs_f64());
-    summary["out"] = json!(args.out);
-    summary["peak_rss_mib"] = json!(peak_rss_mib());
-    Ok(RunOutput { model, summary })
+    })
 }
 
 /// Print the per-layer table of a run.
@@ -635,10 +798,14 @@ pub fn print_table(summary: &Value) {
 
 /// Run the command.
 pub fn run(args: Args) -> Result<()> {
-    let out = quantize_to_folder(&args, false)?;
-    print_table(&out.summary);
+    let summary = if can_stream(&args) {
+        quantize_streamed(&args, false)?
+    } else {
+        quantize_to_folder(&args, false)?.summary
+    };
+    print_table(&summary);
     if args.json {
-        let mut s = out.summary.clone();
+        let mut s = summary.clone();
         // Keep the JSON line compact: per-module details stay in lowbit-report.json.
         if let Some(ls) = s["layers"].as_array_mut() {
             for l in ls {

@@ -45,43 +45,8 @@ pub fn build_model(config: ModelConfig, src: &mut dyn TensorSource) -> Result<Mo
         "model.embed_tokens.weight",
     )?;
     let mut layers = Vec::with_capacity(c.n_layers);
-    let shapes = [
-        (c.q_dim(), h),
-        (c.kv_dim(), h),
-        (c.kv_dim(), h),
-        (h, c.q_dim()),
-        (c.intermediate_size, h),
-        (c.intermediate_size, h),
-        (h, c.intermediate_size),
-    ];
     for i in 0..c.n_layers {
-        let p = format!("model.layers.{i}");
-        let mut lin = Vec::with_capacity(7);
-        for (n, (o, k)) in LAYER_LINEARS.iter().zip(shapes) {
-            let name = format!("{p}.{n}");
-            lin.push(require(
-                src.get_linear(&name, o, k)?,
-                &format!("{name}.weight"),
-            )?);
-        }
-        let mut it = lin.into_iter();
-        let mut next = || it.next().expect("seven linears");
-        let attn_norm_name = format!("{p}.input_layernorm.weight");
-        let mlp_norm_name = match c.gemma3() {
-            Some(_) => format!("{p}.{}.weight", crate::gemma::GEMMA_MLP_NORM),
-            None => format!("{p}.post_attention_layernorm.weight"),
-        };
-        layers.push(Layer {
-            attn_norm: require(src.get_f32(&attn_norm_name)?, &attn_norm_name)?,
-            q_proj: next(),
-            k_proj: next(),
-            v_proj: next(),
-            o_proj: next(),
-            mlp_norm: require(src.get_f32(&mlp_norm_name)?, &mlp_norm_name)?,
-            gate_proj: next(),
-            up_proj: next(),
-            down_proj: next(),
-        });
+        layers.push(build_layer(c, src, i)?);
     }
     let norm = require(src.get_f32("model.norm.weight")?, "model.norm.weight")?;
     let lm_head = if c.tie_embeddings {
@@ -101,6 +66,66 @@ pub fn build_model(config: ModelConfig, src: &mut dyn TensorSource) -> Result<Mo
         model.set_gemma_layers(g)?;
     }
     Ok(model)
+}
+
+/// Read decoder layer `i` (its two norms and seven linears) from `src`. Only this layer's
+/// tensors are requested, so a lazy source (a memory-mapped GGUF or safetensors file)
+/// dequantizes one layer at a time: what the streaming quantization pipeline relies on.
+pub fn build_layer(config: &ModelConfig, src: &mut dyn TensorSource, i: usize) -> Result<Layer> {
+    let c = config;
+    let h = c.hidden_size;
+    if i >= c.n_layers {
+        return Err(Error::Shape(format!(
+            "layer {i} requested, the model has {}",
+            c.n_layers
+        )));
+    }
+    let shapes = [
+        (c.q_dim(), h),
+        (c.kv_dim(), h),
+        (c.kv_dim(), h),
+        (h, c.q_dim()),
+        (c.intermediate_size, h),
+        (c.intermediate_size, h),
+        (h, c.intermediate_size),
+    ];
+    let p = format!("model.layers.{i}");
+    let mut lin = Vec::with_capacity(7);
+    for (n, (o, k)) in LAYER_LINEARS.iter().zip(shapes) {
+        let name = format!("{p}.{n}");
+        lin.push(require(
+            src.get_linear(&name, o, k)?,
+            &format!("{name}.weight"),
+        )?);
+    }
+    let mut it = lin.into_iter();
+    let mut next = || it.next().expect("seven linears");
+    let attn_norm_name = format!("{p}.input_layernorm.weight");
+    let mlp_norm_name = match c.gemma3() {
+        Some(_) => format!("{p}.{}.weight", crate::gemma::GEMMA_MLP_NORM),
+        None => format!("{p}.post_attention_layernorm.weight"),
+    };
+    let attn_norm = require(src.get_f32(&attn_norm_name)?, &attn_norm_name)?;
+    let mlp_norm = require(src.get_f32(&mlp_norm_name)?, &mlp_norm_name)?;
+    for (what, v) in [(&attn_norm_name, &attn_norm), (&mlp_norm_name, &mlp_norm)] {
+        if v.len() != h {
+            return Err(Error::Shape(format!(
+                "{what} has {} values, expected {h}",
+                v.len()
+            )));
+        }
+    }
+    Ok(Layer {
+        attn_norm,
+        q_proj: next(),
+        k_proj: next(),
+        v_proj: next(),
+        o_proj: next(),
+        mlp_norm,
+        gate_proj: next(),
+        up_proj: next(),
+        down_proj: next(),
+    })
 }
 
 /// A deterministic random model of shape `config` (weights ~ U(-a, a) with `a = 1/sqrt(in)`,

@@ -13,7 +13,7 @@ pub mod writer;
 
 pub use config::{ActivationQuant, CtFormat};
 pub use reader::{read_checkpoint, read_config};
-pub use writer::{write_checkpoint, WriteOptions};
+pub use writer::{write_checkpoint, StreamingWriter, WriteOptions};
 
 use lowbit_numerics::QuantizedTensor;
 use serde_json::Value;

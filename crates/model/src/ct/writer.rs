@@ -300,15 +300,59 @@ pub fn encode_module(
 /// Group quantized modules by (scheme, act-order) into compressed-tensors config groups.
 /// Returns the `quantization_config` value and the lowbit sidecar (exact schemes per group).
 pub fn build_quantization_config(ck: &Checkpoint) -> (Value, Value) {
+    let modules: Vec<ModuleEntry> = ck
+        .quantized
+        .iter()
+        .map(|(n, q)| ModuleEntry::of(n, q))
+        .collect();
+    quantization_config_of(&modules, &ck.ignore, ck.input_activations)
+}
+
+/// What the `quantization_config` needs to know of one quantized module (so that a streaming
+/// writer need not keep the tensors).
+#[derive(Debug, Clone)]
+pub struct ModuleEntry {
+    /// Module name.
+    pub name: String,
+    /// Its scheme.
+    pub scheme: Scheme,
+    /// Whether it stores a `g_idx` (GPTQ group act-order).
+    pub actorder: bool,
+    /// `rows * cols`.
+    pub numel: usize,
+    /// Bytes of codes and metadata.
+    pub storage_bytes: usize,
+}
+
+impl ModuleEntry {
+    /// The entry of module `name` quantized as `q`.
+    pub fn of(name: &str, q: &QuantizedTensor) -> Self {
+        ModuleEntry {
+            name: name.to_string(),
+            scheme: q.scheme,
+            actorder: q.g_idx.is_some(),
+            numel: q.rows * q.cols,
+            storage_bytes: q.storage_bytes(),
+        }
+    }
+}
+
+/// [`build_quantization_config`] from module entries (in checkpoint order), the ignore list and
+/// the activation quantization.
+pub fn quantization_config_of(
+    modules: &[ModuleEntry],
+    ignore: &[String],
+    input_activations: Option<super::ActivationQuant>,
+) -> (Value, Value) {
     let mut groups: Vec<(Scheme, bool, Vec<String>)> = Vec::new();
-    for (name, q) in &ck.quantized {
-        let act = q.g_idx.is_some();
+    for m in modules {
+        let (name, act) = (&m.name, m.actorder);
         match groups
             .iter_mut()
-            .find(|(s, a, _)| *s == q.scheme && *a == act)
+            .find(|(s, a, _)| *s == m.scheme && *a == act)
         {
             Some(g) => g.2.push(name.clone()),
-            None => groups.push((q.scheme, act, vec![name.clone()])),
+            None => groups.push((m.scheme, act, vec![name.clone()])),
         }
     }
     let mut cg = Map::new();
@@ -321,11 +365,11 @@ pub fn build_quantization_config(ck: &Checkpoint) -> (Value, Value) {
         let mut g = json!({
             "targets": targets,
             "weights": weights_args(s, *act),
-            "input_activations": ck.input_activations.map(|a| a.args()),
+            "input_activations": input_activations.map(|a| a.args()),
             "output_activations": null,
             "format": fmt.name(),
         });
-        if ck.input_activations.is_none() {
+        if input_activations.is_none() {
             g["input_activations"] = Value::Null;
         }
         cg.insert(gname.clone(), g);
@@ -340,8 +384,8 @@ pub fn build_quantization_config(ck: &Checkpoint) -> (Value, Value) {
     } else {
         "mixed-precision"
     };
-    let total: usize = ck.quantized.iter().map(|(_, q)| q.rows * q.cols).sum();
-    let bytes: usize = ck.quantized.iter().map(|(_, q)| q.storage_bytes()).sum();
+    let total: usize = modules.iter().map(|m| m.numel).sum();
+    let bytes: usize = modules.iter().map(|m| m.storage_bytes).sum();
     let ratio = if bytes > 0 {
         (total * 2) as f64 / bytes as f64
     } else {
@@ -351,7 +395,7 @@ pub fn build_quantization_config(ck: &Checkpoint) -> (Value, Value) {
         "quant_method": "compressed-tensors",
         "format": top_format,
         "config_groups": Value::Object(cg),
-        "ignore": ck.ignore,
+        "ignore": ignore,
         "kv_cache_scheme": null,
         "quantization_status": "compressed",
         "global_compression_ratio": ratio,
@@ -377,6 +421,18 @@ fn is_replaceable(dir: &Path) -> bool {
 /// (`.{name}.partial-{pid}`) which is renamed to `out` only after the last file is closed, so an
 /// interrupted run never leaves a folder that looks complete.
 pub fn write_checkpoint(out: &Path, ck: &Checkpoint, opts: &WriteOptions) -> Result<()> {
+    let tmp = begin_tmp(out, opts)?;
+    let r = write_into(&tmp, ck, opts);
+    if let Err(e) = r {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    commit_tmp(&tmp, out)
+}
+
+/// Check that `out` may be (re)placed and create the empty temporary sibling folder
+/// (`.{name}.partial-{pid}`) the files are written into.
+fn begin_tmp(out: &Path, opts: &WriteOptions) -> Result<PathBuf> {
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -398,15 +454,15 @@ pub fn write_checkpoint(out: &Path, ck: &Checkpoint, opts: &WriteOptions) -> Res
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let r = write_into(&tmp, ck, opts);
-    if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    Ok(tmp)
+}
+
+/// Move the finished temporary folder into place.
+fn commit_tmp(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
     }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
     Ok(())
 }
 
@@ -470,19 +526,35 @@ fn write_into(dir: &Path, ck: &Checkpoint, opts: &WriteOptions) -> Result<()> {
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
         write_json(&dir.join("model.safetensors.index.json"), &index)?;
     }
-    // config.json
-    let (qc, sidecar) = build_quantization_config(ck);
-    let mut cfg = match &ck.hf_config {
+    write_metadata(
+        dir,
+        &ck.hf_config,
+        build_quantization_config(ck),
+        !ck.quantized.is_empty(),
+        &ck.extra_files,
+    )
+}
+
+/// `config.json` (the model config plus the `quantization_config` when anything is quantized),
+/// the lowbit sidecar, and the extra files.
+fn write_metadata(
+    dir: &Path,
+    hf_config: &Value,
+    (qc, sidecar): (Value, Value),
+    any_quantized: bool,
+    extra_files: &[(String, Vec<u8>)],
+) -> Result<()> {
+    let mut cfg = match hf_config {
         Value::Object(m) => Value::Object(m.clone()),
         Value::Null => json!({}),
         _ => return Err(bad(dir, "the model config must be a JSON object")),
     };
-    if !ck.quantized.is_empty() {
+    if any_quantized {
         cfg["quantization_config"] = qc;
     }
     write_json(&dir.join("config.json"), &cfg)?;
     write_json(&dir.join(SCHEMES_FILE), &sidecar)?;
-    for (name, bytes) in &ck.extra_files {
+    for (name, bytes) in extra_files {
         let p = dir.join(name);
         std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
     }
@@ -492,4 +564,221 @@ fn write_into(dir: &Path, ck: &Checkpoint, opts: &WriteOptions) -> Result<()> {
 fn write_json(path: &Path, v: &Value) -> Result<()> {
     let s = serde_json::to_string_pretty(v).expect("serializable");
     std::fs::write(path, s).map_err(|e| Error::io(path, e))
+}
+
+/// Tensor data waiting in a [`StreamingWriter`]: f32 values (written without a byte copy) or
+/// encoded bytes.
+#[derive(Debug)]
+enum Pending {
+    F32(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        match self {
+            Pending::F32(v) => v.len() * 4,
+            Pending::Bytes(b) => b.len(),
+        }
+    }
+
+    /// Little-endian bytes, borrowed where the platform allows.
+    fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Pending::Bytes(b) => std::borrow::Cow::Borrowed(b),
+            Pending::F32(v) if cfg!(target_endian = "little") => {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice(v))
+            }
+            Pending::F32(v) => {
+                std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+        }
+    }
+}
+
+/// A compressed-tensors folder written piece by piece, for the streaming quantization
+/// pipeline: tensors are added as they become final and written out as safetensors shards
+/// ([`Self::flush`]), so only the tensors of the current shard are in memory. The folder is
+/// built in a temporary sibling (as [`write_checkpoint`] does) and renamed into place by
+/// [`Self::finish`]; dropping an unfinished writer removes it. The result is the same checkpoint
+/// [`write_checkpoint`] writes for the same tensors (same `config.json`, same tensor bytes),
+/// sharded as `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json` (one
+/// `model.safetensors` when everything fit one shard).
+#[derive(Debug)]
+pub struct StreamingWriter {
+    out: PathBuf,
+    tmp: PathBuf,
+    pending: Vec<(String, Dtype, Vec<usize>, Pending)>,
+    pending_bytes: usize,
+    /// Temporary file name of each written shard.
+    shards: Vec<String>,
+    /// Tensor name -> shard index.
+    weight_map: BTreeMap<String, usize>,
+    total: usize,
+    modules: Vec<ModuleEntry>,
+    finished: bool,
+}
+
+impl StreamingWriter {
+    /// Start writing the folder `out` (checked and replaced as by [`write_checkpoint`]).
+    pub fn create(out: &Path, opts: &WriteOptions) -> Result<Self> {
+        let tmp = begin_tmp(out, opts)?;
+        Ok(StreamingWriter {
+            out: out.to_path_buf(),
+            tmp,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            shards: Vec::new(),
+            weight_map: BTreeMap::new(),
+            total: 0,
+            modules: Vec::new(),
+            finished: false,
+        })
+    }
+
+    fn push(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, data: Pending) -> Result<()> {
+        if self.weight_map.contains_key(&name) || self.pending.iter().any(|p| p.0 == name) {
+            return Err(bad(&self.tmp, format!("tensor {name} written twice")));
+        }
+        self.pending_bytes += data.len();
+        self.pending.push((name, dtype, shape, data));
+        Ok(())
+    }
+
+    /// Add an unquantized f32 tensor (taken by value: it is written from this buffer).
+    pub fn add_dense(&mut self, name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<()> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(bad(
+                &self.tmp,
+                format!("{name}: shape {shape:?} but {} values", data.len()),
+            ));
+        }
+        self.push(name.to_string(), Dtype::F32, shape, Pending::F32(data))
+    }
+
+    /// Add a quantized module (its tensors in the format [`format_for`] its scheme); modules
+    /// form the `quantization_config` groups in the order they are added.
+    pub fn add_quantized(&mut self, name: &str, q: &QuantizedTensor) -> Result<()> {
+        let fmt = format_for(&q.scheme);
+        for (suffix, t) in encode_module(name, q, fmt).map_err(|e| bad(&self.tmp, e))? {
+            self.push(
+                format!("{name}.{suffix}"),
+                t.dtype,
+                t.shape,
+                Pending::Bytes(t.data),
+            )?;
+        }
+        self.modules.push(ModuleEntry::of(name, q));
+        Ok(())
+    }
+
+    /// Bytes of tensor data added since the last [`Self::flush`].
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    /// Shards written so far.
+    pub fn shards_written(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Write the pending tensors as one shard and free them (nothing when none are pending).
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let k = self.shards.len();
+        let file = format!("shard-{k:05}.safetensors.partial");
+        let bytes: Vec<std::borrow::Cow<'_, [u8]>> = pending.iter().map(|p| p.3.bytes()).collect();
+        let mut views = Vec::with_capacity(pending.len());
+        for ((name, dtype, shape, _), b) in pending.iter().zip(&bytes) {
+            let v = TensorView::new(*dtype, shape.clone(), b)
+                .map_err(|e| bad(&self.tmp, format!("{name}: {e}")))?;
+            views.push((name.clone(), v));
+            self.total += b.len();
+        }
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let path = self.tmp.join(&file);
+        safetensors::tensor::serialize_to_file(views, Some(meta), &path)
+            .map_err(|e| bad(&path, e.to_string()))?;
+        drop(bytes);
+        // Flush the shard to disk now: written-back pages are clean page cache the kernel can
+        // reclaim at once, so a memory-limited run (a cgroup) is not charged for dirty pages of
+        // every shard written so far.
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&path, e))?;
+        for (name, ..) in &pending {
+            self.weight_map.insert(name.clone(), k);
+        }
+        self.shards.push(file);
+        Ok(())
+    }
+
+    /// Write the last shard, name the shards `model-0000i-of-0000N.safetensors` (or
+    /// `model.safetensors` when there is one) with their index, write `config.json` (the model
+    /// config plus the `quantization_config` of the added modules, `ignore` and
+    /// `input_activations`), the sidecar and the extra files, and move the folder into place.
+    pub fn finish(
+        mut self,
+        hf_config: &Value,
+        ignore: &[String],
+        input_activations: Option<super::ActivationQuant>,
+        extra_files: &[(String, Vec<u8>)],
+    ) -> Result<()> {
+        self.flush()?;
+        let n = self.shards.len().max(1);
+        if self.shards.is_empty() {
+            // No tensors at all: an empty safetensors file keeps the folder loadable.
+            let path = self.tmp.join("model.safetensors");
+            let none: Vec<(String, TensorView<'_>)> = Vec::new();
+            safetensors::tensor::serialize_to_file(none, None, &path)
+                .map_err(|e| bad(&path, e.to_string()))?;
+        }
+        let names: Vec<String> = (0..self.shards.len())
+            .map(|k| {
+                if n == 1 {
+                    "model.safetensors".to_string()
+                } else {
+                    format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+                }
+            })
+            .collect();
+        for (from, to) in self.shards.iter().zip(&names) {
+            let (a, b) = (self.tmp.join(from), self.tmp.join(to));
+            std::fs::rename(&a, &b).map_err(|e| Error::io(&b, e))?;
+        }
+        if n > 1 {
+            let weight_map: BTreeMap<&String, &String> = self
+                .weight_map
+                .iter()
+                .map(|(t, &k)| (t, &names[k]))
+                .collect();
+            let index =
+                json!({ "metadata": { "total_size": self.total }, "weight_map": weight_map });
+            write_json(&self.tmp.join("model.safetensors.index.json"), &index)?;
+        }
+        write_metadata(
+            &self.tmp,
+            hf_config,
+            quantization_config_of(&self.modules, ignore, input_activations),
+            !self.modules.is_empty(),
+            extra_files,
+        )?;
+        commit_tmp(&self.tmp, &self.out)?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for StreamingWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
 }

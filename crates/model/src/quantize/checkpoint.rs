@@ -4,7 +4,7 @@ use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::ct::{self, ActivationQuant, Checkpoint};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
-use crate::llama::Model;
+use crate::llama::{Layer, Model};
 use crate::weights::{build_model, TensorSource};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -209,4 +209,128 @@ pub fn checkpoint_to_model(ck: Checkpoint) -> Result<Model> {
         act: ck.input_activations,
     };
     build_model(config, &mut src)
+}
+
+/// A [`super::pipeline::LayerSink`] that writes the compressed-tensors folder while
+/// [`super::quantize_streaming`] runs: the embedding goes to a shard of its own as soon as the
+/// calibration windows are embedded, each quantized layer is encoded and dropped, and a shard is
+/// closed whenever `flush_bytes` of tensors are waiting. [`Self::finish`] writes the rest.
+/// The folder holds the same tensors and `config.json` as [`model_to_checkpoint`] +
+/// [`ct::write_checkpoint`] of the in-memory pipeline's model.
+#[derive(Debug)]
+pub struct CheckpointSink {
+    writer: ct::StreamingWriter,
+    ignore: Vec<String>,
+    flush_bytes: usize,
+    input_activations: Option<ActivationQuant>,
+}
+
+impl CheckpointSink {
+    /// Write through `writer`, closing a shard once `flush_bytes` are waiting; `input_activations`
+    /// as in [`ModelToCheckpoint`].
+    pub fn new(
+        writer: ct::StreamingWriter,
+        flush_bytes: usize,
+        input_activations: Option<ActivationQuant>,
+    ) -> Self {
+        CheckpointSink {
+            writer,
+            ignore: Vec::new(),
+            flush_bytes: flush_bytes.max(1),
+            input_activations,
+        }
+    }
+
+    /// Shards written so far.
+    pub fn shards_written(&self) -> usize {
+        self.writer.shards_written()
+    }
+
+    fn add_linear(&mut self, name: &str, lin: &Linear) -> Result<()> {
+        match lin.quantized() {
+            Some(q) => self.writer.add_quantized(name, q)?,
+            None => {
+                self.writer.add_dense(
+                    &format!("{name}.weight"),
+                    vec![lin.out, lin.inp],
+                    lin.weight_f32().to_vec(),
+                )?;
+                self.ignore.push(name.to_string());
+            }
+        }
+        if let Some(b) = &lin.bias {
+            self.writer
+                .add_dense(&format!("{name}.bias"), vec![b.len()], b.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Write the last shard, `config.json` (from `config`), the sidecar and `extra_files`, and
+    /// move the folder into place.
+    pub fn finish(mut self, config: &ModelConfig, extra_files: &[(String, Vec<u8>)]) -> Result<()> {
+        if config.tie_embeddings && !self.ignore.iter().any(|n| n == "lm_head") {
+            self.ignore.push("lm_head".into());
+        }
+        self.writer.finish(
+            &hf_config_json(config)?,
+            &self.ignore,
+            self.input_activations,
+            extra_files,
+        )
+    }
+}
+
+impl super::pipeline::LayerSink for CheckpointSink {
+    fn embedding(&mut self, c: &ModelConfig, embed: Vec<f32>) -> Result<()> {
+        self.writer.add_dense(
+            "model.embed_tokens.weight",
+            vec![c.vocab_size, c.hidden_size],
+            embed,
+        )?;
+        self.writer.flush()
+    }
+
+    fn layer(&mut self, c: &ModelConfig, li: usize, layer: Layer) -> Result<()> {
+        let p = format!("model.layers.{li}");
+        for name in crate::llama::LAYER_LINEARS {
+            let lin = layer.linear(name).expect("layer linear");
+            self.add_linear(&format!("{p}.{name}"), lin)?;
+        }
+        let Layer {
+            attn_norm,
+            mlp_norm,
+            ..
+        } = layer;
+        let h = c.hidden_size;
+        self.writer
+            .add_dense(&format!("{p}.input_layernorm.weight"), vec![h], attn_norm)?;
+        self.writer.add_dense(
+            &format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            mlp_norm,
+        )?;
+        if self.writer.pending_bytes() >= self.flush_bytes {
+            self.writer.flush()?;
+        }
+        Ok(())
+    }
+
+    fn head(
+        &mut self,
+        c: &ModelConfig,
+        norm: Vec<f32>,
+        lm_head: Option<super::pipeline::DenseHead>,
+    ) -> Result<()> {
+        self.writer
+            .add_dense("model.norm.weight", vec![c.hidden_size], norm)?;
+        if let Some((w, b)) = lm_head {
+            self.writer
+                .add_dense("lm_head.weight", vec![c.vocab_size, c.hidden_size], w)?;
+            self.ignore.push("lm_head".into());
+            if let Some(b) = b {
+                self.writer.add_dense("lm_head.bias", vec![b.len()], b)?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -9,9 +9,10 @@ pub mod recipe;
 pub mod sha256;
 
 pub use calib::{read_calibration_files, sample_windows, CalibConfig, CalibSource};
-pub use checkpoint::{load_ct_model, model_to_checkpoint, ModelToCheckpoint};
+pub use checkpoint::{load_ct_model, model_to_checkpoint, CheckpointSink, ModelToCheckpoint};
 pub use pipeline::{
-    quantize_model, Event, LayerReport, Method, ModuleReport, PipelineOptions, PipelineReport,
+    quantize_model, quantize_streaming, Event, LayerReport, LayerSink, Method, ModuleReport,
+    PipelineOptions, PipelineReport,
 };
 pub use recipe::Recipe;
 

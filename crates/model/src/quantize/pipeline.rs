@@ -19,11 +19,13 @@
 use super::act_quant_fn;
 use super::parse_scheme;
 use super::recipe::Recipe;
+use crate::config::ModelConfig;
 use crate::ct::ActivationQuant;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
-use crate::llama::{rms_norm, silu, Model};
+use crate::llama::{rms_norm, silu, Layer, Model};
 use crate::rope::Rope;
+use crate::weights::{build_layer, TensorSource};
 use lowbit_calibration::sensitivity::relative_output_error_h;
 use lowbit_calibration::{
     awq, gptq_prepared, hqq, prepare_hessian, rtn, smoothquant_scales, ActOrder, AwqConfig,
@@ -315,7 +317,8 @@ fn par_add(acc: &mut [f32], x: &[f32]) {
 /// statistics of the keys present in `stats`.
 #[allow(clippy::too_many_arguments)]
 fn run_steps(
-    model: &Model,
+    c: &ModelConfig,
+    layer: &Layer,
     rope: &Rope,
     li: usize,
     deq: &Deq,
@@ -326,7 +329,7 @@ fn run_steps(
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<()> {
     let t = Instant::now();
-    let r = run_steps_inner(model, rope, li, deq, acts, steps, stats, what, on_event);
+    let r = run_steps_inner(c, layer, rope, li, deq, acts, steps, stats, what, on_event);
     PASS_SECS.with(|p| p.set(p.get() + t.elapsed().as_secs_f64()));
     r
 }
@@ -339,7 +342,8 @@ thread_local! {
 
 #[allow(clippy::too_many_arguments)]
 fn run_steps_inner(
-    model: &Model,
+    c: &ModelConfig,
+    layer: &Layer,
     rope: &Rope,
     li: usize,
     deq: &Deq,
@@ -349,8 +353,6 @@ fn run_steps_inner(
     what: &'static str,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<()> {
-    let c = &model.config;
-    let layer = &model.layers[li];
     let (h, qd, kvd, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let l = acts.seqlen;
     let eff = |name: &'static str| -> (&Linear, &[f32]) {
@@ -393,7 +395,7 @@ fn run_steps_inner(
                         .try_for_each(|((a, q), (k, v))| -> Result<()> {
                             rope.apply(q, l, c.n_heads, 0);
                             rope.apply(k, l, c.n_kv_heads, 0);
-                            let mut cache = model.new_cache("f32")?;
+                            let mut cache = attn_cache(c)?;
                             cache.append(li, k, v, l)?;
                             cache.attend(li, q, l, c.n_heads, scale, a)?;
                             Ok(())
@@ -452,19 +454,8 @@ fn run_steps_inner(
     Ok(())
 }
 
-/// Quantize `model` in place with calibration windows `samples` (token ids). Returns the
-/// per-layer report; the quantized linears carry their [`QuantizedTensor`]s (and the per-token
-/// activation quantizer for W8A8 schemes).
-///
-/// With [`Method::Rtn`] or [`Method::Hqq`] and no samples, no calibration passes run and errors
-/// are not reported.
-pub fn quantize_model(
-    model: &mut Model,
-    samples: &[Vec<u32>],
-    opts: &PipelineOptions,
-    on_event: &mut dyn FnMut(&Event),
-) -> Result<PipelineReport> {
-    let t0 = Instant::now();
+/// Check the calibration windows and allocate the activation buffers for them.
+fn prepare_acts(c: &ModelConfig, samples: &[Vec<u32>], opts: &PipelineOptions) -> Result<Acts> {
     opts.recipe.validate()?;
     let needs_calib = opts.method != Method::Rtn && opts.method != Method::Hqq;
     if needs_calib && samples.is_empty() {
@@ -473,202 +464,366 @@ pub fn quantize_model(
             opts.method.name()
         )));
     }
-    let use_calib = !samples.is_empty();
-    let c = model.config.clone();
-    let n_layers = c.n_layers;
-    let h = c.hidden_size;
     let seqlen = samples.first().map_or(0, |s| s.len());
     if samples.iter().any(|s| s.len() != seqlen || s.is_empty()) {
         return Err(Error::Quantize(
             "calibration windows must be non-empty and of equal length".into(),
         ));
     }
-    let ns = samples.len();
-    let tokens = ns * seqlen;
-    let mut acts = Acts::new(&c, ns, seqlen);
+    Ok(Acts::new(c, samples.len(), seqlen))
+}
+
+/// Append the embedding rows of `tokens` (from the `[vocab][hidden]` table `embed`) to `out`.
+fn embed_rows(c: &ModelConfig, embed: &[f32], tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+    let h = c.hidden_size;
+    for &t in tokens {
+        let t = t as usize;
+        if t >= c.vocab_size {
+            return Err(Error::Shape(format!(
+                "token id {t} out of range (vocabulary {})",
+                c.vocab_size
+            )));
+        }
+        out.extend_from_slice(&embed[t * h..][..h]);
+    }
+    Ok(())
+}
+
+/// Quantize `model` in place with calibration windows `samples` (token ids). Returns the
+/// per-layer report; the quantized linears carry their [`QuantizedTensor`]s (and the per-token
+/// activation quantizer for W8A8 schemes).
+///
+/// With [`Method::Rtn`] or [`Method::Hqq`] and no samples, no calibration passes run and errors
+/// are not reported. [`quantize_streaming`] runs the same per-layer code on one layer at a time.
+pub fn quantize_model(
+    model: &mut Model,
+    samples: &[Vec<u32>],
+    opts: &PipelineOptions,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<PipelineReport> {
+    let t0 = Instant::now();
+    let c = model.config.clone();
+    let mut acts = prepare_acts(&c, samples, opts)?;
     for s in samples {
         acts.h.extend_from_slice(&model.embed(s)?);
     }
-    on_event(&Event::Embedded { samples: ns });
+    on_event(&Event::Embedded {
+        samples: samples.len(),
+    });
     let rope = Rope::new(&c);
-    let mut layers = Vec::with_capacity(n_layers);
-    for li in 0..n_layers {
-        let lt = Instant::now();
-        PASS_SECS.with(|p| p.set(0.0));
-        on_event(&Event::LayerStart {
-            layer: li,
-            n_layers,
-        });
-        // Which modules of this layer are quantized, with which scheme.
-        let mut plan: Plan = BTreeMap::new();
-        for (_, ms) in INPUTS {
-            for m in ms {
-                let full = format!("model.layers.{li}.{m}");
-                if let Some(sname) = opts.recipe.scheme_for(&full, Some(li), n_layers) {
-                    let (s, a) = parse_scheme(&sname)?;
-                    plan.insert(m, (sname, s, a));
-                }
-            }
-        }
-        let mut deq: Deq = BTreeMap::new();
-        let mut modules = Vec::new();
-        let new_stats = |keys: &[&'static str]| -> BTreeMap<&'static str, Stats> {
-            keys.iter()
-                .filter(|k| {
-                    INPUTS
-                        .iter()
-                        .find(|(kk, _)| kk == *k)
-                        .is_some_and(|(_, ms)| ms.iter().any(|m| plan.contains_key(m)))
-                })
-                .map(|&k| {
-                    let cols = match k {
-                        "down_in" => c.intermediate_size,
-                        "o_in" => c.q_dim(),
-                        _ => h,
-                    };
-                    (k, Stats::new(cols))
-                })
-                .collect()
-        };
-        if !use_calib {
-            // Calibration-free: quantize every planned linear; nothing to propagate.
-            let todo: Vec<&'static str> = INPUTS
-                .iter()
-                .flat_map(|(_, ms)| ms.iter().copied())
-                .filter(|m| plan.contains_key(m))
-                .collect();
-            let mut none = BTreeMap::new();
-            quantize_stage(
-                model,
-                li,
-                opts,
-                &plan,
-                &todo,
-                &mut none,
-                &mut deq,
-                on_event,
-                &mut modules,
-            )?;
-        } else if opts.method == Method::Awq || !opts.true_sequential {
-            // One capture pass with the layer's original weights feeds all seven linears, then
-            // one pass through the quantized layer. AWQ needs this order: its scales fold into
-            // producers (norms, up_proj rows) that must still be dense, down_proj first.
-            let mut stats = new_stats(&["attn_in", "o_in", "mlp_in", "down_in"]);
-            run_steps(
-                model,
-                &rope,
-                li,
-                &deq,
-                &mut acts,
-                &STEPS[..4],
-                &mut stats,
-                "capture",
-                on_event,
-            )?;
-            let todo: Vec<&'static str> = if opts.method == Method::Awq {
-                vec![
-                    "mlp.down_proj",
-                    "self_attn.q_proj",
-                    "self_attn.k_proj",
-                    "self_attn.v_proj",
-                    "self_attn.o_proj",
-                    "mlp.gate_proj",
-                    "mlp.up_proj",
-                ]
-            } else {
-                INPUTS
-                    .iter()
-                    .flat_map(|(_, ms)| ms.iter().copied())
-                    .collect()
-            };
-            let todo: Vec<&'static str> =
-                todo.into_iter().filter(|m| plan.contains_key(m)).collect();
-            quantize_stage(
-                model,
-                li,
-                opts,
-                &plan,
-                &todo,
-                &mut stats,
-                &mut deq,
-                on_event,
-                &mut modules,
-            )?;
-            drop(stats);
-            run_steps(
-                model,
-                &rope,
-                li,
-                &deq,
-                &mut acts,
-                &STEPS[1..],
-                &mut BTreeMap::new(),
-                "propagate",
-                on_event,
-            )?;
-        } else {
-            // True-sequential in one forward: each step's inputs come from the already
-            // quantized linears before it, which is also what the next layer must see.
-            for (si, (key, ms)) in INPUTS.iter().enumerate() {
-                let mut stats = new_stats(&[key]);
-                run_steps(
-                    model,
-                    &rope,
-                    li,
-                    &deq,
-                    &mut acts,
-                    &STEPS[si..si + 1],
-                    &mut stats,
-                    key,
-                    on_event,
-                )?;
-                let todo: Vec<&'static str> = ms
-                    .iter()
-                    .copied()
-                    .filter(|m| plan.contains_key(m))
-                    .collect();
-                quantize_stage(
-                    model,
-                    li,
-                    opts,
-                    &plan,
-                    &todo,
-                    &mut stats,
-                    &mut deq,
-                    on_event,
-                    &mut modules,
-                )?;
-            }
-            run_steps(
-                model,
-                &rope,
-                li,
-                &deq,
-                &mut acts,
-                &STEPS[4..],
-                &mut BTreeMap::new(),
-                "propagate",
-                on_event,
-            )?;
-        }
-        let errs: Vec<f64> = modules.iter().filter_map(|m| m.rel_error).collect();
-        let rep = LayerReport {
-            layer: li,
-            mean_rel_error: (!errs.is_empty())
-                .then(|| errs.iter().sum::<f64>() / errs.len() as f64),
-            modules,
-            secs: lt.elapsed().as_secs_f64(),
-            pass_secs: PASS_SECS.with(|p| p.get()),
-        };
-        on_event(&Event::LayerDone(rep.clone()));
-        layers.push(rep);
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for (li, layer) in model.layers.iter_mut().enumerate() {
+        layers.push(quantize_layer(
+            &c, &rope, layer, li, &mut acts, opts, on_event,
+        )?);
     }
     Ok(PipelineReport {
         method: opts.method.name().into(),
         layers,
-        calib_tokens: tokens,
+        calib_tokens: acts.ns * acts.seqlen,
         secs: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Where [`quantize_streaming`] hands each piece of the model once it is final. Each piece is
+/// passed by value: the sink writes it out and drops it, which is what keeps the pipeline's
+/// memory to one decoder layer.
+pub trait LayerSink {
+    /// The token embedding (`[vocab][hidden]` f32), before the first layer.
+    fn embedding(&mut self, config: &ModelConfig, embed: Vec<f32>) -> Result<()>;
+    /// Decoder layer `li`, its planned linears quantized.
+    fn layer(&mut self, config: &ModelConfig, li: usize, layer: Layer) -> Result<()>;
+    /// The final norm and the untied LM head (`None` when tied): its `[vocab][hidden]` f32
+    /// weight and optional bias, after the last layer.
+    fn head(
+        &mut self,
+        config: &ModelConfig,
+        norm: Vec<f32>,
+        lm_head: Option<DenseHead>,
+    ) -> Result<()>;
+}
+
+/// An unquantized LM head: `[vocab][hidden]` weight and optional bias.
+pub type DenseHead = (Vec<f32>, Option<Vec<f32>>);
+
+fn required<T>(v: Option<T>, name: &str) -> Result<T> {
+    v.ok_or_else(|| Error::MissingTensor(name.to_string()))
+}
+
+/// The streaming form of [`quantize_model`]: the weights come from `src` one decoder layer at
+/// a time (a [`TensorSource`] over a memory-mapped GGUF or safetensors file dequantizes only
+/// the tensors asked for), each layer is quantized by the same code as [`quantize_model`] and
+/// handed to `sink` as soon as it is done, so the f32 weights alive at any time are one
+/// layer's (plus the embedding while the calibration windows are embedded, and the final norm
+/// and untied head at the end). The calibration activations of the next layer are computed
+/// through the quantized layer, exactly as in memory: the quantized tensors are bit-identical.
+pub fn quantize_streaming(
+    config: &ModelConfig,
+    src: &mut dyn TensorSource,
+    samples: &[Vec<u32>],
+    opts: &PipelineOptions,
+    sink: &mut dyn LayerSink,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<PipelineReport> {
+    let t0 = Instant::now();
+    config.validate()?;
+    let c = config;
+    let mut acts = prepare_acts(c, samples, opts)?;
+    let embed = required(
+        src.get_f32("model.embed_tokens.weight")?,
+        "model.embed_tokens.weight",
+    )?;
+    if embed.len() != c.vocab_size * c.hidden_size {
+        return Err(Error::Shape(format!(
+            "embedding has {} values, expected {} x {}",
+            embed.len(),
+            c.vocab_size,
+            c.hidden_size
+        )));
+    }
+    for s in samples {
+        embed_rows(c, &embed, s, &mut acts.h)?;
+    }
+    sink.embedding(c, embed)?;
+    on_event(&Event::Embedded {
+        samples: samples.len(),
+    });
+    let rope = Rope::new(c);
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for li in 0..c.n_layers {
+        let mut layer = build_layer(c, src, li)?;
+        layers.push(quantize_layer(
+            c, &rope, &mut layer, li, &mut acts, opts, on_event,
+        )?);
+        sink.layer(c, li, layer)?;
+    }
+    drop(acts);
+    let norm = required(src.get_f32("model.norm.weight")?, "model.norm.weight")?;
+    if norm.len() != c.hidden_size {
+        return Err(Error::Shape(format!(
+            "final norm has {} values, expected {}",
+            norm.len(),
+            c.hidden_size
+        )));
+    }
+    let lm_head = if c.tie_embeddings {
+        None
+    } else {
+        let w = required(src.get_f32("lm_head.weight")?, "lm_head.weight")?;
+        if w.len() != c.vocab_size * c.hidden_size {
+            return Err(Error::Shape(format!(
+                "lm_head has {} values, expected {} x {}",
+                w.len(),
+                c.vocab_size,
+                c.hidden_size
+            )));
+        }
+        Some((w, src.get_f32("lm_head.bias")?))
+    };
+    sink.head(c, norm, lm_head)?;
+    Ok(PipelineReport {
+        method: opts.method.name().into(),
+        layers,
+        calib_tokens: samples.len() * samples.first().map_or(0, |s| s.len()),
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Quantize decoder layer `li` (`layer`) with the calibration activations `acts` (its input
+/// hidden states; on return, the quantized layer's outputs, i.e. the next layer's inputs).
+/// Without calibration windows (`acts.ns == 0`) every planned linear is rounded directly.
+#[allow(clippy::too_many_arguments)]
+fn quantize_layer(
+    c: &ModelConfig,
+    rope: &Rope,
+    layer: &mut Layer,
+    li: usize,
+    acts: &mut Acts,
+    opts: &PipelineOptions,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<LayerReport> {
+    let n_layers = c.n_layers;
+    let h = c.hidden_size;
+    let use_calib = acts.ns > 0;
+    let lt = Instant::now();
+    PASS_SECS.with(|p| p.set(0.0));
+    on_event(&Event::LayerStart {
+        layer: li,
+        n_layers,
+    });
+    // Which modules of this layer are quantized, with which scheme.
+    let mut plan: Plan = BTreeMap::new();
+    for (_, ms) in INPUTS {
+        for m in ms {
+            let full = format!("model.layers.{li}.{m}");
+            if let Some(sname) = opts.recipe.scheme_for(&full, Some(li), n_layers) {
+                let (s, a) = parse_scheme(&sname)?;
+                plan.insert(m, (sname, s, a));
+            }
+        }
+    }
+    let mut deq: Deq = BTreeMap::new();
+    let mut modules = Vec::new();
+    let new_stats = |keys: &[&'static str]| -> BTreeMap<&'static str, Stats> {
+        keys.iter()
+            .filter(|k| {
+                INPUTS
+                    .iter()
+                    .find(|(kk, _)| kk == *k)
+                    .is_some_and(|(_, ms)| ms.iter().any(|m| plan.contains_key(m)))
+            })
+            .map(|&k| {
+                let cols = match k {
+                    "down_in" => c.intermediate_size,
+                    "o_in" => c.q_dim(),
+                    _ => h,
+                };
+                (k, Stats::new(cols))
+            })
+            .collect()
+    };
+    if !use_calib {
+        // Calibration-free: quantize every planned linear; nothing to propagate.
+        let todo: Vec<&'static str> = INPUTS
+            .iter()
+            .flat_map(|(_, ms)| ms.iter().copied())
+            .filter(|m| plan.contains_key(m))
+            .collect();
+        let mut none = BTreeMap::new();
+        quantize_stage(
+            layer,
+            li,
+            opts,
+            &plan,
+            &todo,
+            &mut none,
+            &mut deq,
+            on_event,
+            &mut modules,
+        )?;
+    } else if opts.method == Method::Awq || !opts.true_sequential {
+        // One capture pass with the layer's original weights feeds all seven linears, then
+        // one pass through the quantized layer. AWQ needs this order: its scales fold into
+        // producers (norms, up_proj rows) that must still be dense, down_proj first.
+        let mut stats = new_stats(&["attn_in", "o_in", "mlp_in", "down_in"]);
+        run_steps(
+            c,
+            layer,
+            rope,
+            li,
+            &deq,
+            acts,
+            &STEPS[..4],
+            &mut stats,
+            "capture",
+            on_event,
+        )?;
+        let todo: Vec<&'static str> = if opts.method == Method::Awq {
+            vec![
+                "mlp.down_proj",
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+            ]
+        } else {
+            INPUTS
+                .iter()
+                .flat_map(|(_, ms)| ms.iter().copied())
+                .collect()
+        };
+        let todo: Vec<&'static str> = todo.into_iter().filter(|m| plan.contains_key(m)).collect();
+        quantize_stage(
+            layer,
+            li,
+            opts,
+            &plan,
+            &todo,
+            &mut stats,
+            &mut deq,
+            on_event,
+            &mut modules,
+        )?;
+        drop(stats);
+        run_steps(
+            c,
+            layer,
+            rope,
+            li,
+            &deq,
+            acts,
+            &STEPS[1..],
+            &mut BTreeMap::new(),
+            "propagate",
+            on_event,
+        )?;
+    } else {
+        // True-sequential in one forward: each step's inputs come from the already
+        // quantized linears before it, which is also what the next layer must see.
+        for (si, (key, ms)) in INPUTS.iter().enumerate() {
+            let mut stats = new_stats(&[key]);
+            run_steps(
+                c,
+                layer,
+                rope,
+                li,
+                &deq,
+                acts,
+                &STEPS[si..si + 1],
+                &mut stats,
+                key,
+                on_event,
+            )?;
+            let todo: Vec<&'static str> = ms
+                .iter()
+                .copied()
+                .filter(|m| plan.contains_key(m))
+                .collect();
+            quantize_stage(
+                layer,
+                li,
+                opts,
+                &plan,
+                &todo,
+                &mut stats,
+                &mut deq,
+                on_event,
+                &mut modules,
+            )?;
+        }
+        run_steps(
+            c,
+            layer,
+            rope,
+            li,
+            &deq,
+            acts,
+            &STEPS[4..],
+            &mut BTreeMap::new(),
+            "propagate",
+            on_event,
+        )?;
+    }
+    let errs: Vec<f64> = modules.iter().filter_map(|m| m.rel_error).collect();
+    let rep = LayerReport {
+        layer: li,
+        mean_rel_error: (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64),
+        modules,
+        secs: lt.elapsed().as_secs_f64(),
+        pass_secs: PASS_SECS.with(|p| p.get()),
+    };
+    on_event(&Event::LayerDone(rep.clone()));
+    Ok(rep)
+}
+
+/// A fresh f32 KV cache for the attention of one calibration window (what
+/// [`Model::new_cache`]`("f32")` builds, from the config alone).
+fn attn_cache(c: &ModelConfig) -> Result<Box<dyn lowbit_kv_cache::KvCache>> {
+    let mut cache = lowbit_kv_cache::build("f32", c.kv_shape())?;
+    cache.set_rope(&crate::rope::inv_freqs(c))?;
+    Ok(cache)
 }
 
 /// Quantize the modules `todo` of layer `li` (in that order) from the input statistics
@@ -676,7 +831,7 @@ pub fn quantize_model(
 /// Their dequantized weights go into `deq` for the calibration passes that follow.
 #[allow(clippy::too_many_arguments)]
 fn quantize_stage(
-    model: &mut Model,
+    layer: &mut Layer,
     li: usize,
     opts: &PipelineOptions,
     plan: &Plan,
@@ -696,7 +851,7 @@ fn quantize_stage(
         for &k in &keys {
             if k == "attn_in" || k == "mlp_in" {
                 if let Some(st) = stats.get_mut(k) {
-                    smooth_group(model, li, k, st, opts.smooth_alpha)?;
+                    smooth_group(layer, li, k, st, opts.smooth_alpha)?;
                 }
             }
         }
@@ -704,7 +859,7 @@ fn quantize_stage(
     for &k in &keys {
         if opts.method == Method::Awq && k != "o_in" {
             if let Some(st) = stats.get(k) {
-                for rep in awq_group(model, li, k, st, plan, todo, deq_out)? {
+                for rep in awq_group(layer, li, k, st, plan, todo, deq_out)? {
                     on_event(&Event::Module(rep.clone()));
                     modules.push(rep);
                 }
@@ -726,7 +881,7 @@ fn quantize_stage(
             let mt = Instant::now();
             let (sname, scheme, act) = plan[m].clone();
             let full = format!("model.layers.{li}.{m}");
-            let lin = model.linear_mut(&full).expect("layer linear");
+            let lin = layer.linear_mut(m).expect("layer linear");
             let (rows, cols) = (lin.out, lin.inp);
             let w = lin.weight_f32().to_vec();
             let (q, deq, loss, damp, dead): (
@@ -827,7 +982,7 @@ type Plan = BTreeMap<&'static str, (String, Scheme, Option<ActivationQuant>)>;
 
 /// The linears of `key` that the stage quantizes, their weights and the group's one scheme.
 fn group_weights(
-    model: &Model,
+    layer: &Layer,
     li: usize,
     key: &str,
     plan: &Plan,
@@ -850,7 +1005,6 @@ fn group_weights(
             )));
         }
     }
-    let layer = &model.layers[li];
     let ws: Vec<Vec<f32>> = names
         .iter()
         .map(|n| layer.linear(n).expect("linear").weight_f32().to_vec())
@@ -863,8 +1017,7 @@ fn group_weights(
 }
 
 /// Divide the producer of input `key` by `s` (norm weight, or `up_proj`'s rows for `down_in`).
-fn fold_into_producer(model: &mut Model, li: usize, key: &str, s: &[f32]) -> Result<()> {
-    let layer = &mut model.layers[li];
+fn fold_into_producer(layer: &mut Layer, li: usize, key: &str, s: &[f32]) -> Result<()> {
     match key {
         "attn_in" => lowbit_calibration::fold::divide_norm_weight(&mut layer.attn_norm, s)?,
         "mlp_in" => lowbit_calibration::fold::divide_norm_weight(&mut layer.mlp_norm, s)?,
@@ -894,7 +1047,7 @@ fn fold_into_producer(model: &mut Model, li: usize, key: &str, s: &[f32]) -> Res
 /// AWQ of the linears reading `key`: scale search + clipping (not for q/k), scales folded into
 /// the producer, scaled-space tensors installed.
 fn awq_group(
-    model: &mut Model,
+    layer: &mut Layer,
     li: usize,
     key: &str,
     st: &Stats,
@@ -903,7 +1056,7 @@ fn awq_group(
     deq_out: &mut Deq,
 ) -> Result<Vec<ModuleReport>> {
     let t = Instant::now();
-    let (names, ws, rows) = group_weights(model, li, key, plan, todo)?;
+    let (names, ws, rows) = group_weights(layer, li, key, plan, todo)?;
     if names.is_empty() {
         return Ok(Vec::new());
     }
@@ -919,12 +1072,12 @@ fn awq_group(
         .collect();
     let r = awq(&lws, st, &scheme, &clip, &AwqConfig::default())
         .map_err(|e| Error::Quantize(format!("layer {li} {key}: AWQ: {e}")))?;
-    fold_into_producer(model, li, key, &r.scales.scales)?;
+    fold_into_producer(layer, li, key, &r.scales.scales)?;
     let secs = t.elapsed().as_secs_f64() / names.len() as f64;
     let mut reps = Vec::new();
     for (n, l) in names.iter().zip(r.linears) {
         let full = format!("model.layers.{li}.{n}");
-        let lin = model.linear_mut(&full).expect("linear");
+        let lin = layer.linear_mut(n).expect("linear");
         let bpw = l.tensor.bits_per_weight();
         let deq = l.dequantized;
         deq_out.insert(n, deq.clone());
@@ -951,14 +1104,13 @@ fn awq_group(
 /// `post_attention_layernorm`): migration scales from the activation and weight maxima, the norm
 /// weight divided by `s`, the weights' columns multiplied by `s`, and the statistics rescaled to
 /// the smoothed inputs.
-fn smooth_group(model: &mut Model, li: usize, key: &str, st: &mut Stats, alpha: f32) -> Result<()> {
+fn smooth_group(layer: &mut Layer, li: usize, key: &str, st: &mut Stats, alpha: f32) -> Result<()> {
     let names: Vec<&'static str> = INPUTS
         .iter()
         .find(|(k, _)| *k == key)
         .expect("key")
         .1
         .to_vec();
-    let layer = &model.layers[li];
     let ws: Vec<Vec<f32>> = names
         .iter()
         .map(|n| layer.linear(n).expect("linear").weight_f32().to_vec())
@@ -973,10 +1125,10 @@ fn smooth_group(model: &mut Model, li: usize, key: &str, st: &mut Stats, alpha: 
         .map(|(w, &r)| LinearWeight { w, rows: r })
         .collect();
     let s = smoothquant_scales(&lws, &st.abs_max()?, &SqConfig { alpha })?;
-    fold_into_producer(model, li, key, &s)?;
+    fold_into_producer(layer, li, key, &s)?;
     let cols = s.len();
     for (n, mut w) in names.iter().zip(ws) {
-        let l = model.layers[li].linear_mut(n).expect("linear");
+        let l = layer.linear_mut(n).expect("linear");
         lowbit_calibration::fold::scale_columns(&mut w, l.out, cols, &s)?;
         l.set_dense(w)?;
     }
@@ -1043,7 +1195,8 @@ mod tests {
                 if one_by_one {
                     for st in STEPS {
                         run_steps(
-                            &m,
+                            &m.config,
+                            &m.layers[li],
                             &rope,
                             li,
                             &Deq::new(),
@@ -1057,7 +1210,8 @@ mod tests {
                     }
                 } else {
                     run_steps(
-                        &m,
+                        &m.config,
+                        &m.layers[li],
                         &rope,
                         li,
                         &Deq::new(),
@@ -1121,7 +1275,8 @@ mod tests {
             keys.iter().map(|&k| (k, Stats::new(cols(k)))).collect();
         let rope = Rope::new(&m.config);
         run_steps(
-            &m,
+            &m.config,
+            &m.layers[0],
             &rope,
             0,
             &Deq::new(),
