@@ -181,7 +181,6 @@ __device__ __forceinline__ void lb_qw(
     int grid_cols, const float* __restrict__ x, int cols, int rows, float* __restrict__ y)
 {
     const int CPW = 32 / BITS;
-    const unsigned int MASK = (1u << BITS) - 1u;
     const int TC = (M >= 8 && BITS >= 4) ? 1024 : 2048;
     const int CHT = TC * BITS / 128;
     const int PL = (CHT + 31) / 32;
@@ -556,23 +555,27 @@ pub struct CudaLinear {
 
 /// Choose the narrowest exact device encoding for the block scales.
 fn encode_scales(stream: &Arc<CudaStream>, scales: &[f32]) -> Result<DeviceScales> {
+    // Distinct scale bit patterns in first-seen order, each with its table index.
     let mut table: Vec<u32> = Vec::new();
+    let mut slot: std::collections::HashMap<u32, u8> = std::collections::HashMap::new();
     let mut index = Vec::with_capacity(scales.len());
     let mut fits_table = true;
     for &s in scales {
         let bits = s.to_bits();
-        let i = match table.iter().position(|&t| t == bits) {
-            Some(i) => i,
+        let i = match slot.get(&bits) {
+            Some(&i) => i,
             None if table.len() < 256 => {
+                let i = table.len() as u8;
                 table.push(bits);
-                table.len() - 1
+                slot.insert(bits, i);
+                i
             }
             None => {
                 fits_table = false;
                 break;
             }
         };
-        index.push(i as u8);
+        index.push(i);
     }
     if fits_table {
         let mut t: Vec<f32> = table.into_iter().map(f32::from_bits).collect();
