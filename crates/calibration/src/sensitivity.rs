@@ -107,8 +107,11 @@ pub fn relative_output_error_h(
     a[rows * cols..].copy_from_slice(w);
     let mut m = vec![0f32; 2 * rows * cols];
     lowbit_kernels::dense::matmul_wt(&a, &hf, &mut m, 2 * rows, cols, cols)?;
+    // Row sums in parallel, then added in row order: a rayon `sum` associates by its dynamic
+    // split, so the last bits of the report would change from run to run.
     let dot = |x: &[f32], y: &[f32]| -> f64 {
-        x.par_chunks(cols)
+        let rows: Vec<f64> = x
+            .par_chunks(cols)
             .zip(y.par_chunks(cols))
             .map(|(xr, yr)| {
                 xr.iter()
@@ -116,7 +119,8 @@ pub fn relative_output_error_h(
                     .map(|(&p, &q)| p as f64 * q as f64)
                     .sum::<f64>()
             })
-            .sum()
+            .collect();
+        rows.iter().sum()
     };
     let num = dot(&a[..rows * cols], &m[..rows * cols]);
     let den = dot(&a[rows * cols..], &m[rows * cols..]);
