@@ -313,6 +313,22 @@ fn par_add(acc: &mut [f32], x: &[f32]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
+thread_local! {
+    /// Seconds spent in [`run_steps`] on this thread since the last reset (the layer report's
+    /// `pass_secs`).
+    static PASS_SECS: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Adds the time from its creation to its drop to [`PASS_SECS`], whichever way the pass ends.
+struct PassTimer(Instant);
+
+impl Drop for PassTimer {
+    fn drop(&mut self) {
+        let secs = self.0.elapsed().as_secs_f64();
+        PASS_SECS.with(|p| p.set(p.get() + secs));
+    }
+}
+
 /// Run `steps` of layer `li` over every window (chunks of whole windows), gathering the input
 /// statistics of the keys present in `stats`.
 #[allow(clippy::too_many_arguments)]
@@ -328,31 +344,7 @@ fn run_steps(
     what: &'static str,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<()> {
-    let t = Instant::now();
-    let r = run_steps_inner(c, layer, rope, li, deq, acts, steps, stats, what, on_event);
-    PASS_SECS.with(|p| p.set(p.get() + t.elapsed().as_secs_f64()));
-    r
-}
-
-thread_local! {
-    /// Seconds spent in [`run_steps`] on this thread since the last reset (the layer report's
-    /// `pass_secs`).
-    static PASS_SECS: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_steps_inner(
-    c: &ModelConfig,
-    layer: &Layer,
-    rope: &Rope,
-    li: usize,
-    deq: &Deq,
-    acts: &mut Acts,
-    steps: &[Step],
-    stats: &mut BTreeMap<&'static str, Stats>,
-    what: &'static str,
-    on_event: &mut dyn FnMut(&Event),
-) -> Result<()> {
+    let _timer = PassTimer(Instant::now());
     let (h, qd, kvd, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let l = acts.seqlen;
     let eff = |name: &'static str| -> (&Linear, &[f32]) {
