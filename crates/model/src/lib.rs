@@ -6,6 +6,7 @@
 //! layer-by-layer quantization pipeline that drives `lowbit-calibration`.
 #![warn(missing_docs)]
 
+pub mod arena;
 pub mod config;
 pub mod ct;
 pub mod error;

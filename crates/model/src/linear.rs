@@ -11,6 +11,7 @@
 //! are decoded to f32 once and run on the dense GEMM: the reference path. The codes stay
 //! attached either way so that exporters and reports see the quantized tensor.
 
+use crate::arena::DenseF32;
 use crate::{Error, Result};
 use lowbit_kernels::PackedLinear;
 use lowbit_numerics::QuantizedTensor;
@@ -23,8 +24,9 @@ pub type ActQuant = Box<dyn Fn(&mut [f32], usize) + Send + Sync>;
 /// The weight of a linear layer.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// Dense f32 `[out][in]`.
-    Dense(Vec<f32>),
+    /// Dense f32 `[out][in]`: a `Vec`, or a slice of the decode arena after
+    /// [`crate::arena::pack`] (see [`crate::Model::pack_dense_weights`]).
+    Dense(DenseF32),
     /// Quantized codes, run through `packed` when set, else through their f32 decoding.
     Quantized {
         /// The quantized tensor.
@@ -91,12 +93,13 @@ impl Linear {
         }
         check_finite("dense weight", &w)?;
         // Decode streams this matrix once per token: back it with huge pages (a hint; see
-        // `advise_huge_pages`).
+        // `advise_huge_pages`). A model's layers are moved into one huge-page arena after
+        // loading ([`crate::Model::pack_dense_weights`]), which covers them better.
         lowbit_kernels::gemv_f32::advise_huge_pages(&w);
         Ok(Linear {
             out,
             inp,
-            weight: Weight::Dense(w),
+            weight: Weight::Dense(DenseF32::Heap(w)),
             bias: None,
             act_quant: None,
         })
@@ -229,6 +232,15 @@ impl Linear {
     /// The weight.
     pub fn weight(&self) -> &Weight {
         &self.weight
+    }
+
+    /// The dense f32 storage of a dense layer (for [`crate::arena::pack`]); `None` when
+    /// quantized.
+    pub fn dense_storage_mut(&mut self) -> Option<&mut DenseF32> {
+        match &mut self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized { .. } => None,
+        }
     }
 
     /// True when the weight is a quantized tensor.

@@ -65,6 +65,9 @@ pub fn build_model(config: ModelConfig, src: &mut dyn TensorSource) -> Result<Mo
     if let Some(g) = gemma {
         model.set_gemma_layers(g)?;
     }
+    // Decode streams every dense weight once per token: one huge-page arena in reading order
+    // (a speed layout; values unchanged). Without an arena the layers keep their `Vec`s.
+    let _ = model.pack_dense_weights();
     Ok(model)
 }
 
