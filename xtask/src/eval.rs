@@ -101,11 +101,15 @@ pub struct Args {
     #[arg(long, default_value = "rtn")]
     pub spin_weights: String,
     /// SpinQuant: calibration windows drawn in addition to --calib-samples and held out of the
-    /// optimisation; on them the QuaRot start and the learned rotations are compared end to
-    /// end (KL of the RTN-quantized model to f32) and the better one is kept. 0 = keep the
-    /// learned rotations unconditionally.
-    #[arg(long, default_value_t = 2)]
+    /// optimisation; on them the randomized-Hadamard starts and the learned rotations are
+    /// compared end to end (KL of the RTN-quantized model to f32) and the best one is kept.
+    /// 0 = learn from the seed's start and keep the learned rotations unconditionally.
+    #[arg(long, default_value_t = 6)]
     pub spin_select: usize,
+    /// SpinQuant: randomized-Hadamard starts scored on the held-out windows (the seed's own =
+    /// QuaRot's, plus N-1 drawn from the seed); the best is refined by Cayley SGD.
+    #[arg(long, default_value_t = 3)]
+    pub spin_starts: usize,
     /// Seed of the rotations (QuaRot signs, SpinQuant sampling) and calibration windows.
     #[arg(long, default_value_t = 0)]
     pub rotate_seed: u64,
@@ -333,6 +337,7 @@ fn rotate_in_memory(
                 w => bail!("unknown --spin-weights `{w}` (rtn or f32)"),
             },
             select_windows: args.spin_select,
+            starts: args.spin_starts,
             ..SpinOptions::default()
         },
         seed: args.rotate_seed,

@@ -143,10 +143,15 @@ pub struct RotateArgs {
     #[arg(long)]
     pub act_static: Option<String>,
     /// SpinQuant: calibration windows drawn in addition to --samples and held out of the
-    /// optimisation; on them the QuaRot start and the learned rotations are compared end to
-    /// end (KL of the RTN-quantized model to f32) and the better one is kept (0 = off).
-    #[arg(long, default_value_t = 2)]
+    /// optimisation; on them the randomized-Hadamard starts and the learned rotations are
+    /// compared end to end (KL of the RTN-quantized model to f32) and the best one is kept
+    /// (0 = off).
+    #[arg(long, default_value_t = 6)]
     pub spin_select: usize,
+    /// SpinQuant: randomized-Hadamard starts scored on the held-out windows (the seed's own =
+    /// QuaRot's, plus N-1 drawn from the seed); the best is refined by Cayley SGD.
+    #[arg(long, default_value_t = 3)]
+    pub spin_starts: usize,
 }
 
 impl Default for RotateArgs {
@@ -157,7 +162,8 @@ impl Default for RotateArgs {
             spin_iters: 40,
             spin_lr: 0.2,
             act_static: None,
-            spin_select: 2,
+            spin_select: 6,
+            spin_starts: 3,
         }
     }
 }
@@ -255,6 +261,7 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
             iters: args.rot.spin_iters,
             lr: args.rot.spin_lr,
             select_windows: args.rot.spin_select,
+            starts: args.rot.spin_starts,
             ..SpinOptions::default()
         },
         seed: args.seed,

@@ -43,6 +43,8 @@ fn rotated_checkpoints_round_trip_with_their_forward_hooks() {
                 iters: 6,
                 tokens_per_layer: 32,
                 tokens_per_iter: 16,
+                select_windows: 2,
+                starts: 3,
                 ..SpinOptions::default()
             },
             seed: 3,

@@ -125,6 +125,8 @@ fn w4a4_pipelines_run_and_rotation_helps_with_outliers() {
                 iters: 20,
                 tokens_per_layer: 64,
                 tokens_per_iter: 32,
+                select_windows: 2,
+                starts: 1,
                 ..SpinOptions::default()
             },
             seed: 1,

@@ -9,8 +9,8 @@ use lowbit_model::ct::{self, WriteOptions};
 use lowbit_model::llama::{Logits, Model, LAYER_LINEARS};
 use lowbit_model::quantize::load_ct_model;
 use lowbit_model::rotate::{
-    parse_wa_scheme, prepare, rotated_checkpoint, PrepareOptions, RotateMethod, RotationSidecar,
-    SpinOptions, WeightMethod, ROTATION_FILE,
+    parse_wa_scheme, prepare, rotated_checkpoint, spin_start_seed, PrepareOptions, RotateMethod,
+    RotationSidecar, SpinOptions, WeightMethod, ROTATION_FILE,
 };
 
 mod common;
@@ -253,6 +253,7 @@ fn spinquant_selection_keeps_the_better_of_start_and_learned() {
         tokens_per_layer: 32,
         tokens_per_iter: 16,
         select_windows: 2,
+        starts: 1,
         ..SpinOptions::default()
     };
     let o = PrepareOptions {
@@ -302,4 +303,76 @@ fn spinquant_selection_keeps_the_better_of_start_and_learned() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--spin-select"), "{e}");
+}
+
+#[test]
+fn spinquant_multi_start_keeps_the_lowest_held_out_kl() {
+    let windows: Vec<Vec<u32>> = (0..5)
+        .map(|s| (0..16).map(|i| (i * 7 + s * 13 + 1) % 61).collect())
+        .collect();
+    let spin = SpinOptions {
+        iters: 6,
+        tokens_per_layer: 32,
+        tokens_per_iter: 16,
+        select_windows: 2,
+        starts: 3,
+        ..SpinOptions::default()
+    };
+    let o = PrepareOptions {
+        rotate: RotateMethod::Spinquant,
+        spin: spin.clone(),
+        ..opts("w4a4-int", 0.9, None)
+    };
+    let mut m = model();
+    let rep = prepare(&mut m, &o, &windows, &mut |_| {}).unwrap();
+    let s = rep.spin_selection.clone().unwrap();
+    assert_eq!(s.windows, 2);
+    let names: Vec<&str> = s.candidates.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(&names[..3], ["quarot", "quarot#1", "quarot#2"]);
+    // The refined candidate starts from the best of the three starts.
+    let best_start = (0..3)
+        .min_by(|&a, &b| s.candidates[a].kl.total_cmp(&s.candidates[b].kl))
+        .unwrap();
+    let want = if best_start == 0 {
+        "spinquant".to_string()
+    } else {
+        format!("spinquant#{best_start}")
+    };
+    assert_eq!(names[3], want);
+    let best = (0..4)
+        .min_by(|&a, &b| s.candidates[a].kl.total_cmp(&s.candidates[b].kl))
+        .unwrap();
+    assert_eq!(s.chosen, best);
+    for c in &s.candidates {
+        assert!(c.kl.is_finite() && c.kl > 0.0 && c.nll.is_finite(), "{c:?}");
+    }
+    // The starts are distinct rotations: their KLs differ.
+    assert!(s.candidates[0].kl != s.candidates[1].kl && s.candidates[1].kl != s.candidates[2].kl);
+    // A kept start is exactly QuaRot's model for that start's seed.
+    if best < 3 {
+        let mut q = model();
+        let oq = PrepareOptions {
+            seed: spin_start_seed(o.seed, best),
+            ..opts("w4a4-int", 0.9, None)
+        };
+        prepare(&mut q, &oq, &windows, &mut |_| {}).unwrap();
+        assert_eq!(logits(&m), logits(&q));
+    }
+    // Start 0 is the seed itself; the others are not shifts of it.
+    assert_eq!(spin_start_seed(7, 0), 7);
+    let seeds: Vec<u64> = (0..4).map(|k| spin_start_seed(7, k)).collect();
+    for (i, a) in seeds.iter().enumerate() {
+        for b in &seeds[i + 1..] {
+            assert!(a != b && a.abs_diff(*b) > 1 << 20, "{seeds:?}");
+        }
+    }
+    // No starts: a clear error.
+    let o0 = PrepareOptions {
+        spin: SpinOptions { starts: 0, ..spin },
+        ..o
+    };
+    let e = prepare(&mut model(), &o0, &windows, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--spin-starts"), "{e}");
 }

@@ -679,11 +679,32 @@ pub struct SpinOptions {
     /// rotation never replaces a start that is better on held-out calibration text. 0 = always
     /// keep the learned rotations.
     pub select_windows: usize,
+    /// Randomized-Hadamard starts compared on the held-out windows (with
+    /// [`SpinOptions::select_windows`] > 0): the seed's own (QuaRot's rotation for that seed)
+    /// and `starts - 1` more drawn from the seed ([`spin_start_seed`]). The start with the
+    /// lowest held-out KL is refined by Cayley SGD, and the lowest-KL of all candidates (every
+    /// start and the refined rotation) is kept. 1 = only the seed's start.
+    pub starts: usize,
+}
+
+/// Seed of SpinQuant's `k`-th randomized-Hadamard start for `seed`: `seed` itself for `k = 0`
+/// (QuaRot's rotation for that seed), a SplitMix64 hash of `(seed, k)` otherwise (not a shift
+/// of the seed: [`lowbit_calibration::rotation::random_signs`] of `seed + c` is the sequence of
+/// `seed` shifted by one for SplitMix's increment `c`).
+pub fn spin_start_seed(seed: u64, k: usize) -> u64 {
+    if k == 0 {
+        return seed;
+    }
+    let mut z = seed ^ (k as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x5A17_5EED_0000_0000;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Default for SpinOptions {
-    /// 40 R1 iterations (20 for R2) on 8 layer sites x 64 tokens per step, initial step 0.2:
-    /// the setting measured in docs/benchmarks.md ("Rotations and activation quantization").
+    /// 40 R1 iterations (20 for R2) on 8 layer sites x 64 tokens per step, initial step 0.2,
+    /// 3 starts ranked on 6 held-out windows: the setting measured in docs/benchmarks.md
+    /// ("Rotations and activation quantization", Session 6).
     fn default() -> Self {
         SpinOptions {
             iters: 40,
@@ -693,7 +714,8 @@ impl Default for SpinOptions {
             problems_per_iter: 8,
             seed: 0,
             weights_in_loop: true,
-            select_windows: 2,
+            select_windows: 6,
+            starts: 3,
         }
     }
 }
@@ -814,58 +836,198 @@ pub fn select_rotations(
             "rotation selection needs held-out windows and candidates".into(),
         ));
     }
-    let vocab = model.config.vocab_size;
-    let refs: Vec<Vec<f32>> = held
-        .iter()
-        .map(|w| window_log_probs(model, w))
-        .collect::<Result<_>>()?;
+    let refs = reference_log_probs(model, held)?;
     let mut out = Vec::new();
     for (name, r1, r2) in candidates {
         progress(&format!(
             "SpinQuant selection: {name} on {} held-out calibration windows",
             held.len()
         ));
-        let mut m = dense_copy(model)?;
-        let r4 = apply_rotations(&mut m, r1, Some(r2), true)?;
-        quantize_weights_rtn(&mut m, ws, clipping)?;
-        install_hooks(&mut m, Some(act), r4);
-        let (mut kl, mut nll, mut n) = (0f64, 0f64, 0usize);
-        for (w, rl) in held.iter().zip(&refs) {
-            let ql = window_log_probs(&m, w)?;
-            for (i, (p, q)) in rl
-                .chunks_exact(vocab)
-                .zip(ql.chunks_exact(vocab))
-                .enumerate()
-                .take(w.len().saturating_sub(1))
-            {
-                kl += p
-                    .iter()
-                    .zip(q)
-                    .map(|(&a, &b)| (a as f64).exp() * (a - b) as f64)
-                    .sum::<f64>();
-                nll -= q[w[i + 1] as usize] as f64;
-                n += 1;
-            }
-        }
-        let n = n.max(1) as f64;
-        out.push(SelectionCandidate {
-            name: name.to_string(),
-            kl: kl / n,
-            nll: nll / n,
-        });
+        out.push(score_rotation(
+            model, name, r1, r2, ws, clipping, act, held, &refs,
+        )?);
     }
-    let chosen = out
-        .iter()
-        .enumerate()
-        .min_by(|a, b| a.1.kl.total_cmp(&b.1.kl))
-        .map(|(i, _)| i)
-        .expect("non-empty");
+    let chosen = lowest_kl(&out);
     Ok(SpinSelection {
         candidates: out,
         chosen,
         windows: held.len(),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+fn lowest_kl(c: &[SelectionCandidate]) -> usize {
+    c.iter()
+        .enumerate()
+        .min_by(|a, b| a.1.kl.total_cmp(&b.1.kl))
+        .map_or(0, |(i, _)| i)
+}
+
+/// The f32 model's next-token log-probabilities on each held-out window.
+fn reference_log_probs(model: &Model, held: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    held.iter().map(|w| window_log_probs(model, w)).collect()
+}
+
+/// Apply `(r1, r2)` to a dense copy of `model` (norms folded, unrotated, f32), RTN-quantize its
+/// weights with `ws`, install `act` (after the online Hadamard), and measure the mean
+/// KL(f32 ‖ quantized) and NLL over the held-out windows against `refs`
+/// ([`reference_log_probs`]).
+#[allow(clippy::too_many_arguments)]
+fn score_rotation(
+    model: &Model,
+    name: &str,
+    r1: &[f32],
+    r2: &[f32],
+    ws: &Scheme,
+    clipping: Clipping,
+    act: &ActQuantizer,
+    held: &[Vec<u32>],
+    refs: &[Vec<f32>],
+) -> Result<SelectionCandidate> {
+    let vocab = model.config.vocab_size;
+    let mut m = dense_copy(model)?;
+    let r4 = apply_rotations(&mut m, r1, Some(r2), true)?;
+    quantize_weights_rtn(&mut m, ws, clipping)?;
+    install_hooks(&mut m, Some(act), r4);
+    let (mut kl, mut nll, mut n) = (0f64, 0f64, 0usize);
+    for (w, rl) in held.iter().zip(refs) {
+        let ql = window_log_probs(&m, w)?;
+        for (i, (p, q)) in rl
+            .chunks_exact(vocab)
+            .zip(ql.chunks_exact(vocab))
+            .enumerate()
+            .take(w.len().saturating_sub(1))
+        {
+            kl += p
+                .iter()
+                .zip(q)
+                .map(|(&a, &b)| (a as f64).exp() * (a - b) as f64)
+                .sum::<f64>();
+            nll -= q[w[i + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    let n = n.max(1) as f64;
+    Ok(SelectionCandidate {
+        name: name.to_string(),
+        kl: kl / n,
+        nll: nll / n,
+    })
+}
+
+/// SpinQuant as [`prepare`] runs it: the last [`SpinOptions::select_windows`] of `samples` are
+/// held out. Without held-out windows, R1/R2 are learned from the seed's randomized Hadamard
+/// and kept. With them: [`SpinOptions::starts`] randomized Hadamards ([`spin_start_seed`]) are
+/// scored end to end on the held-out windows ([`score_rotation`]: RTN weights, quantized
+/// activations, KL to f32), the best start is refined by Cayley SGD on the other windows
+/// ([`spinquant_rotations`]), the refined pair is scored the same way, and the candidate with
+/// the lowest KL is returned (recorded in `rep.spin_selection`). Only calibration windows are
+/// used.
+fn spin_search(
+    model: &Model,
+    opts: &PrepareOptions,
+    ws: &Scheme,
+    act: &ActQuantizer,
+    samples: &[Vec<u32>],
+    rep: &mut RotateReport,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (h, hd) = (model.config.hidden_size, model.config.head_dim);
+    let sel = opts.spin.select_windows;
+    if sel > 0 && samples.len() <= sel {
+        return Err(Error::Quantize(format!(
+            "SpinQuant holds out {sel} of the calibration windows to choose between its \
+             randomized-Hadamard starts and the learned rotations, but there are only {}: draw \
+             more (--calib-samples) or turn the selection off (--spin-select 0)",
+            samples.len()
+        )));
+    }
+    if opts.spin.starts == 0 {
+        return Err(Error::Quantize(
+            "SpinQuant needs at least one start (--spin-starts 1 or more)".into(),
+        ));
+    }
+    let (train, held) = samples.split_at(samples.len() - sel);
+    let learn = |seed: u64, rep: &mut RotateReport, progress: &mut dyn FnMut(&str)| {
+        progress("SpinQuant: capturing calibration activations and optimising R1/R2");
+        let spin = SpinOptions {
+            seed,
+            ..opts.spin.clone()
+        };
+        let (r1, r2, a, b) = spinquant_rotations(model, train, ws, act, &spin)?;
+        rep.spin_r1 = Some(a);
+        rep.spin_r2 = Some(b);
+        Ok::<_, Error>((r1, r2))
+    };
+    if held.is_empty() {
+        return learn(opts.seed, rep, progress);
+    }
+    let t0 = Instant::now();
+    progress(&format!(
+        "SpinQuant: f32 reference on {} held-out calibration windows",
+        held.len()
+    ));
+    let refs = reference_log_probs(model, held)?;
+    let mut cands = Vec::new();
+    let mut pairs = Vec::new();
+    for k in 0..opts.spin.starts {
+        let seed = spin_start_seed(opts.seed, k);
+        let q = quarot_rotations(h, hd, seed)?;
+        let name = if k == 0 {
+            "quarot".to_string()
+        } else {
+            format!("quarot#{k}")
+        };
+        progress(&format!(
+            "SpinQuant selection: start {name} (seed {seed:#x}) on {} held-out windows",
+            held.len()
+        ));
+        cands.push(score_rotation(
+            model,
+            &name,
+            &q.r1,
+            &q.r2,
+            ws,
+            opts.weight_clipping,
+            act,
+            held,
+            &refs,
+        )?);
+        pairs.push((q.r1, q.r2));
+    }
+    let best = lowest_kl(&cands);
+    let t_sel = t0.elapsed().as_secs_f64();
+    let (r1, r2) = learn(spin_start_seed(opts.seed, best), rep, progress)?;
+    let t1 = Instant::now();
+    let name = if best == 0 {
+        "spinquant".to_string()
+    } else {
+        format!("spinquant#{best}")
+    };
+    progress(&format!(
+        "SpinQuant selection: {name} on {} held-out windows",
+        held.len()
+    ));
+    cands.push(score_rotation(
+        model,
+        &name,
+        &r1,
+        &r2,
+        ws,
+        opts.weight_clipping,
+        act,
+        held,
+        &refs,
+    )?);
+    pairs.push((r1, r2));
+    let chosen = lowest_kl(&cands);
+    rep.spin_selection = Some(SpinSelection {
+        candidates: cands,
+        chosen,
+        windows: held.len(),
+        seconds: t_sel + t1.elapsed().as_secs_f64(),
+    });
+    Ok(pairs.swap_remove(chosen))
 }
 
 fn rows_of(x: &[f32], width: usize, keep: usize) -> (Vec<f32>, usize) {
@@ -1052,45 +1214,7 @@ pub fn prepare(
                         ))
                     }
                 };
-                let sel = opts.spin.select_windows;
-                if sel > 0 && samples.len() <= sel {
-                    return Err(Error::Quantize(format!(
-                        "SpinQuant holds out {sel} of the calibration windows to choose between \
-                         QuaRot and the learned rotations, but there are only {}: draw more \
-                         (--calib-samples) or turn the selection off (--spin-select 0)",
-                        samples.len()
-                    )));
-                }
-                let (train, held) = samples.split_at(samples.len() - sel);
-                progress("SpinQuant: capturing calibration activations and optimising R1/R2");
-                let spin = SpinOptions {
-                    seed: opts.seed,
-                    ..opts.spin.clone()
-                };
-                let (r1, r2, a, b) = spinquant_rotations(model, train, &ws, &act, &spin)?;
-                rep.spin_r1 = Some(a);
-                rep.spin_r2 = Some(b);
-                if held.is_empty() {
-                    (r1, r2)
-                } else {
-                    let q = quarot_rotations(h, hd, opts.seed)?;
-                    let s = select_rotations(
-                        model,
-                        &[("quarot", &q.r1, &q.r2), ("spinquant", &r1, &r2)],
-                        &ws,
-                        opts.weight_clipping,
-                        &act,
-                        held,
-                        progress,
-                    )?;
-                    let keep_start = s.chosen == 0;
-                    rep.spin_selection = Some(s);
-                    if keep_start {
-                        (q.r1, q.r2)
-                    } else {
-                        (r1, r2)
-                    }
-                }
+                spin_search(model, opts, &ws, &act, samples, &mut rep, progress)?
             }
         };
         progress("applying rotations");
