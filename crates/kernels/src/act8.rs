@@ -126,6 +126,9 @@ pub(crate) struct QuantAct {
     pub(crate) x16: Vec<i16>,
     /// Block scales `[t][nblk]`.
     pub(crate) sx: Vec<f32>,
+    /// `[t][nblk]`: the block's sum of codes times [`PackedLinear::a8_half_off`] (0 when the
+    /// layer has none), the per-lane offset term of the code-scaled 4-bit kernel.
+    pub(crate) qoff: Vec<i32>,
     /// Per token and segment, `sum_b sx_b * sum_{j in b} q_j`.
     pub(crate) xsum: Vec<f32>,
     /// Blocks per token.
@@ -185,6 +188,21 @@ impl PackedLinear {
         self.a8.kind != A8Kind::None
     }
 
+    /// The code-scaled 4-bit kernel ([`avx2::tile_b4s`]) applies: a 4-bit layer with an integer
+    /// path summing 4 products in i16, `Coded` headers holding E8M0/E4M3 scale codes, and an
+    /// offset `c` (see [`A8`]) that is an even integer; returns `c / 2` (each of a row's two
+    /// lanes carries half of the offset term `c * sum q`).
+    pub(crate) fn a8_half_off(&self) -> Option<i32> {
+        let h = 0.5 * self.a8.c;
+        (self.store == Store::B4
+            && self.a8.kind == (A8Kind::B4 { pairs: 4 })
+            && self.hmode == HdrMode::Coded
+            && self.scode != crate::packed::ScaleCode::Table
+            && h == h.round()
+            && h.abs() <= 64.0)
+            .then_some(h as i32)
+    }
+
     /// Quantize `xp` (`n_tokens x pcols`, packed column order) per block; `simd` also builds
     /// the SIMD kernels' copy of the codes (nibble order for 4-bit layers, i16 for 8-bit) and
     /// quantizes whole 32-column blocks with AVX2 (bit-identical to [`quantize_block`]). The
@@ -208,8 +226,15 @@ impl PackedLinear {
         let mut xq = vec![0i8; if keep_xq { n_tokens * pc } else { 0 }];
         let mut xperm = vec![0i8; if b4 { n_tokens * pc } else { 0 }];
         let mut sx = vec![0f32; n_tokens * nblk];
+        let mut qoff = vec![0i32; n_tokens * nblk];
+        let half_off = self.a8_half_off().unwrap_or(0);
         let mut xsum = vec![0f32; n_tokens * nseg];
-        let one = |t: usize, xq: &mut [i8], xperm: &mut [i8], sx: &mut [f32], xsum: &mut [f32]| {
+        let one = |t: usize,
+                   xq: &mut [i8],
+                   xperm: &mut [i8],
+                   sx: &mut [f32],
+                   qoff: &mut [i32],
+                   xsum: &mut [f32]| {
             let xr = &xp[t * pc..(t + 1) * pc];
             let mut tmp = [0i8; ACT_BLOCK];
             for (k, seg) in self.segs.iter().enumerate() {
@@ -253,6 +278,7 @@ impl PackedLinear {
                         }
                     };
                     sx[blk0[k] + bi] = s;
+                    qoff[blk0[k] + bi] = isum * half_off;
                     acc += s * isum as f32;
                 }
                 xsum[k] = acc;
@@ -270,10 +296,11 @@ impl PackedLinear {
                 .into_par_iter()
                 .zip(xp_rows)
                 .zip(sx.par_chunks_mut(nblk.max(1)))
+                .zip(qoff.par_chunks_mut(nblk.max(1)))
                 .zip(xsum.par_chunks_mut(nseg.max(1)))
                 .enumerate()
                 .with_min_len(8)
-                .for_each(|(t, (((a, b), s), x))| one(t, a, b, s, x));
+                .for_each(|(t, ((((a, b), s), qs), x))| one(t, a, b, s, qs, x));
         } else {
             let mut xq_rows = split_rows(&mut xq, xq_len, n_tokens);
             let mut xp_rows = split_rows(&mut xperm, xp_len, n_tokens);
@@ -283,6 +310,7 @@ impl PackedLinear {
                     xq_rows[t],
                     xp_rows[t],
                     &mut sx[t * nblk..(t + 1) * nblk],
+                    &mut qoff[t * nblk..(t + 1) * nblk],
                     &mut xsum[t * nseg..(t + 1) * nseg],
                 );
             }
@@ -297,6 +325,7 @@ impl PackedLinear {
             xperm,
             x16,
             sx,
+            qoff,
             xsum,
             nblk,
             blk0,
@@ -717,6 +746,195 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// [`tile_b4s`]'s scale decoders.
+    pub(crate) const SC_E8M0: u8 = 0;
+    pub(crate) const SC_E4M3: u8 = 1;
+
+    /// The 4 row scales of a code-scaled header (4 code bytes at `p`) as
+    /// `[s0, s0, s1, s1, s2, s2, s3, s3]`: E8M0 `2^(code - 127)` as the f32 `code << 23`,
+    /// E4M3 `e4m3(code) / 256` as the f16 `code << 7` (both exact).
+    ///
+    /// # Safety
+    /// AVX2 + F16C available; 4 readable bytes at `p`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn code_scales<const SC: u8>(p: *const u8) -> __m256 {
+        // SAFETY: 4 readable bytes at p (caller).
+        let c = unsafe { (p as *const i32).read_unaligned() };
+        const Z: i8 = -128; // pshufb: zero byte
+        if SC == SC_E8M0 {
+            // code k into byte 2 of dwords 2k, 2k+1 (lane 0: rows 0, 1; lane 1: rows 2, 3)
+            let m = _mm256_setr_epi8(
+                Z, Z, 0, Z, Z, Z, 0, Z, Z, Z, 1, Z, Z, Z, 1, Z, Z, Z, 2, Z, Z, Z, 2, Z, Z, Z, 3, Z,
+                Z, Z, 3, Z,
+            );
+            _mm256_castsi256_ps(_mm256_slli_epi32::<7>(_mm256_shuffle_epi8(
+                _mm256_set1_epi32(c),
+                m,
+            )))
+        } else {
+            // code k into the high byte of words 2k, 2k+1, then >> 1 (codes are <= 0x7E)
+            let m = _mm_setr_epi8(Z, 0, Z, 0, Z, 1, Z, 1, Z, 2, Z, 2, Z, 3, Z, 3);
+            _mm256_cvtph_ps(_mm_srli_epi16::<1>(_mm_shuffle_epi8(_mm_set1_epi32(c), m)))
+        }
+    }
+
+    /// 4-bit layers with E8M0/E4M3 scale codes in their headers (MXFP4, NVFP4; see
+    /// [`PackedLinear::a8_half_off`]): per 32-column block (or the 16-column rest of a group)
+    /// and token, the `vpmaddwd` result keeps 2 lanes per row, gets the offset term
+    /// `(c / 2) * sum q` added in i32 (exact), is converted and FMA'd with the lane scales
+    /// `code_scale(row) * sx_b` into one vector accumulator: no per-group fold, one
+    /// lane-pair sum per row at the end, times `mul * sfin`. `G` (1 or 2; 0: none): the
+    /// leading segments of `G` chunks run a loop with fixed strides.
+    ///
+    /// # Safety
+    /// AVX2 + FMA + F16C available; `pk.a8_half_off()` is `Some` and `pk.scode` matches `SC`;
+    /// `tile < pk.ntiles`; `qa` was built by `pk.quantize_act(.., n, true)` with
+    /// `t0 + NT <= n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn tile_b4s<
+        const LUT: bool,
+        const SC: u8,
+        const G: usize,
+        const NT: usize,
+    >(
+        pk: &PackedLinear,
+        tile: usize,
+        qa: &QuantAct,
+        t0: usize,
+        out: &mut [[f32; TILE_ROWS]; TB],
+    ) {
+        let pcols = pk.pcols;
+        let nblk = qa.nblk;
+        debug_assert!(
+            tile < pk.ntiles
+                && qa.xperm.len() >= (t0 + NT) * pcols
+                && qa.sx.len() >= (t0 + NT) * nblk
+                && qa.qoff.len() >= (t0 + NT) * nblk
+                && pk.hdr == 4
+        );
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY: the table is 16 bytes.
+        let lut = _mm256_broadcastsi128_si256(unsafe {
+            _mm_loadu_si128(pk.a8.lut.as_ptr() as *const __m128i)
+        });
+        // SAFETY: tile < ntiles, so the tile's tile_bytes bytes lie inside pk.data.
+        let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let segs = &pk.segs;
+        // Fast loop: the leading segments of G whole chunks (G = 1: NVFP4's 16-column groups,
+        // G = 2: 32-column groups) are one activation block each and lie `4 + 32 G` bytes
+        // apart, so segment k is header k, block k, columns 16 G k.. (checked below).
+        let nfast = if G == 0 {
+            0
+        } else {
+            segs.iter().take_while(|s| s.chunks == G).count()
+        };
+        debug_assert!(segs.iter().take(nfast).enumerate().all(|(k, s)| {
+            s.col0 == k * G * CHUNK && s.byte_off == k * (4 + G * 32) && qa.blk0[k] == k
+        }));
+        {
+            let mut h = base;
+            for k in 0..nfast {
+                // SAFETY: segment k (header + G chunks, `4 + 32 G` bytes from h) is in the tile.
+                let (wsv, w0, w1) = unsafe {
+                    (
+                        code_scales::<SC>(h),
+                        _mm256_loadu_si256(h.add(4) as *const __m256i),
+                        if G == 2 {
+                            _mm256_loadu_si256(h.add(36) as *const __m256i)
+                        } else {
+                            _mm256_setzero_si256()
+                        },
+                    )
+                };
+                // prefetch as in tile_b4 (wrapping address, never faults)
+                _mm_prefetch::<_MM_HINT_T0>(h.wrapping_add(PREFETCH) as *const i8);
+                let (lo0, hi0) = unpack4::<LUT>(w0, lut);
+                let (lo1, hi1) = unpack4::<LUT>(w1, lut);
+                for t in 0..NT {
+                    let o = (t0 + t) * pcols + k * G * CHUNK;
+                    let bx = (t0 + t) * nblk + k;
+                    // SAFETY: o + 16 G <= (t0 + NT) * pcols <= xperm.len() (segment k's
+                    // columns); bx < (t0 + NT) * nblk <= sx.len(), qoff.len().
+                    let (p, s, q) = unsafe {
+                        let x = qa.xperm.as_ptr().add(o);
+                        let p0 = chunk_dot::<4>(lo0, hi0, x);
+                        (
+                            if G == 2 {
+                                _mm256_add_epi16(p0, chunk_dot::<4>(lo1, hi1, x.add(CHUNK)))
+                            } else {
+                                p0
+                            },
+                            *qa.sx.get_unchecked(bx),
+                            *qa.qoff.get_unchecked(bx),
+                        )
+                    };
+                    let i = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(q));
+                    let sc = _mm256_mul_ps(wsv, _mm256_set1_ps(s));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
+                }
+                h = h.wrapping_add(4 + G * 32);
+            }
+        }
+        for (k, seg) in segs.iter().enumerate().skip(nfast) {
+            // SAFETY: the segment header (4 code bytes) and its chunks lie inside the tile.
+            let (wsv, w) = unsafe {
+                let h = base.add(seg.byte_off);
+                (code_scales::<SC>(h), h.add(4))
+            };
+            let b0 = qa.blk0[k];
+            for bi in 0..seg.chunks.div_ceil(2) {
+                let two = 2 * bi + 1 < seg.chunks;
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(bi * 64 + PREFETCH) as *const i8);
+                // SAFETY: chunk 2bi (and 2bi+1 when `two`) of the segment: 32 bytes each.
+                let (w0, w1) = unsafe {
+                    (
+                        _mm256_loadu_si256(w.add(bi * 64) as *const __m256i),
+                        if two {
+                            _mm256_loadu_si256(w.add(bi * 64 + 32) as *const __m256i)
+                        } else {
+                            _mm256_setzero_si256()
+                        },
+                    )
+                };
+                let (lo0, hi0) = unpack4::<LUT>(w0, lut);
+                let (lo1, hi1) = unpack4::<LUT>(w1, lut);
+                for t in 0..NT {
+                    let o = (t0 + t) * pcols + seg.col0 + bi * 2 * CHUNK;
+                    let bx = (t0 + t) * nblk + b0 + bi;
+                    // SAFETY: o + 16 (o + 32 when `two`) <= (t0 + NT) * pcols <= xperm.len();
+                    // bx < (t0 + NT) * nblk <= sx.len(), qoff.len().
+                    let (p, s, q) = unsafe {
+                        let x = qa.xperm.as_ptr().add(o);
+                        let p0 = chunk_dot::<4>(lo0, hi0, x);
+                        (
+                            if two {
+                                _mm256_add_epi16(p0, chunk_dot::<4>(lo1, hi1, x.add(CHUNK)))
+                            } else {
+                                p0
+                            },
+                            *qa.sx.get_unchecked(bx),
+                            *qa.qoff.get_unchecked(bx),
+                        )
+                    };
+                    let i = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(q));
+                    let sc = _mm256_mul_ps(wsv, _mm256_set1_ps(s));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
+                }
+            }
+        }
+        let fin = pk.a8.mul * pk.sfin;
+        for t in 0..NT {
+            let mut a = [0f32; 8];
+            // SAFETY: a has 8 f32.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[t]) };
+            for r in 0..TILE_ROWS {
+                out[t][r] = (a[2 * r] + a[2 * r + 1]) * fin;
+            }
+        }
+    }
+
     /// 8-bit layers (INT5..INT8 codes stored one per byte, chunk = 4 rows x 16 bytes): codes
     /// zero-extended to i16 (`vpmovzxbw`), `vpmaddwd` with the i16 activation codes (pair sums
     /// <= 2 * 255 * 127, exact in i32), per 32-column block the 4 rows' vectors reduced with
@@ -824,6 +1042,142 @@ pub(crate) mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 4-bit layers whose scales are E8M0 / E4M3 values keep the scale codes in their
+    /// headers (`stab[code]` = the same f32 `scale / global_scale` as the table header), and
+    /// the code-scaled AVX2 kernel (fixed-stride loop for 16/32-column groups, generic loop
+    /// for longer groups and ragged last groups) agrees with the scalar reference on ragged
+    /// shapes at batches 1..=8; scales outside those sets fall back to the index table.
+    #[test]
+    fn code_scaled_headers_and_kernel() {
+        use crate::packed::{ScaleCode, CHUNK, TILE_ROWS};
+        use lowbit_numerics::{Granularity, ScaleDtype, Scheme};
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        let e2m1 = |g: usize, dt: ScaleDtype, gs: bool| Scheme {
+            elem: ElemFormat::Float(FloatFormat::E2M1),
+            granularity: Granularity::PerGroup(g),
+            scale_dtype: dt,
+            asymmetric: false,
+            global_scale: gs,
+        };
+        let int4_e8 = Scheme {
+            elem: ElemFormat::Int { bits: 4 },
+            granularity: Granularity::PerGroup(32),
+            scale_dtype: ScaleDtype::E8M0,
+            asymmetric: false,
+            global_scale: false,
+        };
+        let cases = [
+            (Scheme::from_name("mxfp4").unwrap(), ScaleCode::E8M0),
+            (Scheme::from_name("nvfp4").unwrap(), ScaleCode::E4M3),
+            (e2m1(64, ScaleDtype::E8M0, false), ScaleCode::E8M0),
+            (e2m1(16, ScaleDtype::E4M3, false), ScaleCode::E4M3),
+            (int4_e8, ScaleCode::E8M0),
+        ];
+        let shapes = [
+            (1, 16),
+            (7, 576),
+            (5, 100),
+            (9, 577),
+            (6, 48),
+            (13, 300),
+            (4, 33),
+        ];
+        for (scheme, want) in cases {
+            for &(rows, cols) in &shapes {
+                let bits = scheme.elem.bits();
+                let rb = lowbit_numerics::tensor::packed_row_bytes(cols, bits);
+                let mut data = vec![0u8; rows * rb];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        codes::put_code(&mut data[r * rb..], bits, c, (next() % 16) as u8);
+                    }
+                }
+                let (gr, gc) = scheme.granularity.grid(rows, cols);
+                let scales: Vec<f32> = (0..gr * gc)
+                    .map(|_| match want {
+                        ScaleCode::E8M0 => 2f32.powi(3 - (next() % 12) as i32),
+                        _ => codes::e4m3((next() % 0x7F) as u8),
+                    })
+                    .collect();
+                let mut q = QuantizedTensor {
+                    scheme,
+                    rows,
+                    cols,
+                    data,
+                    scales,
+                    zero_points: None,
+                    global_scale: scheme.global_scale.then_some(3.0),
+                    g_idx: None,
+                    nested: None,
+                };
+                let what = format!("{scheme:?} {rows}x{cols}");
+                let mut pk = PackedLinear::new(&q).unwrap();
+                assert_eq!(pk.scode, want, "{what}");
+                assert!(pk.a8_half_off().is_some(), "{what}");
+                let gs = q.global_scale.unwrap_or(1.0);
+                let (_, bc) = scheme.granularity.block_shape(rows, cols);
+                for r in 0..rows {
+                    let (tile, rr) = (r / TILE_ROWS, r % TILE_ROWS);
+                    for (k, seg) in pk.segs.iter().enumerate() {
+                        let h = tile * pk.tile_bytes + seg.byte_off;
+                        let s = q.scales[r * gc + k];
+                        let code = pk.data[h + rr];
+                        match want {
+                            ScaleCode::E8M0 => assert_eq!(code as u32, s.to_bits() >> 23),
+                            _ => assert_eq!(codes::e4m3(code).to_bits(), s.to_bits()),
+                        }
+                        assert_eq!(pk.sb(h, rr).0.to_bits(), (s / gs).to_bits(), "{what}");
+                        assert_eq!(seg.col0, k * bc.div_ceil(CHUNK) * CHUNK, "{what}");
+                    }
+                }
+                pk.set_act_mode(ActMode::Int8Block).unwrap();
+                for n in 1..=8 {
+                    let x: Vec<f32> = (0..n * cols)
+                        .map(|i| (next() % 2001) as f32 / 1000.0 - 1.0 + (i % 5) as f32)
+                        .collect();
+                    let mut ys = vec![0f32; n * rows];
+                    pk.forward_with(crate::isa::Isa::Scalar, &x, n, &mut ys)
+                        .unwrap();
+                    for isa in crate::isa::Isa::all_supported() {
+                        let mut y = vec![f32::NAN; n * rows];
+                        pk.forward_with(isa, &x, n, &mut y).unwrap();
+                        for t in 0..n {
+                            for r in 0..rows {
+                                // a bound on every partial term: |s| 13 |x| per weight
+                                let m: f64 = (0..cols)
+                                    .map(|c| {
+                                        let s = q.scales[r * gc + c / bc] / gs;
+                                        13.0 * s as f64 * (x[t * cols + c].abs() as f64 + 1e-3)
+                                    })
+                                    .sum();
+                                let tol = 4.0 * (cols as f64 / 16.0 + 16.0) * m * 6e-8;
+                                let (a, b) = (y[t * rows + r] as f64, ys[t * rows + r] as f64);
+                                assert!(
+                                    (a - b).abs() <= tol,
+                                    "{what} {isa:?} batch {n} token {t} row {r}: {a} vs {b}"
+                                );
+                            }
+                        }
+                    }
+                }
+                // f32 scales, one outside both code sets: the index table
+                q.scheme.scale_dtype = ScaleDtype::F32;
+                q.scheme.global_scale = false;
+                q.global_scale = None;
+                q.scales[0] = 0.3;
+                let pk = PackedLinear::new(&q).unwrap();
+                assert_eq!(pk.scode, ScaleCode::Table, "{what}");
+                assert!(pk.a8_half_off().is_none(), "{what}");
+            }
+        }
+    }
 
     /// The AVX2 block quantizer is bit-identical to the scalar one: random blocks over a wide
     /// range of magnitudes, exact ties at the scale, zero, tiny and subnormal blocks, and

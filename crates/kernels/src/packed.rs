@@ -21,6 +21,12 @@
 //!   - 2-bit: a `u32` with code `e` at bit `2e`;
 //!   - 3-bit: that 2-bit plane of the low bits plus a `u16` with bit 2 of code `e` at bit `e`;
 //!   - 8-bit (and 5..7-bit integers): 16 plain bytes.
+//! * Headers: 4 f32 scales + 4 f32 biases (asymmetric integers), 4 f32 scales, or 4 one-byte
+//!   codes (`Coded`, at most 256 distinct scales): for 4-bit layers whose stored scales are all
+//!   E8M0 powers of two (MXFP4) or all non-negative E4M3 values (NVFP4) the byte is the scale's
+//!   own E8M0/E4M3 code (the integer-activation kernel decodes it with a shift, or the f16 trick
+//!   below), otherwise an index into the sorted distinct scales; either way a table maps the
+//!   byte to the same f32 `scale / global_scale`.
 //! * FP8 E4M3 codes are decoded as the f16 `sign<<15 | (code & 0x7f)<<7`, which equals the
 //!   E4M3 value / 256 exactly for every finite code, so the scale is stored multiplied by 256
 //!   (NaN codes are not preserved by the kernel; quantizers never emit them).
@@ -49,9 +55,58 @@ pub(crate) enum HdrMode {
     ScaleBias,
     /// 4 f32 scales, bias `= s * bmul`: 16 bytes.
     Scale,
-    /// 4 u8 indices into a per-layer table of at most 256 distinct scales (E8M0/E4M3 block
-    /// scales: MXFP4, NVFP4), bias `= s * bmul`: 4 bytes.
+    /// 4 u8 codes or indices (see [`ScaleCode`]) into a per-layer table of at most 256
+    /// scales (E8M0/E4M3 block scales: MXFP4, NVFP4), bias `= s * bmul`: 4 bytes.
     Coded,
+}
+
+/// What the bytes of a [`HdrMode::Coded`] header are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScaleCode {
+    /// Indices into the sorted distinct scales (`stab`).
+    Table,
+    /// E8M0 exponent codes: the stored scale is `2^(code - 127)` (codes 1..=254), `stab[code]`
+    /// is that divided by the global scale. The SIMD kernels decode it as the f32 `code << 23`.
+    E8M0,
+    /// E4M3 codes of non-negative scales (codes 0..=0x7E): the stored scale is `e4m3(code)`,
+    /// `stab[code]` is that divided by the global scale. The SIMD kernels decode it as the f16
+    /// `code << 7` (`= e4m3(code) / 256`, see [`codes::e4m3_as_f16_bits`]).
+    E4M3,
+}
+
+impl ScaleCode {
+    /// The code of every stored scale if they all are E8M0 powers of two (normal f32), or all
+    /// non-negative finite E4M3 values; `None` otherwise.
+    fn detect(scales: &[f32]) -> Option<(ScaleCode, Vec<u8>)> {
+        let e8 = |s: f32| {
+            let b = s.to_bits();
+            let e = b >> 23;
+            (b & 0x007F_FFFF == 0 && (1..=254).contains(&e)).then_some(e as u8)
+        };
+        if let Some(c) = scales.iter().map(|&s| e8(s)).collect::<Option<Vec<u8>>>() {
+            return Some((ScaleCode::E8M0, c));
+        }
+        // e4m3 is increasing on codes 0..=0x7E (non-negative finite values)
+        let vals: Vec<f32> = (0..=0x7Eu8).map(codes::e4m3).collect();
+        let e4 = |s: f32| {
+            let i = vals.partition_point(|&v| v < s);
+            (i < vals.len() && vals[i].to_bits() == s.to_bits()).then_some(i as u8)
+        };
+        scales
+            .iter()
+            .map(|&s| e4(s))
+            .collect::<Option<Vec<u8>>>()
+            .map(|c| (ScaleCode::E4M3, c))
+    }
+
+    /// The stored scale of a code.
+    fn value(self, code: u8) -> f32 {
+        match self {
+            ScaleCode::E8M0 if (1..=254).contains(&code) => f32::from_bits((code as u32) << 23),
+            ScaleCode::E4M3 if code <= 0x7E => codes::e4m3(code),
+            _ => 0.0,
+        }
+    }
 }
 
 impl HdrMode {
@@ -165,6 +220,11 @@ pub struct PackedLinear {
     pub(crate) bmul: f32,
     /// Scale table of `Coded` headers.
     stab: Box<[f32; 256]>,
+    /// What the bytes of `Coded` headers are (indices into `stab` in every case).
+    pub(crate) scode: ScaleCode,
+    /// `E8M0`/`E4M3` header codes: the factor from the kernels' decoded code to `stab[code]`
+    /// (`1 / global_scale`, resp. `256 / global_scale`, rounded once to f32).
+    pub(crate) sfin: f32,
     pub(crate) data: Vec<u8>,
     /// `v(code)` for all 256 codes (scalar path).
     pub(crate) vtab: Box<[f32; 256]>,
@@ -306,20 +366,39 @@ impl PackedLinear {
         let mut distinct: Vec<u32> = sv.iter().map(|s| s.to_bits()).collect();
         distinct.sort_unstable();
         distinct.dedup();
+        // 4-bit codes whose stored scales are E8M0 / E4M3 values keep those codes in the header
+        // (the SIMD integer kernel decodes them arithmetically); `stab[code]` is the same f32
+        // `scale / global_scale` as in the other header modes
+        let coded = if q.zero_points.is_none() && store == Store::B4 {
+            ScaleCode::detect(&q.scales)
+        } else {
+            None
+        };
         let hmode = if q.zero_points.is_some() {
             HdrMode::ScaleBias
-        } else if distinct.len() <= 256 {
+        } else if coded.is_some() || distinct.len() <= 256 {
             HdrMode::Coded
         } else {
             HdrMode::Scale
         };
         let hdr = hmode.bytes();
         let mut stab = Box::new([0f32; 256]);
-        if hmode == HdrMode::Coded {
-            for (d, &b) in stab.iter_mut().zip(&distinct) {
-                *d = f32::from_bits(b);
+        let scode = match &coded {
+            Some((sc, _)) => {
+                for (c, d) in stab.iter_mut().enumerate() {
+                    *d = sc.value(c as u8) / gs;
+                }
+                *sc
             }
-        }
+            None => {
+                if hmode == HdrMode::Coded {
+                    for (d, &b) in stab.iter_mut().zip(&distinct) {
+                        *d = f32::from_bits(b);
+                    }
+                }
+                ScaleCode::Table
+            }
+        };
         let cb = store.chunk_bytes();
         let mut segs = Vec::with_capacity(gc);
         let (mut col0, mut byte_off) = (0usize, 0usize);
@@ -367,10 +446,12 @@ impl PackedLinear {
                         data[h + 4 * rr..h + 4 * rr + 4].copy_from_slice(&s.to_le_bytes())
                     }
                     HdrMode::Coded => {
-                        let idx = distinct
-                            .binary_search(&s.to_bits())
-                            .expect("scale in table");
-                        data[h + rr] = idx as u8;
+                        data[h + rr] = match &coded {
+                            Some((_, c)) => c[(r / br.max(1)) * gc + k],
+                            None => distinct
+                                .binary_search(&s.to_bits())
+                                .expect("scale in table") as u8,
+                        };
                     }
                 }
                 for j in 0..seg.chunks {
@@ -405,6 +486,11 @@ impl PackedLinear {
             hdr,
             bmul,
             stab,
+            scode,
+            sfin: match scode {
+                ScaleCode::E4M3 => (256.0 / gs as f64) as f32,
+                _ => (1.0 / gs as f64) as f32,
+            },
             data,
             vtab,
             act: ActMode::F32,
@@ -678,7 +764,7 @@ impl PackedLinear {
                     && qa.sx.len() >= (t0 + tb) * qa.nblk
                     && isa.supported()
             );
-            use crate::act8::avx2::{tile_b4, tile_b8};
+            use crate::act8::avx2::{tile_b4, tile_b4s, tile_b8, SC_E4M3, SC_E8M0};
             macro_rules! by_tb {
                 ($f:ident $(, $g:expr)*) => {
                     match tb {
@@ -689,11 +775,30 @@ impl PackedLinear {
                     }
                 };
             }
-            // SAFETY: isa was clamped to a supported SIMD path (AVX2+FMA at least, checked
+            // SAFETY: isa was clamped to a supported SIMD path (AVX2+FMA+F16C at least, checked
             // above); the kernel matches the layer's store and integer path (set_act_mode
             // only accepts layers with one); tile and token bounds asserted.
             unsafe {
+                let lut = self.vals != Vals::Int;
                 match (self.store, self.a8.kind) {
+                    _ if self.a8_half_off().is_some() => {
+                        // the segments' chunk count decides the fixed-stride loop
+                        let g = match self.segs.first().map_or(0, |s| s.chunks) {
+                            1 => 1,
+                            2 => 2,
+                            _ => 0,
+                        };
+                        match (lut, self.scode == ScaleCode::E8M0, g) {
+                            (true, true, 1) => by_tb!(tile_b4s, true, SC_E8M0, 1),
+                            (true, true, 2) => by_tb!(tile_b4s, true, SC_E8M0, 2),
+                            (true, true, _) => by_tb!(tile_b4s, true, SC_E8M0, 0),
+                            (true, false, 1) => by_tb!(tile_b4s, true, SC_E4M3, 1),
+                            (true, false, 2) => by_tb!(tile_b4s, true, SC_E4M3, 2),
+                            (true, false, _) => by_tb!(tile_b4s, true, SC_E4M3, 0),
+                            (false, true, _) => by_tb!(tile_b4s, false, SC_E8M0, 0),
+                            (false, false, _) => by_tb!(tile_b4s, false, SC_E4M3, 0),
+                        }
+                    }
                     (Store::B4, A8Kind::B4 { pairs: 1 }) => by_tb!(tile_b4, true, 1),
                     (Store::B4, A8Kind::B4 { .. }) if self.vals == Vals::Int => {
                         by_tb!(tile_b4, false, 4)
