@@ -609,6 +609,33 @@ impl PackedLinear {
         if isa != Isa::Scalar && n_tokens >= GEMM_MIN_TOKENS {
             return self.forward_gemm(isa, &xp, n_tokens, y);
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && self.store == Store::B8 && self.vals == Vals::E4M3 {
+            // activations scaled by a power of two per token (crate::x86::e4m3_x_scale)
+            let mut xsc = vec![0f32; n_tokens * self.pcols];
+            let mut fo = vec![0f32; n_tokens];
+            for t in 0..n_tokens {
+                let src = &xp[t * self.pcols..(t + 1) * self.pcols];
+                let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let amax = if src.iter().all(|v| v.is_finite()) {
+                    amax
+                } else {
+                    f32::NAN
+                };
+                let (k, f) = crate::x86::e4m3_x_scale(amax);
+                fo[t] = f;
+                for (d, &v) in xsc[t * self.pcols..(t + 1) * self.pcols]
+                    .iter_mut()
+                    .zip(src)
+                {
+                    *d = v * k;
+                }
+            }
+            self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
+                crate::x86::run_tile_e4m3(self, tile, &xsc, &fo, tok, tb, buf)
+            });
+            return Ok(());
+        }
         self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
             self.run_tile(isa, tile, &xp, &xs, tok, tb, buf)
         });

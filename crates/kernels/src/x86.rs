@@ -39,6 +39,9 @@ macro_rules! unroll4 {
 }
 const _: () = assert!(TILE_ROWS == 4 && TB == 4);
 
+/// Software prefetch distance in bytes of the AVX2 FP8 kernel's weight stream.
+const PREFETCH: usize = 1024;
+
 /// Decoder kinds (const-generic selector).
 const K_B4_INT: u8 = 0;
 const K_B4_LUT: u8 = 1;
@@ -283,6 +286,129 @@ unsafe fn dequant2<const K: u8>(pk: &PackedLinear, tile: usize, w: &mut [f32]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// AVX2 FP8 E4M3 without `vcvtph2ps` (2 uops at half rate on Zen): a code becomes the f32 bit
+// pattern `sign << 31 | (code & 0x7f) << 20`, which equals `e4m3(code) * 2^-120` exactly (normal
+// codes are normal f32, the 7 subnormal magnitudes become f32 subnormals of the same value).
+// So that the products stay far from the f32 subnormal range, each token's activations are
+// multiplied by a power of two `2^k` with `max|x| * 2^k` in `[2^63, 2^64)` (exact), and the
+// output by `2^(112 - k)` (the packed scale already holds the factor 256 of the f16 form).
+
+/// `2^k` for a token of activations whose largest magnitude is `amax`, and the matching output
+/// factor `2^(112 - k)` (see above). Zero, NaN or Inf: `k = 0`.
+pub(crate) fn e4m3_x_scale(amax: f32) -> (f32, f32) {
+    if !(amax.is_finite() && amax > 0.0) {
+        return (1.0, pow2(112));
+    }
+    let e = if amax >= f32::MIN_POSITIVE {
+        ((amax.to_bits() >> 23) as i32) - 127
+    } else {
+        amax.log2().floor() as i32
+    };
+    let k = (63 - e).clamp(-15, 127);
+    (pow2(k), pow2(112 - k))
+}
+
+/// `2^k` for `k` in `-126..=127` (exact).
+fn pow2(k: i32) -> f32 {
+    f32::from_bits(((k + 127) as u32) << 23)
+}
+
+/// 8 E4M3 codes (8 bytes at `p`) as `e4m3 * 2^-120`.
+///
+/// # Safety
+/// AVX2 available; 8 readable bytes at `p`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dec_e4m3x8(p: *const u8) -> __m256 {
+    // SAFETY: 8 readable bytes at p (caller).
+    let v = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+    let d = _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(v));
+    _mm256_castsi256_ps(_mm256_and_si256(
+        d,
+        _mm256_set1_epi32(0x87F0_0000u32 as i32),
+    ))
+}
+
+/// [`tile2`] for FP8 E4M3 weights with [`dec_e4m3x8`] and scaled activations: `xp` holds
+/// `x * 2^k_t`, `fo[t] = 2^(112 - k_t)`; no bias terms (FP8 has none). Two accumulators
+/// per row and token (low and high half of a chunk) when NT <= 2.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `pk` is FP8 E4M3 (`Store::B8`, `Vals::E4M3`);
+/// `tile < pk.ntiles`; `xp` holds at least `(t0 + NT) * pk.pcols` floats; `fo.len() >= t0 + NT`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile2_e4m3<const NT: usize>(
+    pk: &PackedLinear,
+    tile: usize,
+    xp: &[f32],
+    fo: &[f32],
+    t0: usize,
+    out: &mut [[f32; TILE_ROWS]; TB],
+) {
+    const CB: usize = 16;
+    let hdr = pk.hdr;
+    let pcols = pk.pcols;
+    debug_assert!(tile < pk.ntiles && xp.len() >= (t0 + NT) * pcols && fo.len() >= t0 + NT);
+    // SAFETY: tile < ntiles, so the tile's tile_bytes bytes lie inside pk.data.
+    let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+    let mut vacc = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
+    for seg in pk.segs.iter() {
+        let hoff = tile * pk.tile_bytes + seg.byte_off;
+        // SAFETY: segment header and chunks lie inside the tile (layout of PackedLinear::new).
+        let h = unsafe { base.add(seg.byte_off + hdr) };
+        let mut g = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
+        let mut g2 = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
+        for j in 0..seg.chunks {
+            let c = h.wrapping_add(j * TILE_ROWS * CB);
+            // one 64-byte line per chunk, PREFETCH bytes ahead (never faults)
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(PREFETCH) as *const i8);
+            let mut xl = [_mm256_setzero_ps(); NT];
+            let mut xh = [_mm256_setzero_ps(); NT];
+            unroll4!(t => {
+                if t < NT {
+                    let o = (t0 + t) * pcols + seg.col0 + j * CHUNK;
+                    // SAFETY: o + 16 <= (t0 + NT) * pcols <= xp.len().
+                    unsafe {
+                        xl[t] = _mm256_loadu_ps(xp.as_ptr().add(o));
+                        xh[t] = _mm256_loadu_ps(xp.as_ptr().add(o + 8));
+                    }
+                }
+            });
+            unroll4!(r => {
+                // SAFETY: row r of chunk j: 16 bytes inside the segment.
+                let (lo, hi) = unsafe { (dec_e4m3x8(c.add(r * CB)), dec_e4m3x8(c.add(r * CB + 8))) };
+                unroll4!(t => {
+                    if t < NT {
+                        g[t][r] = _mm256_fmadd_ps(lo, xl[t], g[t][r]);
+                        if NT <= 2 {
+                            g2[t][r] = _mm256_fmadd_ps(hi, xh[t], g2[t][r]);
+                        } else {
+                            g[t][r] = _mm256_fmadd_ps(hi, xh[t], g[t][r]);
+                        }
+                    }
+                });
+            });
+        }
+        let sc = pk.scales4(hoff);
+        unroll4!(r => {
+            let sv = _mm256_set1_ps(sc[r]);
+            unroll4!(t => {
+                if t < NT {
+                    let gg = if NT <= 2 { _mm256_add_ps(g[t][r], g2[t][r]) } else { g[t][r] };
+                    vacc[t][r] = _mm256_fmadd_ps(gg, sv, vacc[t][r]);
+                }
+            });
+        });
+    }
+    for t in 0..NT {
+        for r in 0..TILE_ROWS {
+            // SAFETY: AVX2 available (this function's target features).
+            out[t][r] = unsafe { hsum256(vacc[t][r]) } * fo[t0 + t];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // AVX-512: a chunk of 16 codes decodes into one __m512.
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -518,6 +644,36 @@ pub(crate) fn run_tile(
         // SAFETY: the CPU supports AVX2+FMA+F16C, bounds asserted above.
         Isa::Avx2 => unsafe { by_kind_nt!(k, tb, tile2, pk, tile, xp, xs, t0, out) },
         Isa::Scalar => pk.tile_scalar(tile, xp, xs, t0, tb, out),
+    }
+}
+
+/// [`run_tile`] for FP8 E4M3 layers on the AVX2 path ([`tile2_e4m3`]): `xp` holds the
+/// activations times `2^k_t` and `fo[t]` the output factors of [`e4m3_x_scale`].
+pub(crate) fn run_tile_e4m3(
+    pk: &PackedLinear,
+    tile: usize,
+    xp: &[f32],
+    fo: &[f32],
+    t0: usize,
+    tb: usize,
+    out: &mut [[f32; TILE_ROWS]; TB],
+) {
+    assert!(
+        Isa::Avx2.supported()
+            && kind(pk) == K_B8_E4M3
+            && tile < pk.ntiles
+            && (1..=TB).contains(&tb)
+            && xp.len() >= (t0 + tb) * pk.pcols
+            && fo.len() >= t0 + tb
+    );
+    // SAFETY: AVX2+FMA+F16C supported, E4M3 layer and bounds asserted above.
+    unsafe {
+        match tb {
+            1 => tile2_e4m3::<1>(pk, tile, xp, fo, t0, out),
+            2 => tile2_e4m3::<2>(pk, tile, xp, fo, t0, out),
+            3 => tile2_e4m3::<3>(pk, tile, xp, fo, t0, out),
+            _ => tile2_e4m3::<4>(pk, tile, xp, fo, t0, out),
+        }
     }
 }
 

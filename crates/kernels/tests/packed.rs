@@ -464,3 +464,77 @@ fn tolerance_detects_a_single_wrong_code() {
         );
     }
 }
+
+/// The AVX2 FP8 E4M3 kernel decodes codes to `e4m3 * 2^-120` (f32 bit patterns, subnormal
+/// codes included) and multiplies each token's activations by a power of two so that the
+/// largest lands in `[2^63, 2^64)`: tiny, huge and mixed-magnitude tokens, odd batches and
+/// ragged shapes stay within the f32-rounding bound of the exact f64 product, and NaN / Inf
+/// activations give the same non-finite outputs as the scalar reference.
+#[test]
+fn fp8_e4m3_activation_scaling() {
+    let mut rng = Rng(9);
+    let fp8 = ElemFormat::Float(FloatFormat::E4M3);
+    let u = f32::EPSILON as f64 / 2.0;
+    for &(rows, cols) in &[(13, 577), (4, 16), (7, 100), (5, 300)] {
+        let q = random_tensor(
+            scheme(fp8, Granularity::PerChannel, false, false),
+            rows,
+            cols,
+            false,
+            &mut rng,
+        );
+        let pk = PackedLinear::new(&q).unwrap();
+        let (w, mag) = dequant(&q);
+        for n in 1..=8 {
+            // per token: one magnitude, or half the columns 1e20 and half 1e-20
+            let mags = [1e-30f32, 1e30, 1.0, 3e-7, 0.0, 1e20, 5e-39, 2e12];
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| {
+                    let (t, c) = (i / cols, i % cols);
+                    let m = match mags[t % mags.len()] {
+                        1e20 if c % 2 == 1 => 1e-20,
+                        m => m,
+                    };
+                    rng.f() * m
+                })
+                .collect();
+            for isa in Isa::all_supported() {
+                let mut y = vec![f32::NAN; n * rows];
+                pk.forward_with(isa, &x, n, &mut y).unwrap();
+                for t in 0..n {
+                    for r in 0..rows {
+                        let (mut exact, mut m) = (0f64, 0f64);
+                        for c in 0..cols {
+                            let xv = x[t * cols + c] as f64;
+                            exact += xv * w[r * cols + c];
+                            m += xv.abs() * mag[r * cols + c];
+                        }
+                        let tol = 2.0 * (cols + 5) as f64 * u * m + exact.abs() * u + 1e-37;
+                        let got = y[t * rows + r] as f64;
+                        assert!(
+                            (got - exact).abs() <= tol,
+                            "{isa:?} {rows}x{cols} batch {n} token {t} row {r}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+        // non-finite activations: NaN, +Inf, -Inf at one column
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
+            x[cols / 2] = bad;
+            let mut ys = vec![0f32; rows];
+            pk.forward_with(Isa::Scalar, &x, 1, &mut ys).unwrap();
+            for isa in Isa::all_supported() {
+                let mut y = vec![0f32; rows];
+                pk.forward_with(isa, &x, 1, &mut y).unwrap();
+                // (the scalar reference adds `0 * sum(x)` for the absent bias, so it can give
+                // NaN where the kernels give an infinity)
+                for (a, b) in y.iter().zip(&ys) {
+                    assert!(!b.is_finite(), "{bad}: scalar {b}");
+                    assert!(!a.is_finite(), "{isa:?} {bad}: {a} vs scalar {b}");
+                }
+            }
+        }
+    }
+}
