@@ -635,6 +635,11 @@ pub(crate) mod avx2 {
     /// 4-bit layers. `PAIRS`: products summed in i16 before widening (4 when the table values
     /// are <= 32, 1 when <= 128: a `vpmaddubsw` pair sum is then <= 2 * 128 * 127 = 32512).
     ///
+    /// `NT` (1..=8) tokens share each unpacked weight register; every token's output is computed
+    /// by the same instructions in the same order whatever `NT` (per-token accumulators, no
+    /// cross-token operation), so the 8-token prefill pass ([`crate::packed::TB_WIDE`]) is bit-identical to
+    /// the one-token calls. `out` holds at least `NT` rows.
+    ///
     /// # Safety
     /// AVX2 + FMA available; `pk` is 4-bit (`Store::B4`) with an integer path (`pk.a8`);
     /// `tile < pk.ntiles`; `qa` was built by `pk.quantize_act(.., n, true)` with
@@ -645,8 +650,9 @@ pub(crate) mod avx2 {
         tile: usize,
         qa: &QuantAct,
         t0: usize,
-        out: &mut [[f32; TILE_ROWS]; TB],
+        out: &mut [[f32; TILE_ROWS]],
     ) {
+        assert!(out.len() >= NT);
         let pcols = pk.pcols;
         let nseg = pk.segs.len();
         debug_assert!(

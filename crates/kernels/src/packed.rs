@@ -120,6 +120,12 @@ impl HdrMode {
 }
 /// Tokens processed per pass of the fused kernel.
 pub(crate) const TB: usize = 4;
+/// Tokens per pass of the INT8-activation prefill on INT4 layers
+/// ([`PackedLinear::run_tile_act8_wide`]): the 4 unpacked weight registers of a block serve 8
+/// tokens (8 accumulators), halving the unpack and the per-group and per-call overhead per
+/// token against [`TB`].
+pub(crate) const TB_WIDE: usize = 8;
+const _: () = assert!(TOKEN_BLOCK.is_multiple_of(TB_WIDE) && TB_WIDE >= TB);
 /// Tokens per task of the INT8-activation prefill ([`PackedLinear::run_tiles_2d`]).
 const TOKEN_BLOCK: usize = 64;
 /// Most row tiles per task of the INT8-activation prefill.
@@ -589,7 +595,7 @@ impl PackedLinear {
             let qa = self.quantize_act(&xp, n_tokens, isa != Isa::Scalar);
             if n_tokens > TB {
                 self.run_tiles_2d(n_tokens, y, |tile, tok, tb, buf| {
-                    self.run_tile_act8(isa, tile, &qa, tok, tb, buf)
+                    self.run_tile_act8_wide(isa, tile, &qa, tok, tb, buf)
                 });
             } else {
                 self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
@@ -706,13 +712,14 @@ impl PackedLinear {
     /// Prefill scheduler: the `(row tiles) x (tokens)` output is cut into tasks of up to
     /// [`ROW_BLOCK_TILES`] row tiles x [`TOKEN_BLOCK`] tokens, split over the pool in both
     /// directions (so that short layers still give every thread work), each written straight
-    /// into `y`. Inside a task the tokens go in groups of [`TB`] and, per group, every row tile
-    /// of the block: the group's activation codes stay in L1 and the block's weights in L2.
-    /// `tile_fn` is the same per-tile kernel as [`Self::run_row_blocks`]'s, so every output
-    /// value is computed by the same instructions in the same order as there.
+    /// into `y`. Inside a task the tokens go in groups of [`TB_WIDE`] and, per group, every row
+    /// tile of the block: the group's activation codes stay in L1 and the block's weights in L2.
+    /// `tile_fn(tile, tok, tb, buf)` (`tb <= TB_WIDE`) computes every output value by the same
+    /// instructions in the same order as [`Self::run_row_blocks`]'s per-tile kernel (see
+    /// [`Self::run_tile_act8_wide`]).
     fn run_tiles_2d<F>(&self, n_tokens: usize, y: &mut [f32], tile_fn: F)
     where
-        F: Fn(usize, usize, usize, &mut [[f32; TILE_ROWS]; TB]) + Sync,
+        F: Fn(usize, usize, usize, &mut [[f32; TILE_ROWS]; TB_WIDE]) + Sync,
     {
         /// Wraps the output pointer so that the tasks can share it.
         #[derive(Clone, Copy)]
@@ -742,9 +749,9 @@ impl PackedLinear {
             let tile1 = (tile0 + tiles_per_rb).min(self.ntiles);
             let tok1 = ((kb + 1) * TOKEN_BLOCK).min(n_tokens);
             let mut tok = kb * TOKEN_BLOCK;
-            let mut buf = [[0f32; TILE_ROWS]; TB];
+            let mut buf = [[0f32; TILE_ROWS]; TB_WIDE];
             while tok < tok1 {
-                let tb = (tok1 - tok).min(TB);
+                let tb = (tok1 - tok).min(TB_WIDE);
                 for tile in tile0..tile1 {
                     tile_fn(tile, tok, tb, &mut buf);
                     let r0 = tile * TILE_ROWS;
@@ -766,6 +773,48 @@ impl PackedLinear {
                 tok += tb;
             }
         });
+    }
+
+    /// [`Self::run_tile_act8`] for up to [`TB_WIDE`] tokens: INT4 layers on the AVX2 path run
+    /// 8 tokens in one [`crate::act8::avx2::tile_b4`] pass (bit-identical per token to the
+    /// 4- and 1-token passes, see there), everything else in groups of [`TB`].
+    fn run_tile_act8_wide(
+        &self,
+        isa: Isa,
+        tile: usize,
+        qa: &crate::act8::QuantAct,
+        t0: usize,
+        tb: usize,
+        out: &mut [[f32; TILE_ROWS]; TB_WIDE],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if tb == TB_WIDE
+            && isa != Isa::Scalar
+            && self.store == Store::B4
+            && self.vals == Vals::Int
+            && self.a8.kind == (A8Kind::B4 { pairs: 4 })
+            && self.a8_half_off().is_none()
+        {
+            assert!(
+                tile < self.ntiles
+                    && qa.xperm.len() >= (t0 + tb) * self.pcols
+                    && qa.sx.len() >= (t0 + tb) * qa.nblk
+                    && isa.supported()
+            );
+            // SAFETY: isa is a supported SIMD path (AVX2+FMA at least, checked above); the
+            // layer is INT4 with the 4-pair integer path, as tile_b4::<false, 4, _> needs;
+            // tile and token bounds asserted; out holds TB_WIDE rows.
+            unsafe { crate::act8::avx2::tile_b4::<false, 4, TB_WIDE>(self, tile, qa, t0, out) };
+            return;
+        }
+        let mut buf = [[0f32; TILE_ROWS]; TB];
+        let mut t = 0;
+        while t < tb {
+            let n = (tb - t).min(TB);
+            self.run_tile_act8(isa, tile, qa, t0 + t, n, &mut buf);
+            out[t..t + n].copy_from_slice(&buf[..n]);
+            t += n;
+        }
     }
 
     /// One row tile of the INT8-activation path.

@@ -319,8 +319,9 @@ fn mode_is_explicit_and_checked() {
 
 /// The tiled prefill (tokens split in blocks over the pool, quantization split over tokens)
 /// gives every token exactly what a one-token call (the decode path) gives it: the same integer
-/// math in the same order, bit for bit, on every path; ragged row tiles, odd token counts,
-/// token counts above and below the 64-token block, 1 and 3 threads.
+/// math in the same order, bit for bit, on every path (INT4 prefill: 8 tokens per kernel pass,
+/// the rest in passes of up to 4); ragged row tiles, odd token counts, token counts above and
+/// below the 64-token block, 1 and 3 threads.
 #[test]
 fn prefill_equals_per_token_bitwise() {
     let mut rng = Rng(15);
@@ -335,7 +336,8 @@ fn prefill_equals_per_token_bitwise() {
         let q = int4_tensor(gran, asym, rows, cols, act_order, &mut rng);
         let mut pk = PackedLinear::new(&q).unwrap();
         pk.set_act_mode(ActMode::Int8Block).unwrap();
-        for &n in &[5usize, 17, 67, 131] {
+        // 12 and 46: 8-token passes plus a 4-token and a 4 + 2 rest
+        for &n in &[5usize, 12, 17, 46, 67, 131] {
             let x: Vec<f32> = (0..n * cols)
                 .map(|i| rng.f() * if (i / 29) % 4 == 0 { 6.0 } else { 0.3 })
                 .collect();
