@@ -100,6 +100,36 @@ pub fn advise_huge_pages(w: &[f32]) -> bool {
     }
 }
 
+/// `MADV_HUGEPAGE` (only) on the 2 MiB-aligned range around a not yet written buffer (e.g. a
+/// `Vec`'s spare capacity), so that its pages are backed by transparent huge pages as they are
+/// first written, which does not depend on a later collapse finding free huge pages. A hint with
+/// the same transparency argument as [`advise_huge_pages`]; returns whether the kernel took it.
+pub fn advise_huge_pages_before_write(buf: &[std::mem::MaybeUninit<f32>]) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        const MADV_HUGEPAGE: i32 = 14;
+        extern "C" {
+            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+        }
+        if buf.is_empty() {
+            return false;
+        }
+        let start = buf.as_ptr() as usize;
+        let lo = start / HUGE * HUGE;
+        let hi = (start + std::mem::size_of_val(buf)).div_ceil(HUGE) * HUGE;
+        // SAFETY: MADV_HUGEPAGE never changes the contents or protections of memory, only how
+        // pages are backed, so it cannot affect this or any other allocation in [lo, hi);
+        // unmapped parts of the range only make it return an error.
+        unsafe { madvise(lo as *mut std::ffi::c_void, hi - lo, MADV_HUGEPAGE) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = buf;
+        false
+    }
+}
+
 /// One contiguous block of rows (`w.len() == y.len() * x.len()`, checked by the caller).
 fn block(isa: Isa, x: &[f32], w: &[f32], y: &mut [f32]) {
     match isa {

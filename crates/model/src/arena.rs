@@ -129,6 +129,23 @@ pub fn pack<'a>(bufs: impl IntoIterator<Item = &'a mut DenseF32>) -> std::io::Re
     Ok(total)
 }
 
+/// `v` moved to a fresh allocation that is advised onto huge pages before it is written (see
+/// [`lowbit_kernels::gemv_f32::advise_huge_pages_before_write`]), then given the usual
+/// `MADV_HUGEPAGE` + `MADV_COLLAPSE` hint: for a large buffer that stays a `Vec` (the tied
+/// embedding / head), so that its huge-page backing does not depend on a collapse that can fail
+/// under memory pressure. Buffers under 4 MiB are returned as they are. Values unchanged.
+pub fn huge_page_vec(v: Vec<f32>) -> Vec<f32> {
+    if v.len() * F32 < 2 * HUGE {
+        return v;
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(v.len());
+    lowbit_kernels::gemv_f32::advise_huge_pages_before_write(out.spare_capacity_mut());
+    out.extend_from_slice(&v);
+    drop(v);
+    lowbit_kernels::gemv_f32::advise_huge_pages(&out);
+    out
+}
+
 impl crate::Model {
     /// Move the dense f32 weights of every linear layer (and an untied `lm_head`) into one
     /// huge-page arena, in the order decode reads them (layer by layer: q, k, v, o, gate, up,
@@ -212,6 +229,17 @@ mod tests {
         assert_eq!(&last[..], &orig[5][..]);
         let mut none: Vec<DenseF32> = Vec::new();
         assert_eq!(pack(none.iter_mut()).unwrap(), 0);
+    }
+
+    #[test]
+    fn huge_page_vec_keeps_values() {
+        for n in [0usize, 1000, (5 << 20) / 4 + 3] {
+            let v = data(n, 9);
+            let w = huge_page_vec(v.clone());
+            assert!(
+                v.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()) && v.len() == w.len()
+            );
+        }
     }
 
     /// A loaded model's dense layers are in the arena, and packing changes no logit: the

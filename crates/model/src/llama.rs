@@ -204,8 +204,9 @@ impl Model {
                 }
             }
         }
-        // The (tied) head streams the embedding once per decoded token: huge pages (a hint).
-        lowbit_kernels::gemv_f32::advise_huge_pages(&embed);
+        // The (tied) head streams the embedding once per decoded token: huge pages (a hint,
+        // advised before the copy is written; see `arena::huge_page_vec`).
+        let embed = crate::arena::huge_page_vec(embed);
         let rope = Rope::new(&config);
         let rope_local = config.gemma3().map(|g| {
             let mut local = config.clone();
