@@ -185,15 +185,7 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::test_util::lcg_values(n, seed)
     }
 
     /// Buffers of ragged lengths (not multiples of 16 values) keep their values bit for bit,
@@ -246,26 +238,8 @@ mod tests {
     /// same model with its layers copied back to the heap gives bit-identical logits.
     #[test]
     fn packed_model_logits_are_unchanged() {
-        use crate::config::{Arch, ModelConfig, RopeScaling};
         use lowbit_kv_cache::F32Cache;
-        let c = ModelConfig {
-            arch: Arch::Llama,
-            vocab_size: 300,
-            hidden_size: 64,
-            intermediate_size: 96,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 16,
-            rope_theta: 10000.0,
-            rope_scaling: RopeScaling::None,
-            rms_eps: 1e-5,
-            max_ctx: 64,
-            tie_embeddings: false,
-            qkv_bias: true,
-            bos_token_id: None,
-            eos_token_id: None,
-        };
+        let c = crate::test_util::tiny_llama(false, true);
         let packed = crate::weights::random_model(c.clone(), 7).unwrap();
         let mut heap = crate::weights::random_model(c.clone(), 7).unwrap();
         for name in heap.linear_names() {

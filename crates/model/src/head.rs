@@ -61,31 +61,14 @@ impl Model {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Arch, ModelConfig, RopeScaling};
+    use crate::config::ModelConfig;
     use crate::weights::random_model;
     use crate::Logits;
     use lowbit_kv_cache::F32Cache;
     use lowbit_numerics::Scheme;
 
     fn cfg() -> ModelConfig {
-        ModelConfig {
-            arch: Arch::Llama,
-            vocab_size: 300,
-            hidden_size: 64,
-            intermediate_size: 96,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 16,
-            rope_theta: 10000.0,
-            rope_scaling: RopeScaling::None,
-            rms_eps: 1e-5,
-            max_ctx: 64,
-            tie_embeddings: true,
-            qkv_bias: false,
-            bos_token_id: None,
-            eos_token_id: None,
-        }
+        crate::test_util::tiny_llama(true, false)
     }
 
     /// The int8-head model's logits stay within the head's rounding error of the f32 model's:

@@ -24,6 +24,8 @@ pub mod resolve;
 pub mod rope;
 pub mod rotate;
 pub mod sampling;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod weights;
 

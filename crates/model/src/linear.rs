@@ -347,15 +347,7 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::test_util::lcg_values(n, seed)
     }
 
     fn reference(w: &[f32], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f64> {
