@@ -144,6 +144,35 @@ unsafe fn dec2<const K: u8>(p: *const u8, lut_lo: __m256, lut_hi: __m256) -> (__
     }
 }
 
+/// The 16 activations at columns `col..col + 16` of tokens `t0..t0 + NT` (row stride `pcols`),
+/// as two vectors of 8 per token.
+///
+/// # Safety
+/// AVX2 available; `(t0 + NT - 1) * pcols + col + 16 <= xp.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load_x16<const NT: usize>(
+    xp: &[f32],
+    t0: usize,
+    pcols: usize,
+    col: usize,
+) -> ([__m256; NT], [__m256; NT]) {
+    let mut xl = [_mm256_setzero_ps(); NT];
+    let mut xh = [_mm256_setzero_ps(); NT];
+    unroll4!(t => {
+        if t < NT {
+            let o = (t0 + t) * pcols + col;
+            debug_assert!(o + 16 <= xp.len());
+            // SAFETY: o + 16 <= xp.len() (caller).
+            unsafe {
+                xl[t] = _mm256_loadu_ps(xp.as_ptr().add(o));
+                xh[t] = _mm256_loadu_ps(xp.as_ptr().add(o + 8));
+            }
+        }
+    });
+    (xl, xh)
+}
+
 /// 16-entry table lookup for 8 codes in `0..16`: two 8-entry `vpermps` and a blend on bit 3.
 /// (A plain function, not a closure: closures do not inherit `target_feature`.)
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -200,18 +229,8 @@ unsafe fn tile2<const K: u8, const NT: usize>(
         let h = unsafe { base.add(seg.byte_off) };
         let mut g = [[_mm256_setzero_ps(); TILE_ROWS]; NT];
         for j in 0..seg.chunks {
-            let mut xl = [_mm256_setzero_ps(); NT];
-            let mut xh = [_mm256_setzero_ps(); NT];
-            unroll4!(t => {
-                if t < NT {
-                    let o = (t0 + t) * pcols + seg.col0 + j * CHUNK;
-                    // SAFETY: o + 16 <= (t0 + NT) * pcols <= xp.len() (segments tile 0..pcols).
-                    unsafe {
-                        xl[t] = _mm256_loadu_ps(xp.as_ptr().add(o));
-                        xh[t] = _mm256_loadu_ps(xp.as_ptr().add(o + 8));
-                    }
-                }
-            });
+            // SAFETY: segments tile 0..pcols, so the chunk's 16 columns lie inside every token row.
+            let (xl, xh) = unsafe { load_x16::<NT>(xp, t0, pcols, seg.col0 + j * CHUNK) };
             unroll4!(r => {
                 // SAFETY: chunk (j, r) of this segment is inside the tile.
                 let (lo, hi) =
@@ -362,18 +381,8 @@ unsafe fn tile2_e4m3<const NT: usize>(
             let c = h.wrapping_add(j * TILE_ROWS * CB);
             // one 64-byte line per chunk, PREFETCH bytes ahead (never faults)
             _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(PREFETCH) as *const i8);
-            let mut xl = [_mm256_setzero_ps(); NT];
-            let mut xh = [_mm256_setzero_ps(); NT];
-            unroll4!(t => {
-                if t < NT {
-                    let o = (t0 + t) * pcols + seg.col0 + j * CHUNK;
-                    // SAFETY: o + 16 <= (t0 + NT) * pcols <= xp.len().
-                    unsafe {
-                        xl[t] = _mm256_loadu_ps(xp.as_ptr().add(o));
-                        xh[t] = _mm256_loadu_ps(xp.as_ptr().add(o + 8));
-                    }
-                }
-            });
+            // SAFETY: segments tile 0..pcols, so the chunk's 16 columns lie inside every token row.
+            let (xl, xh) = unsafe { load_x16::<NT>(xp, t0, pcols, seg.col0 + j * CHUNK) };
             unroll4!(r => {
                 // SAFETY: row r of chunk j: 16 bytes inside the segment.
                 let (lo, hi) = unsafe { (dec_e4m3x8(c.add(r * CB)), dec_e4m3x8(c.add(r * CB + 8))) };
