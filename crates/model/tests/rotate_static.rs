@@ -243,24 +243,31 @@ fn bad_static_requests_are_clear_errors() {
     assert!(rotated_checkpoint(&m, &o, &rep, vec![]).is_err());
 }
 
-#[test]
-fn spinquant_selection_keeps_the_better_of_start_and_learned() {
-    let windows: Vec<Vec<u32>> = (0..5)
+/// Five 16-token windows and a short SpinQuant run (2 held-out windows, `starts` starts) on
+/// the W4A4 INT scheme with act clip 0.9.
+fn spin_setup(starts: usize) -> (Vec<Vec<u32>>, PrepareOptions) {
+    let windows = (0..5)
         .map(|s| (0..16).map(|i| (i * 7 + s * 13 + 1) % 61).collect())
         .collect();
-    let spin = SpinOptions {
-        iters: 6,
-        tokens_per_layer: 32,
-        tokens_per_iter: 16,
-        select_windows: 2,
-        starts: 1,
-        ..SpinOptions::default()
-    };
     let o = PrepareOptions {
         rotate: RotateMethod::Spinquant,
-        spin: spin.clone(),
+        spin: SpinOptions {
+            iters: 6,
+            tokens_per_layer: 32,
+            tokens_per_iter: 16,
+            select_windows: 2,
+            starts,
+            ..SpinOptions::default()
+        },
         ..opts("w4a4-int", 0.9, None)
     };
+    (windows, o)
+}
+
+#[test]
+fn spinquant_selection_keeps_the_better_of_start_and_learned() {
+    let (windows, o) = spin_setup(1);
+    let spin = o.spin.clone();
     let mut m = model();
     let rep = prepare(&mut m, &o, &windows, &mut |_| {}).unwrap();
     let s = rep.spin_selection.clone().unwrap();
@@ -307,22 +314,8 @@ fn spinquant_selection_keeps_the_better_of_start_and_learned() {
 
 #[test]
 fn spinquant_multi_start_keeps_the_lowest_held_out_kl() {
-    let windows: Vec<Vec<u32>> = (0..5)
-        .map(|s| (0..16).map(|i| (i * 7 + s * 13 + 1) % 61).collect())
-        .collect();
-    let spin = SpinOptions {
-        iters: 6,
-        tokens_per_layer: 32,
-        tokens_per_iter: 16,
-        select_windows: 2,
-        starts: 3,
-        ..SpinOptions::default()
-    };
-    let o = PrepareOptions {
-        rotate: RotateMethod::Spinquant,
-        spin: spin.clone(),
-        ..opts("w4a4-int", 0.9, None)
-    };
+    let (windows, o) = spin_setup(3);
+    let spin = o.spin.clone();
     let mut m = model();
     let rep = prepare(&mut m, &o, &windows, &mut |_| {}).unwrap();
     let s = rep.spin_selection.clone().unwrap();
