@@ -621,6 +621,58 @@ pub fn quantize_streaming(
     })
 }
 
+/// What the calibration passes and quantize stages of one layer share: the layer's plan, the
+/// dequantized weights quantized so far (which later passes run through) and the reports.
+struct LayerJob<'a> {
+    c: &'a ModelConfig,
+    rope: &'a Rope,
+    li: usize,
+    opts: &'a PipelineOptions,
+    plan: Plan,
+    deq: Deq,
+    modules: Vec<ModuleReport>,
+}
+
+impl LayerJob<'_> {
+    /// [`run_steps`] with the layer's current weights.
+    fn pass(
+        &self,
+        layer: &Layer,
+        acts: &mut Acts,
+        steps: &[Step],
+        stats: &mut BTreeMap<&'static str, Stats>,
+        what: &'static str,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<()> {
+        let (c, rope, li) = (self.c, self.rope, self.li);
+        run_steps(
+            c, layer, rope, li, &self.deq, acts, steps, stats, what, on_event,
+        )
+    }
+
+    /// [`quantize_stage`] of the planned modules `todo`.
+    fn stage(
+        &mut self,
+        layer: &mut Layer,
+        todo: &[&'static str],
+        stats: &mut BTreeMap<&'static str, Stats>,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<()> {
+        let (li, opts, plan) = (self.li, self.opts, &self.plan);
+        quantize_stage(
+            layer,
+            li,
+            opts,
+            plan,
+            todo,
+            stats,
+            &mut self.deq,
+            on_event,
+            &mut self.modules,
+        )
+    }
+}
+
 /// Quantize decoder layer `li` (`layer`) with the calibration activations `acts` (its input
 /// hidden states; on return, the quantized layer's outputs, i.e. the next layer's inputs).
 /// Without calibration windows (`acts.ns == 0`) every planned linear is rounded directly.
@@ -654,9 +706,16 @@ fn quantize_layer(
             }
         }
     }
-    let mut deq: Deq = BTreeMap::new();
-    let mut modules = Vec::new();
-    let new_stats = |keys: &[&'static str]| -> BTreeMap<&'static str, Stats> {
+    let mut job = LayerJob {
+        c,
+        rope,
+        li,
+        opts,
+        plan,
+        deq: BTreeMap::new(),
+        modules: Vec::new(),
+    };
+    let new_stats = |plan: &Plan, keys: &[&'static str]| -> BTreeMap<&'static str, Stats> {
         keys.iter()
             .filter(|k| {
                 INPUTS
@@ -679,37 +738,16 @@ fn quantize_layer(
         let todo: Vec<&'static str> = INPUTS
             .iter()
             .flat_map(|(_, ms)| ms.iter().copied())
-            .filter(|m| plan.contains_key(m))
+            .filter(|m| job.plan.contains_key(m))
             .collect();
         let mut none = BTreeMap::new();
-        quantize_stage(
-            layer,
-            li,
-            opts,
-            &plan,
-            &todo,
-            &mut none,
-            &mut deq,
-            on_event,
-            &mut modules,
-        )?;
+        job.stage(layer, &todo, &mut none, on_event)?;
     } else if opts.method == Method::Awq || !opts.true_sequential {
         // One capture pass with the layer's original weights feeds all seven linears, then
         // one pass through the quantized layer. AWQ needs this order: its scales fold into
         // producers (norms, up_proj rows) that must still be dense, down_proj first.
-        let mut stats = new_stats(&["attn_in", "o_in", "mlp_in", "down_in"]);
-        run_steps(
-            c,
-            layer,
-            rope,
-            li,
-            &deq,
-            acts,
-            &STEPS[..4],
-            &mut stats,
-            "capture",
-            on_event,
-        )?;
+        let mut stats = new_stats(&job.plan, &["attn_in", "o_in", "mlp_in", "down_in"]);
+        job.pass(layer, acts, &STEPS[..4], &mut stats, "capture", on_event)?;
         let todo: Vec<&'static str> = if opts.method == Method::Awq {
             vec![
                 "mlp.down_proj",
@@ -726,25 +764,14 @@ fn quantize_layer(
                 .flat_map(|(_, ms)| ms.iter().copied())
                 .collect()
         };
-        let todo: Vec<&'static str> = todo.into_iter().filter(|m| plan.contains_key(m)).collect();
-        quantize_stage(
-            layer,
-            li,
-            opts,
-            &plan,
-            &todo,
-            &mut stats,
-            &mut deq,
-            on_event,
-            &mut modules,
-        )?;
+        let todo: Vec<&'static str> = todo
+            .into_iter()
+            .filter(|m| job.plan.contains_key(m))
+            .collect();
+        job.stage(layer, &todo, &mut stats, on_event)?;
         drop(stats);
-        run_steps(
-            c,
+        job.pass(
             layer,
-            rope,
-            li,
-            &deq,
             acts,
             &STEPS[1..],
             &mut BTreeMap::new(),
@@ -755,42 +782,17 @@ fn quantize_layer(
         // True-sequential in one forward: each step's inputs come from the already
         // quantized linears before it, which is also what the next layer must see.
         for (si, (key, ms)) in INPUTS.iter().enumerate() {
-            let mut stats = new_stats(&[key]);
-            run_steps(
-                c,
-                layer,
-                rope,
-                li,
-                &deq,
-                acts,
-                &STEPS[si..si + 1],
-                &mut stats,
-                key,
-                on_event,
-            )?;
+            let mut stats = new_stats(&job.plan, &[key]);
+            job.pass(layer, acts, &STEPS[si..si + 1], &mut stats, key, on_event)?;
             let todo: Vec<&'static str> = ms
                 .iter()
                 .copied()
-                .filter(|m| plan.contains_key(m))
+                .filter(|m| job.plan.contains_key(m))
                 .collect();
-            quantize_stage(
-                layer,
-                li,
-                opts,
-                &plan,
-                &todo,
-                &mut stats,
-                &mut deq,
-                on_event,
-                &mut modules,
-            )?;
+            job.stage(layer, &todo, &mut stats, on_event)?;
         }
-        run_steps(
-            c,
+        job.pass(
             layer,
-            rope,
-            li,
-            &deq,
             acts,
             &STEPS[4..],
             &mut BTreeMap::new(),
@@ -798,6 +800,7 @@ fn quantize_layer(
             on_event,
         )?;
     }
+    let modules = job.modules;
     let errs: Vec<f64> = modules.iter().filter_map(|m| m.rel_error).collect();
     let rep = LayerReport {
         layer: li,
