@@ -1159,29 +1159,48 @@ mod avx2 {
         srow: &mut [f32],
         pending: &mut Vec<usize>,
     ) {
-        const G: usize = 16;
-        let full = x.len() / G;
+        batched_row(16, x, drow, srow, pending, |xv, out| {
+            nvfp4_batch(s, xv, gs, out)
+        });
+    }
+
+    /// One row of a 16- or 32-value-group FP4 format, eight groups at a time: `batch` writes
+    /// eight groups' codes and returns their scales and a bit mask of the groups it encoded
+    /// (finite values). The last groups of a row go through it zero-padded; the groups it
+    /// leaves are queued in `pending` for the reference (which rewrites their bytes).
+    #[inline(always)]
+    fn batched_row(
+        g: usize,
+        x: &[f32],
+        drow: &mut [u8],
+        srow: &mut [f32],
+        pending: &mut Vec<usize>,
+        mut batch: impl FnMut(&[[f32; 8]], &mut [u8]) -> ([f32; 8], i32),
+    ) {
+        debug_assert!(g == 16 || g == 32);
+        let full = x.len() / g;
         let mut j0 = 0;
         while j0 < full {
             let n = (full - j0).min(8);
-            let xs = &x[j0 * G..(j0 + n) * G];
-            let out = &mut drow[j0 * G / 2..(j0 + n) * G / 2];
+            let xs = &x[j0 * g..(j0 + n) * g];
+            let out = &mut drow[j0 * g / 2..(j0 + n) * g / 2];
             let (sc, ok) = if n == 8 {
-                nvfp4_batch(s, pulp::as_arrays::<8, f32>(xs).0, gs, out)
+                batch(pulp::as_arrays::<8, f32>(xs).0, out)
             } else {
-                // the last few groups of a row, zero-padded to a batch
-                let mut xt = [0f32; 8 * G];
-                xt[..n * G].copy_from_slice(xs);
-                let mut ot = [0u8; 8 * G / 2];
-                let r = nvfp4_batch(s, pulp::as_arrays::<8, f32>(&xt).0, gs, &mut ot);
-                out.copy_from_slice(&ot[..n * G / 2]);
+                let mut xt = [0f32; 8 * 32];
+                xt[..n * g].copy_from_slice(xs);
+                let mut ot = [0u8; 8 * 32 / 2];
+                let r = batch(
+                    pulp::as_arrays::<8, f32>(&xt[..8 * g]).0,
+                    &mut ot[..8 * g / 2],
+                );
+                out.copy_from_slice(&ot[..n * g / 2]);
                 r
             };
             for k in 0..n {
                 if ok & (1 << k) != 0 {
                     srow[j0 + k] = sc[k];
                 } else {
-                    // left to the reference (which rewrites these bytes)
                     pending.push(j0 + k);
                 }
             }
@@ -1264,8 +1283,7 @@ mod avx2 {
         )
     }
 
-    /// MXFP4 rows eight groups at a time ([`mxfp4_batch`]; the last groups of a row
-    /// zero-padded to a batch).
+    /// MXFP4 rows eight groups at a time ([`mxfp4_batch`] through [`batched_row`]).
     #[inline(always)]
     fn mxfp4_row<const EVEN: bool, const BIT: bool>(
         s: K,
@@ -1275,34 +1293,9 @@ mod avx2 {
         srow: &mut [f32],
         pending: &mut Vec<usize>,
     ) {
-        const G: usize = 32;
-        let full = x.len() / G;
-        let mut j0 = 0;
-        while j0 < full {
-            let n = (full - j0).min(8);
-            let xs = &x[j0 * G..(j0 + n) * G];
-            let out = &mut drow[j0 * G / 2..(j0 + n) * G / 2];
-            let (sc, ok) = if n == 8 {
-                mxfp4_batch::<EVEN, BIT>(s, pulp::as_arrays::<8, f32>(xs).0, rule, out)
-            } else {
-                let mut xt = [0f32; 8 * G];
-                xt[..n * G].copy_from_slice(xs);
-                let mut ot = [0u8; 8 * G / 2];
-                let r =
-                    mxfp4_batch::<EVEN, BIT>(s, pulp::as_arrays::<8, f32>(&xt).0, rule, &mut ot);
-                out.copy_from_slice(&ot[..n * G / 2]);
-                r
-            };
-            for k in 0..n {
-                if ok & (1 << k) != 0 {
-                    srow[j0 + k] = sc[k];
-                } else {
-                    // left to the reference (which rewrites these bytes)
-                    pending.push(j0 + k);
-                }
-            }
-            j0 += n;
-        }
+        batched_row(32, x, drow, srow, pending, |xv, out| {
+            mxfp4_batch::<EVEN, BIT>(s, xv, rule, out)
+        });
     }
 
     /// NF4 codes by a four-step binary search over the 15 sorted midpoints (the same count
