@@ -4,6 +4,7 @@
 
 use lowbit_model::gguf::{GgufValue, GgufWriter};
 use lowbit_numerics::gguf::GgmlType;
+use lowbit_numerics::rounding::SplitMix64 as Rng;
 use lowbit_numerics::{quantize, QuantOptions, Scheme};
 use safetensors::{tensor::TensorView, Dtype};
 use std::path::Path;
@@ -19,17 +20,6 @@ const TARGETS: &[(&str, Target)] = &[
     ("safetensors_file", lowbit_fuzz::safetensors_file),
     ("ct_module", lowbit_fuzz::ct_module),
 ];
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 fn tiny_gguf() -> Vec<u8> {
     let mut w = GgufWriter::new();
@@ -134,7 +124,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
     }
     let mut r = Rng(0x5EED);
     for len in [7usize, 40, 300, 2000] {
-        s.push((0..len).map(|_| r.next() as u8).collect());
+        s.push((0..len).map(|_| r.next_u64() as u8).collect());
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("corpus")
@@ -151,22 +141,22 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
 
 fn mutate(r: &mut Rng, base: &[u8]) -> Vec<u8> {
     let mut v = base.to_vec();
-    match r.next() % 4 {
-        0 if !v.is_empty() => v.truncate(r.next() as usize % v.len()),
+    match r.next_u64() % 4 {
+        0 if !v.is_empty() => v.truncate(r.next_u64() as usize % v.len()),
         1 if !v.is_empty() => {
-            for _ in 0..1 + r.next() % 4 {
-                let i = r.next() as usize % v.len();
-                v[i] ^= 1 << (r.next() % 8);
+            for _ in 0..1 + r.next_u64() % 4 {
+                let i = r.next_u64() as usize % v.len();
+                v[i] ^= 1 << (r.next_u64() % 8);
             }
         }
         2 if !v.is_empty() => {
-            let i = r.next() as usize % v.len();
-            let val = [0u8, 0xFF, 0x7F, 0x80][r.next() as usize % 4];
+            let i = r.next_u64() as usize % v.len();
+            let val = [0u8, 0xFF, 0x7F, 0x80][r.next_u64() as usize % 4];
             for b in v.iter_mut().skip(i).take(8) {
                 *b = val;
             }
         }
-        _ => v.extend((0..r.next() % 16).map(|_| r.next() as u8)),
+        _ => v.extend((0..r.next_u64() % 16).map(|_| r.next_u64() as u8)),
     }
     v
 }

@@ -1,20 +1,10 @@
 //! compressed-tensors writer -> reader round trips on small random tensors, for every format.
 
 use lowbit_model::ct::{self, ActivationQuant, Checkpoint, CtFormat, WriteOptions};
+use lowbit_numerics::rounding::SplitMix64 as Rng;
 use lowbit_numerics::{ElemFormat, FloatFormat, Granularity, QuantizedTensor, ScaleDtype, Scheme};
 use serde_json::json;
 use std::path::PathBuf;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lowbit-ct-test-{}-{tag}", std::process::id()));
@@ -37,7 +27,7 @@ fn random_tensor(
     let mut data = vec![0u8; rows * rb];
     for row in 0..rows {
         for c in 0..cols {
-            let mut code = (r.next() % (1u64 << bits)) as u8;
+            let mut code = (r.next_u64() % (1u64 << bits)) as u8;
             if scheme.elem == ElemFormat::Float(FloatFormat::E4M3) && code & 0x7F == 0x7F {
                 code &= 0xFE; // avoid NaN codes
             }
@@ -52,7 +42,7 @@ fn random_tensor(
     let (gr, gc) = scheme.granularity.grid(rows, cols);
     let scales: Vec<f32> = (0..gr * gc)
         .map(|_| {
-            let u = r.next();
+            let u = r.next_u64();
             match scheme.scale_dtype {
                 ScaleDtype::E8M0 => 2f32.powi((u % 20) as i32 - 10),
                 // 1.m * 2^e with 3 mantissa bits: exact in E4M3, f16, bf16.
@@ -67,7 +57,7 @@ fn random_tensor(
         .collect();
     let zero_points = scheme.asymmetric.then(|| {
         (0..gr * gc)
-            .map(|_| (r.next() % (1u64 << bits)) as u8)
+            .map(|_| (r.next_u64() % (1u64 << bits)) as u8)
             .collect()
     });
     let g_idx = act_order.then(|| {
@@ -78,7 +68,7 @@ fn random_tensor(
         // A permuted assignment: column c -> group of a shuffled position.
         let mut perm: Vec<usize> = (0..cols).collect();
         for i in (1..cols).rev() {
-            let j = (r.next() % (i as u64 + 1)) as usize;
+            let j = (r.next_u64() % (i as u64 + 1)) as usize;
             perm.swap(i, j);
         }
         perm.iter().map(|&p| (p / g) as u32).collect()

@@ -28,6 +28,44 @@ pub fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A sequential SplitMix64 generator (a Weyl sequence through [`mix64`]): small, fast and
+/// identical on every platform, for deterministic sampling (calibration windows, random
+/// signs, test fixtures). Not for cryptography.
+///
+/// ```
+/// use lowbit_numerics::rounding::SplitMix64;
+/// let (mut a, mut b) = (SplitMix64(7), SplitMix64(7));
+/// assert_eq!(a.next_u64(), b.next_u64());
+/// assert!(a.below(10) < 10);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// Next 64 random bits.
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix64(self.0)
+    }
+
+    /// Uniform integer in `0..n` (`n > 0`), by rejection (no modulo bias).
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+
+    /// Uniform `f64` in `[0, 1)` from the top 53 bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// 32 uniformly distributed random bits for element `index` of a stream identified by `seed`.
 ///
 /// Counter-based: a pure hash of `(seed, index)` (two SplitMix64 rounds, the seed hashed

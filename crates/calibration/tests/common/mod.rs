@@ -2,24 +2,21 @@
 //! (as in real LLM activations) and Gaussian-ish weights.
 #![allow(dead_code)]
 
+use lowbit_numerics::rounding::SplitMix64;
 use lowbit_numerics::Scheme;
 
-/// SplitMix64-based deterministic generator.
-pub struct Rng(u64);
+/// SplitMix64-based deterministic generator (the seed whitened once).
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(SplitMix64(seed ^ 0x9E37_79B9_7F4A_7C15))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
     pub fn normal(&mut self) -> f32 {
         let u1 = self.uniform().max(1e-300);

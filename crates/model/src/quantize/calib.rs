@@ -3,6 +3,7 @@
 
 use super::sha256::sha256_hex;
 use crate::error::{Error, Result};
+use lowbit_numerics::rounding::SplitMix64;
 use std::path::{Path, PathBuf};
 
 /// How calibration windows are drawn.
@@ -22,33 +23,6 @@ impl Default for CalibConfig {
             samples: 128,
             seqlen: 512,
             seed: 0,
-        }
-    }
-}
-
-/// A deterministic 64-bit generator (SplitMix64): identical windows for identical seeds on
-/// every platform.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform integer in `0..n` (`n > 0`), by rejection (no modulo bias).
-    pub fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
         }
     }
 }
