@@ -1,7 +1,7 @@
 //! The layer-by-layer pipeline on a tiny random model: RTN, GPTQ and SmoothQuant W8A8, the
 //! checkpoint round trip (write -> load -> identical logits), recipes and bad input.
 
-use lowbit_model::config::{Arch, ModelConfig, RopeScaling};
+use lowbit_model::config::ModelConfig;
 use lowbit_model::ct::{self, WriteOptions};
 use lowbit_model::quantize::{
     load_ct_model, model_to_checkpoint, quantize_model, sample_windows, CalibConfig, Method,
@@ -10,24 +10,14 @@ use lowbit_model::quantize::{
 use lowbit_model::weights::random_model;
 use lowbit_model::{Logits, Model};
 
+mod common;
+
 fn cfg() -> ModelConfig {
     ModelConfig {
-        arch: Arch::Llama,
         vocab_size: 97,
-        hidden_size: 64,
-        intermediate_size: 96,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        rms_eps: 1e-5,
-        max_ctx: 128,
-        tie_embeddings: true,
-        qkv_bias: false,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
+        ..common::tiny_cfg()
     }
 }
 
@@ -36,17 +26,7 @@ fn model() -> Model {
 }
 
 fn windows() -> Vec<Vec<u32>> {
-    // A deterministic "text": a repetitive token stream.
-    let toks: Vec<u32> = (0..4000u32).map(|i| (i * 7 + i / 13) % 97).collect();
-    sample_windows(
-        &toks,
-        &CalibConfig {
-            samples: 6,
-            seqlen: 24,
-            seed: 3,
-        },
-    )
-    .unwrap()
+    common::windows(97, 4000)
 }
 
 fn logits(m: &Model, toks: &[u32]) -> Vec<f32> {

@@ -4,7 +4,7 @@
 //! writes (same `config.json`, sidecar and tensor bytes), and it never holds more than one
 //! decoder layer's f32 weights.
 
-use lowbit_model::config::{Arch, ModelConfig, RopeScaling};
+use lowbit_model::config::{Arch, ModelConfig};
 use lowbit_model::ct::{self, StreamingWriter, WriteOptions};
 use lowbit_model::gguf::{GgmlType, GgufFile, GgufValue, GgufWriter};
 use lowbit_model::hf::SafetensorsFolder;
@@ -15,9 +15,8 @@ use lowbit_model::load::{
 use lowbit_model::quantize::checkpoint::hf_config_json;
 use lowbit_model::quantize::pipeline::DenseHead;
 use lowbit_model::quantize::{
-    model_to_checkpoint, parse_scheme, quantize_model, quantize_streaming, sample_windows,
-    CalibConfig, CheckpointSink, LayerSink, Method, ModelToCheckpoint, PipelineOptions,
-    PipelineReport, Recipe,
+    model_to_checkpoint, parse_scheme, quantize_model, quantize_streaming, CheckpointSink,
+    LayerSink, Method, ModelToCheckpoint, PipelineOptions, PipelineReport, Recipe,
 };
 use lowbit_model::weights::{random_model, TensorSource};
 use lowbit_model::{Logits, Model, Result};
@@ -26,24 +25,19 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+mod common;
+
 fn cfg(arch: Arch, n_layers: usize, tie: bool, bias: bool) -> ModelConfig {
     ModelConfig {
         arch,
         vocab_size: 97,
-        hidden_size: 64,
         intermediate_size: 128,
         n_layers,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        rms_eps: 1e-5,
-        max_ctx: 128,
         tie_embeddings: tie,
         qkv_bias: bias,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
+        ..common::tiny_cfg()
     }
 }
 
@@ -55,16 +49,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn windows(vocab: u32) -> Vec<Vec<u32>> {
-    let toks: Vec<u32> = (0..3000u32).map(|i| (i * 7 + i / 13) % vocab).collect();
-    sample_windows(
-        &toks,
-        &CalibConfig {
-            samples: 6,
-            seqlen: 24,
-            seed: 3,
-        },
-    )
-    .unwrap()
+    common::windows(vocab, 3000)
 }
 
 /// Every tensor of an unquantized model under its Hugging Face name.

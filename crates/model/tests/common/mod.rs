@@ -1,7 +1,9 @@
 //! Fixtures shared by integration tests (each test file that needs them says `mod common;`).
+#![allow(dead_code)]
 
 use lowbit_model::config::{Arch, ModelConfig, RopeScaling};
 use lowbit_model::llama::Model;
+use lowbit_model::quantize::{sample_windows, CalibConfig};
 use lowbit_model::weights::random_model;
 
 /// A tiny Llama: 2 layers, hidden 64, MLP 96, 4 query heads over 2 KV heads of 16, vocab 61,
@@ -36,4 +38,19 @@ pub fn outlier_model() -> Model {
         row[40] *= 20.0;
     }
     m
+}
+
+/// Six calibration windows of 24 tokens from a deterministic repetitive token stream of
+/// `len` tokens below `vocab`.
+pub fn windows(vocab: u32, len: u32) -> Vec<Vec<u32>> {
+    let toks: Vec<u32> = (0..len).map(|i| (i * 7 + i / 13) % vocab).collect();
+    sample_windows(
+        &toks,
+        &CalibConfig {
+            samples: 6,
+            seqlen: 24,
+            seed: 3,
+        },
+    )
+    .unwrap()
 }
