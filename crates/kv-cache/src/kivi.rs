@@ -137,8 +137,10 @@ pub fn grid_c(m: u8, mu: f32, sigma: f32) -> (f32, f32) {
 /// Encode `g` key vectors of one head (`rows`: `[g][d]`) into a compact record: per channel,
 /// the metadata byte minimizing the squared error of the channel's `g` values over all 16
 /// steps and the two origins around the channel minimum (values past the grid are clipped),
-/// then the codes.
-pub fn encode_group_c(rows: &[f32], d: usize, bits: u8, refs: &[f32], out: &mut [u8]) {
+/// then the codes. With `cover` (policy item `kfit=cover`) only grids that cover the channel's
+/// `[min, max]` compete (nothing is clipped), and the unrestricted search is the fallback
+/// when no byte covers it.
+pub fn encode_group_c(rows: &[f32], d: usize, bits: u8, refs: &[f32], cover: bool, out: &mut [u8]) {
     let g = rows.len() / d;
     let levels = ((1u32 << bits) - 1) as f32;
     let cb = 1 + g * bits as usize / 8;
@@ -149,29 +151,48 @@ pub fn encode_group_c(rows: &[f32], d: usize, bits: u8, refs: &[f32], out: &mut 
         }
         let (mu, sigma) = (refs[c], refs[d + c]);
         let mn = col.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        let mx = col.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sse = |m: u8| -> f32 {
+            let (step, origin) = grid_c(m, mu, sigma);
+            let inv = 1.0 / step;
+            col.iter()
+                .map(|&x| {
+                    let q = ((x - origin) * inv).round().clamp(0.0, levels);
+                    let r = x - (origin + q * step);
+                    r * r
+                })
+                .sum()
+        };
         let mut best = (f32::INFINITY, 0x80u8);
+        // Best covering byte (`cover` only): origin <= min and origin + levels * step >= max.
+        let mut best_cov = (f32::INFINITY, None);
         for e in 0u8..16 {
             let (step, _) = grid_c(e << 4 | 8, mu, sigma);
             let z0 = (((mn - mu) / step).floor() + 8.0).clamp(0.0, 15.0) as u8;
             for z in [z0, (z0 + 1).min(15)] {
                 let m = e << 4 | z;
-                let (step, origin) = grid_c(m, mu, sigma);
-                let inv = 1.0 / step;
-                let err: f32 = col
-                    .iter()
-                    .map(|&x| {
-                        let q = ((x - origin) * inv).round().clamp(0.0, levels);
-                        let r = x - (origin + q * step);
-                        r * r
-                    })
-                    .sum();
+                let err = sse(m);
                 if err < best.0 {
                     best = (err, m);
                 }
             }
+            if cover {
+                // Every origin between `max - levels * step` and `min` covers; try them all.
+                let zlo = (((mx - mu) / step - levels).ceil() + 8.0).clamp(0.0, 15.0) as u8;
+                for z in zlo.min(z0)..=z0 {
+                    let m = e << 4 | z;
+                    let (step, origin) = grid_c(m, mu, sigma);
+                    if origin <= mn && origin + levels * step >= mx {
+                        let err = sse(m);
+                        if err < best_cov.0 {
+                            best_cov = (err, Some(m));
+                        }
+                    }
+                }
+            }
         }
-        o[0] = best.1;
-        let (step, origin) = grid_c(best.1, mu, sigma);
+        o[0] = best_cov.1.unwrap_or(best.1);
+        let (step, origin) = grid_c(o[0], mu, sigma);
         pack_codes(&col, step, origin, bits, levels, &mut o[1..]);
     }
 }
@@ -296,6 +317,78 @@ pub fn rope_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize, tab: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `kfit=cover` on compact keys: the chosen byte is the covering byte with the least
+    /// squared error among all 256 (brute force in f64), nothing is clipped (every value
+    /// within half a step), while the unrestricted MSE search clips the outlier of this
+    /// fixture.
+    #[test]
+    fn compact_cover_search_is_optimal_and_never_clips() {
+        let (d, g, bits) = (4usize, 32usize, 2u8);
+        let levels = 3.0f64;
+        // Deterministic fixture: smooth channels, channel 2 with one large outlier, channel 3
+        // drifting away from the calibration group.
+        let row = |t: usize, shift: f32| -> Vec<f32> {
+            let x = t as f32;
+            vec![
+                (x * 0.7).sin() + shift,
+                0.1 * (x * 1.3).cos() - 2.0,
+                (x * 0.45).sin() * 0.3 + if t == 17 { 4.0 } else { 0.0 },
+                0.5 * (x * 0.9).cos() + 0.08 * x + 3.0 * shift,
+            ]
+        };
+        let calib: Vec<f32> = (0..g).flat_map(|t| row(t, 0.0)).collect();
+        let mut refs = vec![0f32; 2 * d];
+        calibrate_c(&calib, d, bits, &mut refs);
+        let rows: Vec<f32> = (0..g).flat_map(|t| row(t, 0.3)).collect();
+        let cb = 1 + g * bits as usize / 8;
+        let mut clipped_mse = false;
+        for cover in [false, true] {
+            let mut rec = vec![0u8; group_bytes_c(d, g, bits)];
+            encode_group_c(&rows, d, bits, &refs, cover, &mut rec);
+            let mut out = vec![0f32; g * d];
+            decode_group_c(&rec, d, g, bits, &refs, &mut out, &mut vec![0f32; g]);
+            for c in 0..d {
+                let col: Vec<f64> = (0..g).map(|t| rows[t * d + c] as f64).collect();
+                let (mn, mx) = col
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                let sse = |m: u8| {
+                    let (s, o) = grid_c(m, refs[c], refs[d + c]);
+                    let (s, o) = (s as f64, o as f64);
+                    let e: f64 = col
+                        .iter()
+                        .map(|&x| {
+                            let q = ((x - o) / s).round().clamp(0.0, levels);
+                            (x - o - q * s).powi(2)
+                        })
+                        .sum();
+                    (e, o <= mn && o + levels * s >= mx)
+                };
+                let (step, _) = grid_c(rec[c * cb], refs[c], refs[d + c]);
+                let worst = (0..g)
+                    .map(|t| (rows[t * d + c] - out[t * d + c]).abs())
+                    .fold(0f32, f32::max);
+                if cover {
+                    let best = (0..=255u8)
+                        .map(sse)
+                        .filter(|&(_, ok)| ok)
+                        .map(|(e, _)| e)
+                        .fold(f64::MAX, f64::min);
+                    let (got, ok) = sse(rec[c * cb]);
+                    assert!(ok, "channel {c}: byte does not cover");
+                    assert!(got <= best * (1.0 + 1e-5) + 1e-12, "c{c}: {got} vs {best}");
+                    assert!(
+                        worst <= 0.5 * step * (1.0 + 1e-5),
+                        "c{c}: {worst} > {step}/2"
+                    );
+                } else if worst > 0.5 * step * (1.0 + 1e-5) {
+                    clipped_mse = true;
+                }
+            }
+        }
+        assert!(clipped_mse, "the fixture should make the MSE search clip");
+    }
 
     #[test]
     fn per_channel_grid_follows_each_channel() {

@@ -62,9 +62,21 @@ pub struct Policy {
     /// combination of rotated values, is rotated back (the transform is its own inverse).
     /// Spreads value outlier channels before per-token quantization.
     pub rotate_v: bool,
-    /// INT grids (KIVI keys with f16 metadata, INT/KIVI values) chosen for the least squared
-    /// error instead of min/max (`fit=mse`; `fit=minmax` is the default). Same records.
-    pub fit_mse: bool,
+    /// Key INT grids (KIVI keys with f16 metadata, INT keys) chosen for the least squared
+    /// error instead of min/max (`fit=mse` or `kfit=mse`; `minmax` is the default). Same
+    /// records.
+    pub kfit_mse: bool,
+    /// Value INT grids (INT/KIVI values) chosen for the least squared error (`fit=mse` or
+    /// `vfit=mse`). Same records.
+    pub vfit_mse: bool,
+    /// Compact KIVI keys (`kivi2c`, `kivi4c`): restrict the per-channel metadata search to
+    /// grids that cover the group's `[min, max]` (`kfit=cover`; no clipping of the extremes).
+    /// Plain KIVI keys cover by construction (min/max); no effect on other codecs.
+    pub kcover: bool,
+    /// Layers whose codes are 4-bit instead of 2-bit (`hi=0+1`, `hi=0-3`): in these layers
+    /// `kivi2` keys become `kivi4`, `kivi2c` keys `kivi4c`, `int2` values `int4` (same groups
+    /// and metadata). Sorted, deduplicated, each below `n_layers`. See [`Policy::for_layer`].
+    pub hi_layers: Vec<usize>,
 }
 
 fn bad(policy: &str, reason: impl Into<String>) -> Error {
@@ -182,6 +194,30 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
     }
 }
 
+/// `hi=` layer lists: indices and inclusive ranges joined by `+` (`0`, `0+29`, `0-3+29`).
+fn parse_layers(policy: &str, s: &str, n_layers: usize) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split('+') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (parse_num(policy, "hi", a)?, parse_num(policy, "hi", b)?),
+            None => {
+                let a = parse_num(policy, "hi", part)?;
+                (a, a)
+            }
+        };
+        if a > b || b >= n_layers {
+            return Err(bad(
+                policy,
+                format!("`hi={s}`: layers {a}..={b} are not within 0..{n_layers}"),
+            ));
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 fn parse_num(policy: &str, key: &str, v: &str) -> Result<usize> {
     v.parse().map_err(|_| {
         bad(
@@ -209,7 +245,8 @@ impl Policy {
         let mut rotate = false;
         let mut pre_rope = false;
         let mut rotate_v = false;
-        let mut fit_mse = false;
+        let (mut kfit_mse, mut vfit_mse, mut kcover) = (false, false, false);
+        let mut hi_layers = Vec::new();
         for item in p.split(',').map(str::trim) {
             if item.is_empty() {
                 return Err(bad(policy, "empty item (two commas in a row?)"));
@@ -258,14 +295,29 @@ impl Policy {
                             ));
                         }
                     }
-                    "fit" => match val.trim() {
-                        "mse" => fit_mse = true,
-                        "minmax" => fit_mse = false,
+                    "kfit" if val.trim() == "cover" => {
+                        (kfit_mse, kcover) = (false, true);
+                    }
+                    "fit" | "kfit" | "vfit" => match val.trim() {
+                        "mse" | "minmax" => {
+                            if key.trim() != "vfit" {
+                                kcover = false;
+                            }
+                            let on = val.trim() == "mse";
+                            if key.trim() != "vfit" {
+                                kfit_mse = on;
+                            }
+                            if key.trim() != "kfit" {
+                                vfit_mse = on;
+                            }
+                        }
                         o => {
                             return Err(bad(
                                 policy,
                                 format!(
-                                    "`fit={o}`: expected mse (least-squares INT grids) or minmax"
+                                    "`{}={o}`: expected mse (least-squares INT grids) or \
+                                     minmax (kfit also: cover)",
+                                    key.trim()
                                 ),
                             ))
                         }
@@ -282,6 +334,7 @@ impl Policy {
                             ))
                         }
                     },
+                    "hi" => hi_layers = parse_layers(policy, val.trim(), shape.n_layers)?,
                     "r" | "residual" => residual = Some(parse_num(policy, key, val.trim())?),
                     "g" | "group" => {
                         let g = parse_num(policy, key, val.trim())?;
@@ -294,7 +347,8 @@ impl Policy {
                         return Err(bad(
                             policy,
                             format!(
-                                "unknown key `{other}`; known: k, v, sink, r, g, rot, rope, fit"
+                                "unknown key `{other}`; known: k, v, sink, r, g, rot, rope, fit, kfit, \
+                                 vfit, hi"
                             ),
                         ))
                     }
@@ -355,7 +409,10 @@ impl Policy {
             rotate,
             pre_rope,
             rotate_v,
-            fit_mse,
+            kfit_mse,
+            vfit_mse,
+            kcover,
+            hi_layers,
         })
     }
 
@@ -372,9 +429,37 @@ impl Policy {
         self.k == Side::Token(TokenCodec::F32) && self.v == Side::Token(TokenCodec::F32)
     }
 
+    /// The policy layer `layer` follows: `self` with 2-bit codes raised to 4 bits when the
+    /// layer is listed in `hi=` (and no `hi=` list of its own).
+    pub fn for_layer(&self, layer: usize) -> Policy {
+        let mut p = self.clone();
+        p.hi_layers = Vec::new();
+        if self.hi_layers.binary_search(&layer).is_ok() {
+            let up = |b: u8| if b == 2 { 4 } else { b };
+            let side = |s: Side| match s {
+                Side::KiviChannel { bits, compact } => Side::KiviChannel {
+                    bits: up(bits),
+                    compact,
+                },
+                Side::Token(TokenCodec::Int { bits, group }) => Side::Token(TokenCodec::Int {
+                    bits: up(bits),
+                    group,
+                }),
+                Side::Token(TokenCodec::IntC { bits }) => {
+                    Side::Token(TokenCodec::IntC { bits: up(bits) })
+                }
+                other => other,
+            };
+            p.k = side(self.k);
+            p.v = side(self.v);
+        }
+        p
+    }
+
     /// Bytes one quantized token costs in steady state over all layers and heads, K and V,
-    /// metadata included (KIVI key groups amortized over their `g` tokens). Tokens in the sink
-    /// or the residual window cost `2 * 4 * n_kv_heads * head_dim` bytes per layer instead.
+    /// metadata included (KIVI key groups amortized over their `g` tokens; `hi=` layers at
+    /// their 4-bit cost). Tokens in the sink or the residual window cost
+    /// `2 * 4 * n_kv_heads * head_dim` bytes per layer instead.
     pub fn bytes_per_token(&self, shape: KvShape) -> f64 {
         let d = shape.head_dim;
         let side = |s: Side| match s {
@@ -383,7 +468,13 @@ impl Policy {
                 crate::kivi::record_bytes(d, self.group, bits, compact) as f64 / self.group as f64
             }
         };
-        (side(self.k) + side(self.v)) * (shape.n_kv_heads * shape.n_layers) as f64
+        (0..shape.n_layers)
+            .map(|l| {
+                let p = self.for_layer(l);
+                side(p.k) + side(p.v)
+            })
+            .sum::<f64>()
+            * shape.n_kv_heads as f64
     }
 }
 
@@ -471,9 +562,56 @@ mod tests {
             Err(Error::Policy { reason, .. }) if reason.contains("power-of-two head_dim")
         ));
         let p = Policy::parse("kivi2,rot=hv,fit=mse", S, None).unwrap();
-        assert!(p.rotate && p.rotate_v && p.fit_mse);
+        assert!(p.rotate && p.rotate_v && p.kfit_mse && p.vfit_mse);
         let p = Policy::parse("kivi2,rot=v", S, None).unwrap();
-        assert!(!p.rotate && p.rotate_v && !p.fit_mse);
+        assert!(!p.rotate && p.rotate_v && !p.kfit_mse && !p.vfit_mse);
+        let p = Policy::parse("kivi2c,kfit=cover", S, None).unwrap();
+        assert!(p.kcover && !p.kfit_mse && !p.vfit_mse);
+        let p = Policy::parse("kivi2c,kfit=cover,fit=mse", S, None).unwrap();
+        assert!(!p.kcover && p.kfit_mse);
+        assert!(err("kivi2,vfit=cover", None).contains("`vfit=cover`"));
+        let p = Policy::parse("kivi2,vfit=mse", S, None).unwrap();
+        assert!(!p.kfit_mse && p.vfit_mse);
+        let p = Policy::parse("kivi2,fit=mse,kfit=minmax", S, None).unwrap();
+        assert!(!p.kfit_mse && p.vfit_mse);
+        assert!(err("kivi2,hi=30", None).contains("not within 0..30"));
+        assert!(err("kivi2,hi=3-1", None).contains("not within"));
+        assert!(err("kivi2,hi=a", None).contains("not a non-negative integer"));
+        let p = Policy::parse("kivi2,hi=29+0-2+1", S, None).unwrap();
+        assert_eq!(p.hi_layers, vec![0, 1, 2, 29]);
+        assert_eq!(
+            p.for_layer(3),
+            Policy {
+                hi_layers: vec![],
+                ..p.clone()
+            }
+        );
+        let l0 = p.for_layer(0);
+        assert_eq!(
+            (l0.k, l0.v, l0.residual, l0.group),
+            (
+                Side::KiviChannel {
+                    bits: 4,
+                    compact: false
+                },
+                Side::Token(TokenCodec::Int { bits: 4, group: 64 }),
+                128,
+                32
+            )
+        );
+        let c = Policy::parse("k=kivi2c,v=fp8,hi=0", S, None)
+            .unwrap()
+            .for_layer(0);
+        assert_eq!(
+            (c.k, c.v),
+            (
+                Side::KiviChannel {
+                    bits: 4,
+                    compact: true
+                },
+                Side::Token(TokenCodec::Fp8(Fp8Kind::E4M3))
+            )
+        );
     }
 
     #[test]
@@ -496,5 +634,16 @@ mod tests {
         assert_eq!(k2c, (64.0 * 9.0 / 32.0 + 18.0) * 90.0);
         assert_eq!(k2c, 3240.0);
         assert!(f16 / k2c >= 7.0);
+        // `hi=`: listed layers at the 4-bit cost (kivi4: K 64 x (4 + 16) / 32 = 40, V int4
+        // over 64 = 32 + 4 = 36 bytes per token-head), the others at 2-bit (24 + 20).
+        let hi = Policy::parse("kivi2,hi=0+29", S, None)
+            .unwrap()
+            .bytes_per_token(S);
+        assert_eq!(hi, (2.0 * (40.0 + 36.0) + 28.0 * (24.0 + 20.0)) * 3.0);
+        let k4 = Policy::parse("kivi4", S, None).unwrap().bytes_per_token(S);
+        let all = Policy::parse("kivi2,hi=0-29", S, None)
+            .unwrap()
+            .bytes_per_token(S);
+        assert_eq!(all, k4);
     }
 }

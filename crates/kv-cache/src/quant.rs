@@ -60,6 +60,8 @@ pub(crate) fn hadamard(x: &mut [f32]) {
 pub struct QuantCache {
     shape: KvShape,
     policy: Policy,
+    /// `policy.for_layer(l)` for every layer (`hi=` layers store 4-bit codes).
+    lpol: Vec<Policy>,
     layers: Vec<Layer>,
     /// Force the portable code path (tests compare it with the AVX2 one).
     force_scalar: bool,
@@ -93,6 +95,7 @@ impl QuantCache {
     pub fn new(shape: KvShape, policy: Policy) -> Self {
         Self {
             shape,
+            lpol: (0..shape.n_layers).map(|l| policy.for_layer(l)).collect(),
             policy,
             layers: vec![Layer::default(); shape.n_layers],
             force_scalar: false,
@@ -143,7 +146,7 @@ impl QuantCache {
             let g = self.policy.group;
             self.grow_rope((self.layers[layer].nq + n) / g);
         }
-        let p = &self.policy;
+        let p = &self.lpol[layer];
         let tab = &self.rope_tab;
         let l = &mut self.layers[layer];
         let (ku, vc) = (k_unit(p, d), v_codec(p));
@@ -156,7 +159,7 @@ impl QuantCache {
                     .chunks_exact(d)
                     .zip(l.qk[base..].chunks_exact_mut(ku))
                 {
-                    c.encode_fit(x, o, p.fit_mse);
+                    c.encode_fit(x, o, p.kfit_mse);
                 }
             }
             Side::KiviChannel { bits, compact } => {
@@ -207,9 +210,9 @@ impl QuantCache {
                                 }
                             }
                             let refs = &l.kref[h * 2 * d..][..2 * d];
-                            kivi::encode_group_c(&rows, d, bits, refs, &mut l.qk[base..]);
+                            kivi::encode_group_c(&rows, d, bits, refs, p.kcover, &mut l.qk[base..]);
                         } else {
-                            kivi::encode_group(&rows, d, bits, p.fit_mse, &mut l.qk[base..]);
+                            kivi::encode_group(&rows, d, bits, p.kfit_mse, &mut l.qk[base..]);
                         }
                     }
                 }
@@ -221,7 +224,7 @@ impl QuantCache {
             .chunks_exact(d)
             .zip(l.qv[base..].chunks_exact_mut(vu))
         {
-            vc.encode_fit(x, o, p.fit_mse);
+            vc.encode_fit(x, o, p.vfit_mse);
         }
         l.nq += n;
     }
@@ -369,7 +372,7 @@ impl KvCache for QuantCache {
                     start: body0,
                     n: l.nq,
                     store: Store::Quant {
-                        p: &self.policy,
+                        p: &self.lpol[layer],
                         qk: &l.qk,
                         qv: &l.qv,
                         kref: &l.kref,

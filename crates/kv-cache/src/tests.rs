@@ -68,16 +68,16 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
     };
     let (mut k2, mut v2) = (k.to_vec(), v.to_vec());
     let mut tmp = vec![0u16; d];
-    let tok = |c: TokenCodec, x: &[f32], y: &mut [f32], tmp: &mut [u16]| {
+    let tok = |c: TokenCodec, x: &[f32], y: &mut [f32], tmp: &mut [u16], mse: bool| {
         let mut rec = vec![0u8; c.record_bytes(d)];
-        c.encode_fit(x, &mut rec, p.fit_mse);
+        c.encode_fit(x, &mut rec, mse);
         c.decode(&rec, y, tmp);
     };
     for t in p.sink..p.sink + nq {
         for h in 0..nh {
             let o = t * row + h * d;
             if let Side::Token(c) = p.k {
-                tok(c, &k[o..o + d], &mut k2[o..o + d], &mut tmp);
+                tok(c, &k[o..o + d], &mut k2[o..o + d], &mut tmp, p.kfit_mse);
             }
             if let Side::Token(c) = p.v {
                 if p.rotate_v {
@@ -85,10 +85,10 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                     // each body value is read as H·dequant(quant(H·v)).
                     let mut x = v[o..o + d].to_vec();
                     crate::quant::hadamard(&mut x);
-                    tok(c, &x, &mut v2[o..o + d], &mut tmp);
+                    tok(c, &x, &mut v2[o..o + d], &mut tmp, p.vfit_mse);
                     crate::quant::hadamard(&mut v2[o..o + d]);
                 } else {
-                    tok(c, &v[o..o + d], &mut v2[o..o + d], &mut tmp);
+                    tok(c, &v[o..o + d], &mut v2[o..o + d], &mut tmp, p.vfit_mse);
                 }
             }
         }
@@ -118,11 +118,11 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                         kivi::calibrate_c(&rows, d, bits, rb);
                     }
                     let mut rec = vec![0u8; kivi::group_bytes_c(d, g, bits)];
-                    kivi::encode_group_c(&rows, d, bits, rb, &mut rec);
+                    kivi::encode_group_c(&rows, d, bits, rb, p.kcover, &mut rec);
                     kivi::decode_group_c(&rec, d, g, bits, rb, &mut out, &mut vec![0f32; g]);
                 } else {
                     let mut rec = vec![0u8; kivi::group_bytes(d, g, bits)];
-                    kivi::encode_group(&rows, d, bits, p.fit_mse, &mut rec);
+                    kivi::encode_group(&rows, d, bits, p.kfit_mse, &mut rec);
                     kivi::decode_group(&rec, d, g, bits, &mut out, &mut vec![0f32; g]);
                 }
                 if p.pre_rope {
@@ -192,6 +192,12 @@ const POLICIES: &[&str] = &[
     "kivi2,rope=pre,rot=hv,r=8,g=8,sink=1",
     "k=int2g16,v=int4g4,fit=mse",
     "k=fp8,v=int2g16,rot=v",
+    // Layer 1 at 4 bits (the test attends both layers), values-only MSE grids.
+    "kivi2,hi=0,r=8,g=8,sink=2",
+    "kivi2c,rope=pre,rot=hv,hi=0,r=8,g=8,sink=1",
+    "k=kivi2,v=int2g4,vfit=mse,rot=v,r=8,g=8",
+    "k=int2g4,v=int4g4,kfit=mse",
+    "kivi2c,kfit=cover,rot=v,r=8,g=8,sink=1",
 ];
 
 /// f64 causal GQA attention: query `i` sits at position `len - n_q + i` and reads token `t`'s
@@ -339,7 +345,6 @@ fn attention_matches_decode_view_reference() {
                 let q = r.vec(n_q * n_heads * d, 1.0);
                 let mut qc = QuantCache::new(shape, p.clone());
                 qc.set_rope(&test_freqs(d)).unwrap();
-                let (k2, v2) = roundtrip(&p, shape, &k, &v, len);
                 let row = nh * d;
                 let mut t = 0;
                 for &c in &chunks {
@@ -350,22 +355,26 @@ fn attention_matches_decode_view_reference() {
                     t += c;
                 }
                 let scale = 1.0 / (d as f32).sqrt();
-                let mut oa = vec![0f32; q.len()];
-                qc.attend(1, &q, n_q, n_heads, scale, &mut oa).unwrap();
-                let want = ref_attend(len, n_q, n_heads, nh, d, &q, scale, |pos, t| {
-                    let quantized = t >= p.sink && t < body_end_after(&p, pos + 1);
-                    let (kk, vv) = if quantized { (&k2, &v2) } else { (&k, &v) };
-                    (&kk[t * row..][..row], &vv[t * row..][..row])
-                });
-                let err = rel_err(&oa, &want);
-                // `rot=v` rotates every value and the output in f32 (two more roundings than
-                // the reference, which rotates only the body values).
-                let tol = if p.rotate_v { 1e-5 } else { 3e-6 };
-                assert!(
-                    err < tol,
-                    "shape {si} {pol} len {len} chunks {chunks:?} n_q {n_q}: {err}"
-                );
-                assert_eq!(qc.len(1), len);
+                for layer in 0..2 {
+                    // `hi=` layers round-trip through their own (4-bit) codecs.
+                    let (k2, v2) = roundtrip(&p.for_layer(layer), shape, &k, &v, len);
+                    let mut oa = vec![0f32; q.len()];
+                    qc.attend(layer, &q, n_q, n_heads, scale, &mut oa).unwrap();
+                    let want = ref_attend(len, n_q, n_heads, nh, d, &q, scale, |pos, t| {
+                        let quantized = t >= p.sink && t < body_end_after(&p, pos + 1);
+                        let (kk, vv) = if quantized { (&k2, &v2) } else { (&k, &v) };
+                        (&kk[t * row..][..row], &vv[t * row..][..row])
+                    });
+                    let err = rel_err(&oa, &want);
+                    // `rot=v` rotates every value and the output in f32 (two more roundings
+                    // than the reference, which rotates only the body values).
+                    let tol = if p.rotate_v { 1e-5 } else { 3e-6 };
+                    assert!(
+                        err < tol,
+                        "shape {si} {pol} layer {layer} len {len} chunks {chunks:?} n_q {n_q}: {err}"
+                    );
+                    assert_eq!(qc.len(layer), len);
+                }
             }
         }
     }
@@ -685,6 +694,18 @@ fn byte_accounting_is_exact() {
         assert_eq!((c.bytes(), c.len(0)), (0, 0));
         assert!(c.is_empty());
     }
+    // `hi=0`: layer 0 stores kivi4 records (K 4 + 16 bytes per (group, channel), V int4 over
+    // 64 = 32 + 4 bytes per (token, head)), layer 1 kivi2; both hold 136 f32 tokens.
+    let mut c = build_r("kivi2,hi=0", shape);
+    for l in 0..2 {
+        for chunk in k.chunks(nh * d * 100) {
+            c.append(l, chunk, chunk, 100).unwrap();
+        }
+    }
+    let win = 136 * nh * d * 8;
+    let l0 = win + 27 * nh * 64 * (4 + 16) + 864 * nh * (32 + 4);
+    let l1 = win + 27 * nh * 64 * (4 + 8) + 864 * nh * (16 + 4);
+    assert_eq!(c.bytes(), l0 + l1);
 }
 
 /// `rot=h` rotates keys and queries by the same orthogonal transform: lossless K/V through the
