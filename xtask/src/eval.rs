@@ -110,6 +110,18 @@ pub struct Args {
     /// QuaRot's, plus N-1 drawn from the seed); the best is refined by Cayley SGD.
     #[arg(long, default_value_t = 3)]
     pub spin_starts: usize,
+    /// SpinQuant loss: `layer` (per-layer output error of the quantized linears, the starts
+    /// above) or `e2e` (KL of the whole rotated, quantized network to f32, R1 and one R2 per
+    /// layer by Cayley SGD through a hand-written backward; --spin-iters steps of --spin-lr,
+    /// the seed's start only).
+    #[arg(long, default_value = "layer")]
+    pub spin_loss: String,
+    /// SpinQuant e2e: tokens per training sequence (calibration windows are cut into these).
+    #[arg(long, default_value_t = 128)]
+    pub spin_seqlen: usize,
+    /// SpinQuant e2e: sequences per Cayley step.
+    #[arg(long, default_value_t = 2)]
+    pub spin_batch: usize,
     /// Seed of the rotations (QuaRot signs, SpinQuant sampling) and calibration windows.
     #[arg(long, default_value_t = 0)]
     pub rotate_seed: u64,
@@ -226,6 +238,15 @@ pub fn run(args: Args) -> Result<()> {
             m2.insert("rotate_seconds".into(), json!(r.rotate_seconds));
             m2.insert("quantize_seconds".into(), json!(r.quantize_seconds));
             m2.insert("calib_windows".into(), json!(m));
+            if let Some(e) = &r.spin_e2e {
+                m2.insert(
+                    "spin_e2e".into(),
+                    json!({"losses": e.losses, "sequences": e.sequences,
+                           "seconds": e.seconds, "teacher_seconds": e.teacher_seconds,
+                           "seqlen": args.spin_seqlen, "batch": args.spin_batch,
+                           "iters": args.spin_iters, "lr": args.spin_lr}),
+                );
+            }
             if let Some(s) = &r.spin_selection {
                 m2.insert(
                     "spin_selection".into(),
@@ -338,6 +359,9 @@ fn rotate_in_memory(
             },
             select_windows: args.spin_select,
             starts: args.spin_starts,
+            loss: lowbit_model::rotate::SpinLoss::parse(&args.spin_loss)?,
+            seqlen: args.spin_seqlen,
+            batch: args.spin_batch,
             ..SpinOptions::default()
         },
         seed: args.rotate_seed,
@@ -354,6 +378,19 @@ fn rotate_in_memory(
                 sr.loss_start, sr.loss_end, sr.iters, sr.seconds
             );
         }
+    }
+    if let Some(e) = &rep.spin_e2e {
+        eprintln!(
+            "SpinQuant e2e: batch KL {:.5} -> {:.5} in {} iterations on {} sequences, {:.1} s \
+             (teacher {:.1} s); per iteration: {:?}",
+            e.losses.first().copied().unwrap_or(f64::NAN),
+            e.losses.last().copied().unwrap_or(f64::NAN),
+            e.losses.len(),
+            e.sequences,
+            e.seconds,
+            e.teacher_seconds,
+            e.losses
+        );
     }
     if let Some(s) = &rep.spin_selection {
         for (i, c) in s.candidates.iter().enumerate() {

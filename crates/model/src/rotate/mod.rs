@@ -31,6 +31,8 @@ use lowbit_numerics::Scheme;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub mod e2e;
+
 /// Which rotation to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RotateMethod {
@@ -685,6 +687,36 @@ pub struct SpinOptions {
     /// lowest held-out KL is refined by Cayley SGD, and the lowest-KL of all candidates (every
     /// start and the refined rotation) is kept. 1 = only the seed's start.
     pub starts: usize,
+    /// What R1/R2 are learned on: the per-layer output-error proxy, or the whole network's
+    /// loss ([`e2e`]).
+    pub loss: SpinLoss,
+    /// End-to-end loss only: tokens per training sequence.
+    pub seqlen: usize,
+    /// End-to-end loss only: sequences per Cayley step.
+    pub batch: usize,
+}
+
+/// SpinQuant's training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpinLoss {
+    /// Per-layer output error of the quantized linears ([`spinquant_rotations`]).
+    Layer,
+    /// KL(f32 ‖ rotated quantized model) of the next-token distributions, R1 and one R2 per
+    /// layer learned through the whole network ([`e2e::learn`]); one start (the seed's).
+    E2e,
+}
+
+impl SpinLoss {
+    /// Parse `layer` / `e2e`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "layer" => Ok(SpinLoss::Layer),
+            "e2e" => Ok(SpinLoss::E2e),
+            _ => Err(Error::Quantize(format!(
+                "unknown SpinQuant loss `{s}`; choose layer or e2e"
+            ))),
+        }
+    }
 }
 
 /// Seed of SpinQuant's `k`-th randomized-Hadamard start for `seed`: `seed` itself for `k = 0`
@@ -716,6 +748,9 @@ impl Default for SpinOptions {
             weights_in_loop: true,
             select_windows: 6,
             starts: 3,
+            loss: SpinLoss::Layer,
+            seqlen: 128,
+            batch: 2,
         }
     }
 }
@@ -738,6 +773,8 @@ pub struct RotateReport {
     pub act_static_seconds: f64,
     /// SpinQuant's end-to-end selection on held-out calibration windows, if run.
     pub spin_selection: Option<SpinSelection>,
+    /// SpinQuant's end-to-end optimisation ([`SpinLoss::E2e`]), if run.
+    pub spin_e2e: Option<e2e::E2eReport>,
 }
 
 /// One candidate of SpinQuant's held-out selection ([`SpinOptions::select_windows`]).
@@ -773,7 +810,7 @@ fn copy_linear(l: &Linear) -> Result<Linear> {
 }
 
 /// A dense copy of `model`'s weights (quantized weights decoded), without hooks.
-fn dense_copy(model: &Model) -> Result<Model> {
+pub(crate) fn dense_copy(model: &Model) -> Result<Model> {
     let layers = model
         .layers
         .iter()
@@ -800,7 +837,7 @@ fn dense_copy(model: &Model) -> Result<Model> {
     )
 }
 
-fn log_softmax_rows(x: &mut [f32], vocab: usize) {
+pub(crate) fn log_softmax_rows(x: &mut [f32], vocab: usize) {
     for row in x.chunks_exact_mut(vocab) {
         let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let z: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
@@ -844,7 +881,15 @@ pub fn select_rotations(
             held.len()
         ));
         out.push(score_rotation(
-            model, name, r1, r2, ws, clipping, act, held, &refs,
+            model,
+            name,
+            r1,
+            &[r2.to_vec()],
+            ws,
+            clipping,
+            act,
+            held,
+            &refs,
         )?);
     }
     let chosen = lowest_kl(&out);
@@ -877,7 +922,7 @@ fn score_rotation(
     model: &Model,
     name: &str,
     r1: &[f32],
-    r2: &[f32],
+    r2: &[Vec<f32>],
     ws: &Scheme,
     clipping: Clipping,
     act: &ActQuantizer,
@@ -886,7 +931,10 @@ fn score_rotation(
 ) -> Result<SelectionCandidate> {
     let vocab = model.config.vocab_size;
     let mut m = dense_copy(model)?;
-    let r4 = apply_rotations(&mut m, r1, Some(r2), true)?;
+    let r4 = match r2 {
+        [one] => apply_rotations(&mut m, r1, Some(one), true)?,
+        per_layer => e2e::apply_rotations_per_layer(&mut m, r1, per_layer)?,
+    };
     quantize_weights_rtn(&mut m, ws, clipping)?;
     install_hooks(&mut m, Some(act), r4);
     let (mut kl, mut nll, mut n) = (0f64, 0f64, 0usize);
@@ -986,7 +1034,7 @@ fn spin_search(
             model,
             &name,
             &q.r1,
-            &q.r2,
+            std::slice::from_ref(&q.r2),
             ws,
             opts.weight_clipping,
             act,
@@ -1012,7 +1060,7 @@ fn spin_search(
         model,
         &name,
         &r1,
-        &r2,
+        std::slice::from_ref(&r2),
         ws,
         opts.weight_clipping,
         act,
@@ -1199,10 +1247,11 @@ pub fn prepare(
     if opts.rotate != RotateMethod::None {
         progress("folding norms");
         fold_norms(model)?;
-        let (r1, r2) = match opts.rotate {
+        // R2: one shared by every layer, or one per layer (end-to-end SpinQuant).
+        let (r1, r2): (Vec<f32>, Vec<Vec<f32>>) = match opts.rotate {
             RotateMethod::Quarot => {
                 let q = quarot_rotations(h, hd, opts.seed)?;
-                (q.r1, q.r2)
+                (q.r1, vec![q.r2])
             }
             _ => {
                 let (ws, act) = match &opts.scheme.quant {
@@ -1214,11 +1263,20 @@ pub fn prepare(
                         ))
                     }
                 };
-                spin_search(model, opts, &ws, &act, samples, &mut rep, progress)?
+                if opts.spin.loss == SpinLoss::E2e {
+                    e2e::search(model, opts, &ws, &act, samples, &mut rep, progress)?
+                } else {
+                    let (r1, r2) =
+                        spin_search(model, opts, &ws, &act, samples, &mut rep, progress)?;
+                    (r1, vec![r2])
+                }
             }
         };
         progress("applying rotations");
-        r4 = apply_rotations(model, &r1, Some(&r2), true)?;
+        r4 = match r2.as_slice() {
+            [one] => apply_rotations(model, &r1, Some(one), true)?,
+            per_layer => e2e::apply_rotations_per_layer(model, &r1, per_layer)?,
+        };
     }
     rep.rotate_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
