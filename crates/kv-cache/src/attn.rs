@@ -178,11 +178,59 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
+/// `a * b + c`: one fused multiply-add in the AVX2+FMA build (`FMA`), a multiply and an add in
+/// the portable one (so the two builds agree up to f32 rounding, not to the last bit).
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Largest value of `x` (`-inf` when empty), in 8 lanes (a maximum does not depend on the order).
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for i in 0..8 {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    for (i, &v) in it.remainder().iter().enumerate() {
+        m[i] = m[i].max(v);
+    }
+    ((m[0].max(m[4])).max(m[1].max(m[5]))).max((m[2].max(m[6])).max(m[3].max(m[7])))
+}
+
+/// `w[t] = exp(s[t] - mx)` and their sum (8 lane sums, then a fixed tree).
+#[inline(always)]
+fn exp_sum(sr: &[f32], mx: f32, w: &mut [f32]) -> f32 {
+    let mut a = [0f32; 8];
+    let mut si = sr.chunks_exact(8);
+    let mut wi = w.chunks_exact_mut(8);
+    for (sc, wc) in (&mut si).zip(&mut wi) {
+        for i in 0..8 {
+            let e = exp_neg(sc[i] - mx);
+            wc[i] = e;
+            a[i] += e;
+        }
+    }
+    for (i, (&y, x)) in si.remainder().iter().zip(wi.into_remainder()).enumerate() {
+        let e = exp_neg(y - mx);
+        *x = e;
+        a[i] += e;
+    }
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
 /// Scores of `RB` query rows (`q`: `[RB][d]`) against keys `t0..t1` stored row-major
 /// (`k[t * ks..][..d]`), written to `s[r * ld + t]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn scores_rm(
+fn scores_rm<const FMA: bool>(
     q: &[f32],
     d: usize,
     k: &[f32],
@@ -212,7 +260,7 @@ fn scores_rm(
             for r in 0..RB {
                 for u in 0..4 {
                     for x in 0..8 {
-                        acc[r][u][x] += qv[r][x] * kv[u][x];
+                        acc[r][u][x] = fmadd::<FMA>(qv[r][x], kv[u][x], acc[r][u][x]);
                     }
                 }
             }
@@ -222,7 +270,7 @@ fn scores_rm(
                 let a = &acc[r][u];
                 let mut v = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
                 for c in nd8..d {
-                    v += qr[r][c] * kr[u][c];
+                    v = fmadd::<FMA>(qr[r][c], kr[u][c], v);
                 }
                 s[r * ld + t + u] = v;
             }
@@ -235,12 +283,12 @@ fn scores_rm(
             let mut a = [0f32; 8];
             for c in (0..nd8).step_by(8) {
                 for x in 0..8 {
-                    a[x] += qr[r][c + x] * kr[c + x];
+                    a[x] = fmadd::<FMA>(qr[r][c + x], kr[c + x], a[x]);
                 }
             }
             let mut v = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
             for c in nd8..d {
-                v += qr[r][c] * kr[c];
+                v = fmadd::<FMA>(qr[r][c], kr[c], v);
             }
             s[r * ld + t] = v;
         }
@@ -249,54 +297,168 @@ fn scores_rm(
 }
 
 /// Scores of `RB` query rows against keys stored channel-major (`kt[c * ld + t]`, KIVI),
-/// for key columns covering `t0..t1` (computed in blocks of 16; `ld` is a multiple of 16).
+/// for key columns covering `t0..t1` (computed in blocks of 32 or 16 columns; `ld` is a
+/// multiple of 16).
 #[inline(always)]
-fn scores_cm(q: &[f32], d: usize, kt: &[f32], t0: usize, t1: usize, s: &mut [f32], ld: usize) {
+fn scores_cm<const FMA: bool>(
+    q: &[f32],
+    d: usize,
+    kt: &[f32],
+    t0: usize,
+    t1: usize,
+    s: &mut [f32],
+    ld: usize,
+) {
     let mut tb = t0 / 16 * 16;
     while tb < t1 {
-        let mut acc = [[0f32; 16]; RB];
-        for c in 0..d {
-            let mut kv = [0f32; 16];
-            kv.copy_from_slice(&kt[c * ld + tb..][..16]);
-            for r in 0..RB {
-                let qc = q[r * d + c];
-                for x in 0..16 {
-                    acc[r][x] += qc * kv[x];
-                }
+        if t1 - tb > 16 && tb + 32 <= ld {
+            scores_cm_block::<FMA, 32>(q, d, kt, tb, s, ld);
+            tb += 32;
+        } else {
+            scores_cm_block::<FMA, 16>(q, d, kt, tb, s, ld);
+            tb += 16;
+        }
+    }
+}
+
+/// One `RB x W` block of [`scores_cm`]: columns `tb..tb + W` (`tb + W <= ld`).
+#[inline(always)]
+fn scores_cm_block<const FMA: bool, const W: usize>(
+    q: &[f32],
+    d: usize,
+    kt: &[f32],
+    tb: usize,
+    s: &mut [f32],
+    ld: usize,
+) {
+    let mut acc = [[0f32; W]; RB];
+    let q: [&[f32]; RB] = std::array::from_fn(|r| &q[r * d..][..d]);
+    for (c, kc) in kt.chunks(ld).take(d).enumerate() {
+        let mut kv = [0f32; W];
+        kv.copy_from_slice(&kc[tb..tb + W]);
+        for r in 0..RB {
+            let qc = q[r][c];
+            for x in 0..W {
+                acc[r][x] = fmadd::<FMA>(qc, kv[x], acc[r][x]);
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            s[r * ld + tb..][..16].copy_from_slice(a);
-        }
-        tb += 16;
     }
+    for (r, a) in acc.iter().enumerate() {
+        s[r * ld + tb..][..W].copy_from_slice(a);
+    }
+}
+
+/// `kt[c * ld + t] = k[t * ks + c]` for keys `t0..t1` and channels `c < d`: 8x8 blocks
+/// through AVX2 shuffles in the V3 build, element by element otherwise (the same values).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn transpose_keys(
+    simd: Simd,
+    k: &[f32],
+    ks: usize,
+    d: usize,
+    t0: usize,
+    t1: usize,
+    kt: &mut [f32],
+    ld: usize,
+) {
+    let mut t = t0;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = simd {
+        let d8 = d / 8 * 8;
+        while t + 8 <= t1 {
+            let mut c = 0;
+            while c < d8 {
+                let blk: [[f32; 8]; 8] = std::array::from_fn(|u| {
+                    let mut r = [0f32; 8];
+                    r.copy_from_slice(&k[(t + u) * ks + c..][..8]);
+                    r
+                });
+                for (cc, col) in transpose8(v3, blk).iter().enumerate() {
+                    kt[(c + cc) * ld + t..][..8].copy_from_slice(col);
+                }
+                c += 8;
+            }
+            for c in d8..d {
+                for u in 0..8 {
+                    kt[c * ld + t + u] = k[(t + u) * ks + c];
+                }
+            }
+            t += 8;
+        }
+    }
+    let _ = simd;
+    for t in t..t1 {
+        let kr = &k[t * ks..][..d];
+        for (c, &x) in kr.iter().enumerate() {
+            kt[c * ld + t] = x;
+        }
+    }
+}
+
+/// Transpose of an 8x8 block (`out[c][u] = rows[u][c]`) with AVX2 unpacks and shuffles.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn transpose8(v3: pulp::x86::V3, rows: [[f32; 8]; 8]) -> [[f32; 8]; 8] {
+    use std::arch::x86_64::__m256;
+    let a = v3.avx;
+    let r: [__m256; 8] = std::array::from_fn(|u| pulp::cast(rows[u]));
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            a._mm256_unpacklo_ps(x, y)
+        } else {
+            a._mm256_unpackhi_ps(x, y)
+        }
+    });
+    // tt[0..4] from rows 0-3, tt[4..8] from rows 4-7: [lo: ch j of rows, hi: ch j + 4].
+    let tt: [__m256; 8] = std::array::from_fn(|i| {
+        let base = i / 4 * 4;
+        let (x, y) = match i % 4 {
+            0 | 1 => (t[base], t[base + 2]),
+            _ => (t[base + 1], t[base + 3]),
+        };
+        if i % 2 == 0 {
+            a._mm256_shuffle_ps::<0x44>(x, y)
+        } else {
+            a._mm256_shuffle_ps::<0xEE>(x, y)
+        }
+    });
+    std::array::from_fn(|c| {
+        let v = if c < 4 {
+            a._mm256_permute2f128_ps::<0x20>(tt[c], tt[c + 4])
+        } else {
+            a._mm256_permute2f128_ps::<0x31>(tt[c - 4], tt[c])
+        };
+        pulp::cast(v)
+    })
 }
 
 /// `o += Σ_j w[j] · v[j]` over rows `v[j * vs..][..d]`; `o` kept in registers for `D`-wide
 /// heads.
 #[inline(always)]
-fn pv_fixed<const D: usize>(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
+fn pv_fixed<const FMA: bool, const D: usize>(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
     let mut acc = [0f32; D];
     acc.copy_from_slice(&o[..D]);
     for (j, &wj) in w.iter().enumerate() {
         let vr = &v[j * vs..][..D];
         for x in 0..D {
-            acc[x] += wj * vr[x];
+            acc[x] = fmadd::<FMA>(wj, vr[x], acc[x]);
         }
     }
     o[..D].copy_from_slice(&acc);
 }
 
 #[inline(always)]
-fn pv(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
+fn pv<const FMA: bool>(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
     match o.len() {
-        64 => pv_fixed::<64>(w, v, vs, o),
-        128 => pv_fixed::<128>(w, v, vs, o),
-        32 => pv_fixed::<32>(w, v, vs, o),
+        64 => pv_fixed::<FMA, 64>(w, v, vs, o),
+        128 => pv_fixed::<FMA, 128>(w, v, vs, o),
+        32 => pv_fixed::<FMA, 32>(w, v, vs, o),
         d => {
             for (j, &wj) in w.iter().enumerate() {
                 for (a, x) in o.iter_mut().zip(&v[j * vs..][..d]) {
-                    *a += wj * x;
+                    *a = fmadd::<FMA>(wj, *x, *a);
                 }
             }
         }
@@ -306,7 +468,7 @@ fn pv(w: &[f32], v: &[f32], vs: usize, o: &mut [f32]) {
 /// One task: query positions `qs` (indices into the job's queries) of the query heads of KV
 /// head `kvh`, keys `keys` (absolute positions), each query seeing at most `window` keys.
 #[inline(always)]
-fn task(
+fn task<const FMA: bool>(
     j: &Job<'_>,
     kvh: usize,
     qs: Range<usize>,
@@ -484,13 +646,7 @@ fn task(
             let transposed = !cm && rows >= 4 * RB;
             if transposed {
                 ktr.resize(d * ld, 0.0);
-                let (t0, t1) = (u0 - a, u1 - a);
-                for t in t0..t1 {
-                    let kr = &kref[t * ks..][..d];
-                    for (c, &x) in kr.iter().enumerate() {
-                        ktr[c * ld + t] = x;
-                    }
-                }
+                transpose_keys(simd, kref, ks, d, u0 - a, u1 - a, &mut ktr, ld);
             }
             for rb in (0..rows).step_by(RB) {
                 let rend = (rb + RB).min(rows);
@@ -506,11 +662,11 @@ fn task(
                 }
                 let qblk = &qb[rb * d..][..RB * d];
                 if cm {
-                    scores_cm(qblk, d, kref, c0, c1, &mut s, ld);
+                    scores_cm::<FMA>(qblk, d, kref, c0, c1, &mut s, ld);
                 } else if transposed {
-                    scores_cm(qblk, d, &ktr, c0, c1, &mut s, ld);
+                    scores_cm::<FMA>(qblk, d, &ktr, c0, c1, &mut s, ld);
                 } else {
-                    scores_rm(qblk, d, kref, ks, c0, c1, &mut s, ld);
+                    scores_rm::<FMA>(qblk, d, kref, ks, c0, c1, &mut s, ld);
                 }
                 for r in rb..rend {
                     let (lo, hi) = ranges[r];
@@ -518,7 +674,7 @@ fn task(
                         continue;
                     }
                     let sr = &s[(r - rb) * ld..][lo..hi];
-                    let bm = sr.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                    let bm = max_lanes(sr);
                     let mn = m[r].max(bm);
                     let corr = if m[r] == f32::NEG_INFINITY {
                         0.0
@@ -527,10 +683,7 @@ fn task(
                     };
                     m[r] = mn;
                     let wr = &mut w[..hi - lo];
-                    for (x, &y) in wr.iter_mut().zip(sr) {
-                        *x = exp_neg(y - mn);
-                    }
-                    let sum: f32 = wr.iter().sum();
+                    let sum = exp_sum(sr, mn, wr);
                     l[r] = l[r] * corr + sum;
                     let o = &mut acc[r * d..][..d];
                     if corr != 1.0 {
@@ -538,7 +691,7 @@ fn task(
                             *x *= corr;
                         }
                     }
-                    pv(wr, &vref[lo * vs..], vs, o);
+                    pv::<FMA>(wr, &vref[lo * vs..], vs, o);
                 }
             }
         }
@@ -577,7 +730,7 @@ impl pulp::WithSimd for V3Task<'_, '_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) -> Partial {
-        task(
+        task::<true>(
             self.j,
             self.kvh,
             self.qs,
@@ -613,7 +766,7 @@ fn run_task(
         }
     }
     let _ = scalar;
-    task(j, kvh, qs, keys, window, None)
+    task::<false>(j, kvh, qs, keys, window, None)
 }
 
 /// Run the attention described by `j` into `out` (`[n_q][n_heads][d]`). The caller has
@@ -702,6 +855,124 @@ mod tests {
         assert!(worst < 4e-7, "relative error {worst}");
         assert_eq!(exp_neg(0.0), 1.0);
         assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    /// Naive causal (windowed) attention in f64 over f32 rows `[token][kv_head][d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+        (nh_kv, n_heads, d): (usize, usize, usize),
+        len: usize,
+        n_q: usize,
+        scale: f32,
+        window: usize,
+    ) -> Vec<f64> {
+        let g = n_heads / nh_kv;
+        let mut out = vec![0f64; n_q * n_heads * d];
+        for i in 0..n_q {
+            let p = len - n_q + i;
+            let lo = (p + 1).saturating_sub(window);
+            for h in 0..n_heads {
+                let kvh = h / g;
+                let qr = &q[(i * n_heads + h) * d..][..d];
+                let sc: Vec<f64> = (lo..=p)
+                    .map(|t| {
+                        let kr = &k[(t * nh_kv + kvh) * d..][..d];
+                        let dot: f64 = qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        dot * scale as f64
+                    })
+                    .collect();
+                let mx = sc.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                let ws: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = ws.iter().sum();
+                let o = &mut out[(i * n_heads + h) * d..][..d];
+                for (t, w) in (lo..=p).zip(&ws) {
+                    let vr = &v[(t * nh_kv + kvh) * d..][..d];
+                    for (a, b) in o.iter_mut().zip(vr) {
+                        *a += w / z * *b as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The tiled kernel (AVX2+FMA build and portable build) against the naive f64 attention on
+    /// ragged shapes: head widths off the SIMD width, query counts off the tile sizes, prefill
+    /// and decode, sliding windows.
+    #[test]
+    fn tiled_paths_match_naive_reference() {
+        let mut seed = 0x9e37_79b9_u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let cases: &[(usize, usize, usize, usize, usize, usize)] = &[
+            // (kv heads, query heads, d, stored tokens, queries, window)
+            (1, 1, 4, 3, 3, usize::MAX),
+            (1, 3, 12, 45, 1, usize::MAX),
+            (2, 4, 20, 67, 13, usize::MAX),
+            (3, 9, 64, 200, 200, usize::MAX),
+            (3, 9, 64, 300, 77, usize::MAX),
+            (1, 2, 72, 131, 131, 50),
+            (2, 2, 36, 97, 1, 17),
+            (1, 3, 64, 1100, 1, usize::MAX),
+            (1, 1, 8, 70, 70, 1),
+        ];
+        for &(nh_kv, n_heads, d, len, n_q, window) in cases {
+            let k: Vec<f32> = (0..len * nh_kv * d).map(|_| rnd()).collect();
+            let v: Vec<f32> = (0..len * nh_kv * d).map(|_| rnd()).collect();
+            let q: Vec<f32> = (0..n_q * n_heads * d).map(|_| 2.0 * rnd()).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let job = Job {
+                regions: vec![Region {
+                    start: 0,
+                    n: len,
+                    store: Store::F32 { k: &k, v: &v },
+                    vis: Vis::All,
+                }],
+                bound: Boundary {
+                    sink: 0,
+                    residual: 0,
+                    flush: 1,
+                },
+                recent_start: len,
+                d,
+                nh_kv,
+                n_heads,
+                len,
+                n_q,
+                q: &q,
+                scale,
+            };
+            let want = naive(&k, &v, &q, (nh_kv, n_heads, d), len, n_q, scale, window);
+            let mut outs = Vec::new();
+            for scalar in [false, true] {
+                let mut out = vec![f32::NAN; n_q * n_heads * d];
+                attend_window(&job, window, &mut out, scalar);
+                let err = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(0f64, f64::max);
+                assert!(
+                    err < 2e-5,
+                    "kv {nh_kv} heads {n_heads} d {d} len {len} n_q {n_q} window {window} \
+                     scalar {scalar}: error {err}"
+                );
+                outs.push(out);
+            }
+            let diff = outs[0]
+                .iter()
+                .zip(&outs[1])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "simd vs portable {diff}");
+        }
     }
 
     #[test]

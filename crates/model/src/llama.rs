@@ -21,6 +21,7 @@ use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::{Error, Result};
 use lowbit_kv_cache::KvCache;
+use rayon::prelude::*;
 
 /// Names of the seven linear layers of a decoder layer, relative to `model.layers.{i}.`.
 pub const LAYER_LINEARS: [&str; 7] = [
@@ -111,6 +112,18 @@ pub struct Model {
     rope_local: Option<Rope>,
 }
 
+/// The activations of one decoder layer (`[n_tokens][width]` each), kept across layers.
+#[derive(Default)]
+struct LayerBufs {
+    x: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+}
+
 /// Which positions [`Model::forward`] returns logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -124,18 +137,96 @@ pub enum Logits {
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ss: f64 = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum();
-        let inv = (1.0 / (ss / d as f64 + eps as f64).sqrt()) as f32;
+        let inv = (1.0 / (sum_sq_f64(xr) / d as f64 + eps as f64).sqrt()) as f32;
         for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
             *o = g * (v * inv);
         }
     }
 }
 
-/// `silu(x) = x * sigmoid(x)`.
+/// `Σ x²` in f64, in four interleaved partial sums (so the loop is not one long chain of
+/// dependent additions); the order differs from a left-to-right sum only in f64 rounding.
+#[inline]
+fn sum_sq_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 4];
+    let mut it = x.chunks_exact(4);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += (*v as f64) * (*v as f64);
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(it.remainder()) {
+        *a += (*v as f64) * (*v as f64);
+    }
+    (acc[0] + acc[2]) + (acc[1] + acc[3])
+}
+
+/// Token rows per task of the element-wise glue (norms, residuals, SwiGLU, RoPE) in a long
+/// chunk; chunks of fewer than two such tasks (decode) stay on the calling thread.
+const GLUE_ROWS: usize = 16;
+
+/// Whether the glue over `n_tokens` rows is worth splitting across the rayon pool.
+fn glue_parallel(n_tokens: usize) -> bool {
+    n_tokens >= 2 * GLUE_ROWS && rayon::current_num_threads() > 1
+}
+
+/// Run `f(row0, a_rows, b_rows)` over matching blocks of [`GLUE_ROWS`] token rows of `a`
+/// (`wa` values a row) and `b` (`wb` a row), in parallel for long chunks. Each row is computed
+/// by the same code either way, so the result does not depend on the split.
+fn for_row_blocks<F>(a: &mut [f32], wa: usize, b: &mut [f32], wb: usize, n_tokens: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+{
+    if glue_parallel(n_tokens) {
+        a.par_chunks_mut(GLUE_ROWS * wa)
+            .zip(b.par_chunks_mut(GLUE_ROWS * wb))
+            .enumerate()
+            .for_each(|(i, (a, b))| f(i * GLUE_ROWS, a, b));
+    } else {
+        f(0, a, b);
+    }
+}
+
+/// `hidden += delta`, then `out = rms_norm(hidden)` (rows of `w.len()`), in one pass over
+/// row blocks.
+fn add_and_norm(hidden: &mut [f32], delta: &mut [f32], w: &[f32], eps: f32, n_tokens: usize) {
+    let d = w.len();
+    for_row_blocks(hidden, d, delta, d, n_tokens, |_, h, x| {
+        h.iter_mut().zip(x.iter()).for_each(|(a, b)| *a += b);
+        rms_norm(h, w, eps, x);
+    });
+}
+
+/// `silu(x) = x * sigmoid(x)`, as `x / (1 + exp(-x))` with the branch-free [`exp_f32`] (so a
+/// loop over it vectorizes).
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_f32(-x))
+}
+
+/// `exp(x)` for f32, inputs clamped to `[-87, 88]` (the normal range of the result): range
+/// reduction to `r` in `[-ln2/2, ln2/2]`, degree-7 Taylor polynomial, scaling by `2^n` through
+/// the exponent bits. Relative error within a few f32 ulps; no branches, no libm call.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let x = x.clamp(-87.0, 88.0);
+    let z = x * LOG2E + MAGIC;
+    let n = z - MAGIC;
+    let ni = (z.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 impl Model {
@@ -344,7 +435,22 @@ impl Model {
         hidden: &mut [f32],
         n_tokens: usize,
         cache: &mut dyn KvCache,
+        capture: Option<Capture<'_>>,
+    ) -> Result<()> {
+        let mut bufs = LayerBufs::default();
+        self.layer_forward_bufs(i, hidden, n_tokens, cache, capture, &mut bufs)
+    }
+
+    /// The decoder layer, with its activations in `bufs` (reused from layer to layer by
+    /// [`Self::forward`], so that a long chunk does not map and zero fresh pages per layer).
+    fn layer_forward_bufs(
+        &self,
+        i: usize,
+        hidden: &mut [f32],
+        n_tokens: usize,
+        cache: &mut dyn KvCache,
         mut capture: Option<Capture<'_>>,
+        bufs: &mut LayerBufs,
     ) -> Result<()> {
         let c = &self.config;
         let layer = self
@@ -370,24 +476,57 @@ impl Model {
                 cb(&format!("model.layers.{i}.{name}"), x, n);
             }
         };
+        let f = c.intermediate_size;
+        let LayerBufs {
+            x,
+            q,
+            k,
+            v,
+            att,
+            g,
+            u,
+        } = bufs;
+        // Every buffer is overwritten whole before it is read (linears and attention write
+        // all of their outputs), so stale values from the previous layer never leak.
+        for (b, len) in [
+            (&mut *x, n * h),
+            (&mut *q, n * c.q_dim()),
+            (&mut *k, n * c.kv_dim()),
+            (&mut *v, n * c.kv_dim()),
+            (&mut *att, n * c.q_dim()),
+            (&mut *g, n * f),
+            (&mut *u, n * f),
+        ] {
+            b.resize(len, 0.0);
+        }
+        let (x, q, k, v, att, g, u) = (
+            &mut x[..n * h],
+            &mut q[..n * c.q_dim()],
+            &mut k[..n * c.kv_dim()],
+            &mut v[..n * c.kv_dim()],
+            &mut att[..n * c.q_dim()],
+            &mut g[..n * f],
+            &mut u[..n * f],
+        );
 
         // Attention block.
-        let mut x = vec![0f32; n * h];
-        rms_norm(hidden, &layer.attn_norm, c.rms_eps, &mut x);
-        report("self_attn.q_proj", &x);
-        report("self_attn.k_proj", &x);
-        report("self_attn.v_proj", &x);
-        let mut q = vec![0f32; n * c.q_dim()];
-        let mut k = vec![0f32; n * c.kv_dim()];
-        let mut v = vec![0f32; n * c.kv_dim()];
-        layer.q_proj.forward(&x, n, &mut q)?;
-        layer.k_proj.forward(&x, n, &mut k)?;
-        layer.v_proj.forward(&x, n, &mut v)?;
+        {
+            let w = &layer.attn_norm;
+            for_row_blocks(hidden, h, x, h, n, |_, hr, xr| {
+                rms_norm(hr, w, c.rms_eps, xr)
+            });
+        }
+        report("self_attn.q_proj", x);
+        report("self_attn.k_proj", x);
+        report("self_attn.v_proj", x);
+        layer.q_proj.forward(x, n, q)?;
+        layer.k_proj.forward(x, n, k)?;
+        layer.v_proj.forward(x, n, v)?;
         if let Some(g) = gemma {
             // Per-head RMSNorm of queries and keys, before RoPE.
-            let (qs, ks) = (q.clone(), k.clone());
-            rms_norm(&qs, &g.q_norm, c.rms_eps, &mut q);
-            rms_norm(&ks, &g.k_norm, c.rms_eps, &mut k);
+            let (qs, ks) = (q.to_vec(), k.to_vec());
+            rms_norm(&qs, &g.q_norm, c.rms_eps, q);
+            rms_norm(&ks, &g.k_norm, c.rms_eps, k);
         }
         let pos0 = cache.len(i);
         let window = c.sliding_window(i);
@@ -395,46 +534,52 @@ impl Model {
             (Some(local), Some(_)) => local,
             _ => &self.rope,
         };
-        rope.apply(&mut q, n, c.n_heads, pos0);
-        rope.apply(&mut k, n, c.n_kv_heads, pos0);
-        cache.append(i, &k, &v, n)?;
-        let mut att = vec![0f32; n * c.q_dim()];
+        let (qd, kd) = (c.q_dim(), c.kv_dim());
+        for_row_blocks(q, qd, k, kd, n, |t0, qr, kr| {
+            let nt = qr.len() / qd;
+            rope.apply(qr, nt, c.n_heads, pos0 + t0);
+            rope.apply(kr, nt, c.n_kv_heads, pos0 + t0);
+        });
+        cache.append(i, k, v, n)?;
         let scale = c.attn_scale();
         match window {
-            None => cache.attend(i, &q, n, c.n_heads, scale, &mut att)?,
-            Some(w) => cache.attend_window(i, &q, n, c.n_heads, scale, w, &mut att)?,
+            None => cache.attend(i, q, n, c.n_heads, scale, att)?,
+            Some(w) => cache.attend_window(i, q, n, c.n_heads, scale, w, att)?,
         }
-        report("self_attn.o_proj", &att);
-        layer.o_proj.forward(&att, n, &mut x)?;
+        report("self_attn.o_proj", att);
+        layer.o_proj.forward(att, n, x)?;
         if let Some(g) = gemma {
-            let o = x.clone();
-            rms_norm(&o, &g.post_attn_norm, c.rms_eps, &mut x);
+            let o = x.to_vec();
+            rms_norm(&o, &g.post_attn_norm, c.rms_eps, x);
         }
-        hidden.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
 
-        // MLP block.
-        rms_norm(hidden, &layer.mlp_norm, c.rms_eps, &mut x);
-        report("mlp.gate_proj", &x);
-        report("mlp.up_proj", &x);
-        let f = c.intermediate_size;
-        let mut g = vec![0f32; n * f];
-        let mut u = vec![0f32; n * f];
-        layer.gate_proj.forward(&x, n, &mut g)?;
-        layer.up_proj.forward(&x, n, &mut u)?;
-        if gemma.is_some() {
-            g.iter_mut()
-                .zip(&u)
-                .for_each(|(g, u)| *g = crate::gemma::gelu_tanh(*g) * u);
-        } else {
-            g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
-        }
-        report("mlp.down_proj", &g);
-        layer.down_proj.forward(&g, n, &mut x)?;
+        // MLP block: hidden += attention output; x = rmsnorm(hidden).
+        add_and_norm(hidden, x, &layer.mlp_norm, c.rms_eps, n);
+        report("mlp.gate_proj", x);
+        report("mlp.up_proj", x);
+        layer.gate_proj.forward(x, n, g)?;
+        layer.up_proj.forward(x, n, u)?;
+        let gelu = gemma.is_some();
+        for_row_blocks(g, f, u, f, n, |_, gr, ur| {
+            if gelu {
+                gr.iter_mut()
+                    .zip(ur.iter())
+                    .for_each(|(g, u)| *g = crate::gemma::gelu_tanh(*g) * u);
+            } else {
+                gr.iter_mut()
+                    .zip(ur.iter())
+                    .for_each(|(g, u)| *g = silu(*g) * u);
+            }
+        });
+        report("mlp.down_proj", g);
+        layer.down_proj.forward(g, n, x)?;
         if let Some(gl) = gemma {
-            let o = x.clone();
-            rms_norm(&o, &gl.post_ffw_norm, c.rms_eps, &mut x);
+            let o = x.to_vec();
+            rms_norm(&o, &gl.post_ffw_norm, c.rms_eps, x);
         }
-        hidden.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
+        for_row_blocks(hidden, h, x, h, n, |_, hr, xr| {
+            hr.iter_mut().zip(xr.iter()).for_each(|(a, b)| *a += b)
+        });
         Ok(())
     }
 
@@ -486,8 +631,9 @@ impl Model {
         }
         let n = tokens.len();
         let mut hidden = self.embed(tokens)?;
+        let mut bufs = LayerBufs::default();
         for i in 0..self.layers.len() {
-            self.layer_forward(i, &mut hidden, n, cache)?;
+            self.layer_forward_bufs(i, &mut hidden, n, cache, None, &mut bufs)?;
         }
         match which {
             Logits::All => self.final_norm_and_head(&hidden, n),
@@ -496,5 +642,62 @@ impl Model {
                 self.final_norm_and_head(&hidden[(n - 1) * h..], 1)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_silu_match_f64() {
+        let mut worst = (0f64, 0f64);
+        for i in 0..=400_000 {
+            let x = -87.0 + (i as f32) * (175.0 / 400_000.0);
+            let e = (x as f64).exp();
+            worst.0 = worst.0.max((exp_f32(x) as f64 - e).abs() / e);
+            let s = x as f64 / (1.0 + (-x as f64).exp());
+            let got = silu(x) as f64;
+            worst.1 = worst.1.max((got - s).abs() / s.abs().max(1e-30));
+        }
+        assert!(worst.0 < 5e-7, "exp relative error {}", worst.0);
+        assert!(worst.1 < 1e-6, "silu relative error {}", worst.1);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(silu(0.0), 0.0);
+        assert!(silu(-1000.0).abs() < 1e-30 && silu(1000.0) == 1000.0);
+    }
+
+    #[test]
+    fn rms_norm_matches_f64_and_split_rows_agree() {
+        let d = 37;
+        let n = 70;
+        let x: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+            .collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 / d as f32).collect();
+        let mut out = vec![0f32; n * d];
+        rms_norm(&x, &w, 1e-5, &mut out);
+        for t in 0..n {
+            let xr = &x[t * d..][..d];
+            let ms: f64 = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for c in 0..d {
+                let want = w[c] as f64 * xr[c] as f64 * inv;
+                assert!((out[t * d + c] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()));
+            }
+        }
+        // The row-block split used for long chunks gives the same bits as one pass.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut h = x.clone();
+        let mut delta: Vec<f32> = x.iter().map(|v| v * 0.25).collect();
+        pool.install(|| add_and_norm(&mut h, &mut delta, &w, 1e-5, n));
+        let h_want: Vec<f32> = x.iter().map(|v| v + v * 0.25).collect();
+        let mut want = vec![0f32; n * d];
+        rms_norm(&h_want, &w, 1e-5, &mut want);
+        assert_eq!(h, h_want);
+        assert_eq!(delta, want);
     }
 }

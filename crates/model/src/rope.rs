@@ -42,29 +42,57 @@ pub fn inv_freqs(cfg: &ModelConfig) -> Vec<f64> {
     }
 }
 
-/// Precomputed inverse frequencies of one model.
+/// Positions whose `(cos, sin)` values [`Rope`] tabulates when it is built (fewer when the
+/// model's context is shorter); later positions are computed on the fly, the same way.
+pub const TABLE_POSITIONS: usize = 4096;
+
+/// Precomputed inverse frequencies of one model, and the `(cos, sin)` values of its first
+/// positions.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f64>,
     head_dim: usize,
+    /// `[pos][cos (head_dim / 2) | sin (head_dim / 2)]` for positions `0..table.len() / head_dim`.
+    table: Vec<f32>,
 }
 
 impl Rope {
     /// Build from a config.
     pub fn new(cfg: &ModelConfig) -> Self {
+        let inv_freq = inv_freqs(cfg);
+        let half = inv_freq.len();
+        let n = cfg.max_ctx.clamp(1, TABLE_POSITIONS);
+        let mut table = vec![0f32; n * 2 * half];
+        for (pos, row) in table.chunks_exact_mut(2 * half.max(1)).enumerate() {
+            let (cos, sin) = row.split_at_mut(half);
+            cos_sin_of(&inv_freq, pos, cos, sin);
+        }
         Rope {
-            inv_freq: inv_freqs(cfg),
+            inv_freq,
             head_dim: cfg.head_dim,
+            table,
         }
     }
 
     /// `(cos, sin)` tables for one position, `head_dim / 2` values each (angles in f64).
     pub fn cos_sin(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
-        for ((f, c), s) in self.inv_freq.iter().zip(cos.iter_mut()).zip(sin.iter_mut()) {
-            let a = pos as f64 * f;
-            *c = a.cos() as f32;
-            *s = a.sin() as f32;
+        match self.tabulated(pos) {
+            Some((c, s)) => {
+                cos.iter_mut().zip(c).for_each(|(o, v)| *o = *v);
+                sin.iter_mut().zip(s).for_each(|(o, v)| *o = *v);
+            }
+            None => cos_sin_of(&self.inv_freq, pos, cos, sin),
         }
+    }
+
+    /// The tabulated `(cos, sin)` of `pos`, if `pos` is in the table.
+    fn tabulated(&self, pos: usize) -> Option<(&[f32], &[f32])> {
+        let half = self.inv_freq.len();
+        if half == 0 {
+            return None;
+        }
+        let row = self.table.get(pos * 2 * half..(pos + 1) * 2 * half)?;
+        Some(row.split_at(half))
     }
 
     /// Rotate `x`, laid out `[n_tokens][n_heads][head_dim]`, where token `t` sits at position
@@ -72,10 +100,16 @@ impl Rope {
     pub fn apply(&self, x: &mut [f32], n_tokens: usize, n_heads: usize, pos0: usize) {
         let d = self.head_dim;
         let half = d / 2;
-        let mut cos = vec![0f32; half];
-        let mut sin = vec![0f32; half];
+        let mut cos_buf = vec![0f32; half];
+        let mut sin_buf = vec![0f32; half];
         for t in 0..n_tokens {
-            self.cos_sin(pos0 + t, &mut cos, &mut sin);
+            let (cos, sin) = match self.tabulated(pos0 + t) {
+                Some((c, s)) => (c, s),
+                None => {
+                    cos_sin_of(&self.inv_freq, pos0 + t, &mut cos_buf, &mut sin_buf);
+                    (&cos_buf[..], &sin_buf[..])
+                }
+            };
             for h in 0..n_heads {
                 let v = &mut x[(t * n_heads + h) * d..][..d];
                 let (a, b) = v.split_at_mut(half);
@@ -86,6 +120,15 @@ impl Rope {
                 }
             }
         }
+    }
+}
+
+/// `cos` and `sin` of `pos * inv_freq[i]` (the angle in f64, rounded to f32 at the end).
+fn cos_sin_of(inv_freq: &[f64], pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+    for ((f, c), s) in inv_freq.iter().zip(cos.iter_mut()).zip(sin.iter_mut()) {
+        let a = pos as f64 * f;
+        *c = a.cos() as f32;
+        *s = a.sin() as f32;
     }
 }
 
@@ -139,6 +182,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The table and the on-the-fly computation give the same bits, across the table's end.
+    #[test]
+    fn tabulated_positions_match_direct_computation() {
+        let mut c = cfg(RopeScaling::None);
+        c.max_ctx = 1 << 20;
+        let rope = Rope::new(&c);
+        let (n, heads, d) = (5usize, 2usize, 8usize);
+        let x: Vec<f32> = (0..n * heads * d)
+            .map(|i| ((i * 29 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        for pos0 in [0, 7, TABLE_POSITIONS - 3, TABLE_POSITIONS + 11] {
+            let mut y = x.clone();
+            rope.apply(&mut y, n, heads, pos0);
+            for t in 0..n {
+                let (mut cos, mut sin) = ([0f32; 4], [0f32; 4]);
+                cos_sin_of(&rope.inv_freq, pos0 + t, &mut cos, &mut sin);
+                let (mut tc, mut ts) = ([0f32; 4], [0f32; 4]);
+                rope.cos_sin(pos0 + t, &mut tc, &mut ts);
+                assert_eq!((tc, ts), (cos, sin), "position {}", pos0 + t);
+                for h in 0..heads {
+                    let b = (t * heads + h) * d;
+                    for i in 0..d / 2 {
+                        let (x0, x1) = (x[b + i], x[b + i + d / 2]);
+                        assert_eq!(y[b + i], x0 * cos[i] - x1 * sin[i]);
+                        assert_eq!(y[b + i + d / 2], x1 * cos[i] + x0 * sin[i]);
+                    }
+                }
+            }
+        }
+        // A short context tabulates only its own positions.
+        assert_eq!(Rope::new(&cfg(RopeScaling::None)).table.len(), 64 * d);
     }
 
     #[test]
