@@ -398,8 +398,10 @@ pub(crate) mod avx2 {
     use super::QuantAct;
     use crate::packed::{HdrMode, PackedLinear, CHUNK, TB, TILE_ROWS};
 
-    /// Software prefetch distance in bytes of the weight stream.
-    const PREFETCH: usize = 1024;
+    /// Software prefetch distance in bytes of the weight stream. 4 KiB (session 7; was 1 KiB):
+    /// with the weights in L3 at two threads, 1 KiB ahead left the loads waiting (GEMV
+    /// 4096 x 11008 INT4 / NVFP4 `--act8`: +5-15% in alternating runs, DRAM-bound no worse).
+    const PREFETCH: usize = 4096;
 
     /// [`super::quantize_block`] of one full 32-column block, bit-identical (the same IEEE
     /// division, round-half-even by `vroundps`, which equals the scalar 1.5 * 2^23 trick for
@@ -632,8 +634,84 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// One 32-column activation block of a 4-bit row tile (chunks at `w` and `w + 32`; with
+    /// `TWO == false` only the chunk at `w`, the odd last chunk of a segment) for `NT` tokens:
+    /// `g[t] += f32(I_b(t)) * sx_b(t)`. `x` points at token 0's codes of the block in
+    /// `xperm` (token `t` at `x + t * pcols`), `s` at token 0's block scale in `sx` (token `t`
+    /// at `s + t * nblk`).
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; the chunk bytes at `w` (64, or 32 when `!TWO`), `NT` tokens'
+    /// 32 (16 when `!TWO`) codes at `x + t * pcols` and scales at `s + t * nblk` are readable.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_b4<const LUT: bool, const PAIRS: u8, const NT: usize, const TWO: bool>(
+        w: *const u8,
+        lut: __m256i,
+        x: *const i8,
+        pcols: usize,
+        s: *const f32,
+        nblk: usize,
+        g: &mut [__m256; NT],
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY: the block's chunks are readable (caller).
+        let (w0, w1) = unsafe {
+            (
+                _mm256_loadu_si256(w as *const __m256i),
+                if TWO {
+                    _mm256_loadu_si256(w.add(32) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                },
+            )
+        };
+        // The stream is sequential, but the decode leaves few loads in flight: ask for the line
+        // PREFETCH bytes ahead (one 64-byte line per block). Prefetches never fault, and the
+        // address is only formed with wrapping arithmetic.
+        if TWO {
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH) as *const i8);
+        }
+        let (lo0, hi0) = unpack4::<LUT>(w0, lut);
+        let (lo1, hi1) = unpack4::<LUT>(w1, lut);
+        for t in 0..NT {
+            // SAFETY: token t's codes and scale of this block are readable (caller).
+            let (i, sc) = unsafe {
+                let xt = x.add(t * pcols);
+                let i = if TWO {
+                    let (p0, p1) = (
+                        chunk_dot::<PAIRS>(lo0, hi0, xt),
+                        chunk_dot::<PAIRS>(lo1, hi1, xt.add(CHUNK)),
+                    );
+                    if PAIRS == 4 {
+                        _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)
+                    } else if PAIRS == 1 {
+                        _mm256_add_epi32(p0, p1)
+                    } else {
+                        _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones))
+                    }
+                } else {
+                    let p = chunk_dot::<PAIRS>(lo0, hi0, xt);
+                    if PAIRS == 1 {
+                        p
+                    } else {
+                        _mm256_madd_epi16(p, ones)
+                    }
+                };
+                (i, *s.add(t * nblk))
+            };
+            g[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(sc), g[t]);
+        }
+    }
+
     /// 4-bit layers. `PAIRS`: products summed in i16 before widening (4 when the table values
     /// are <= 32, 1 when <= 128: a `vpmaddubsw` pair sum is then <= 2 * 128 * 127 = 32512).
+    ///
+    /// `NB` (1, 2 or 4; 0: none): the leading segments of `2 NB` chunks (32/64/128-column
+    /// groups) run a loop with fixed strides and the `NB` blocks of a group unrolled; the
+    /// other segments (and every segment when `NB == 0`) the generic loop. Both do the same
+    /// operations in the same order ([`block_b4`] per block, [`fold`] per group).
     ///
     /// `NT` (1..=8) tokens share each unpacked weight register; every token's output is computed
     /// by the same instructions in the same order whatever `NT` (per-token accumulators, no
@@ -645,7 +723,12 @@ pub(crate) mod avx2 {
     /// `tile < pk.ntiles`; `qa` was built by `pk.quantize_act(.., n, true)` with
     /// `t0 + NT <= n`.
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn tile_b4<const LUT: bool, const PAIRS: u8, const NT: usize>(
+    pub(crate) unsafe fn tile_b4<
+        const LUT: bool,
+        const PAIRS: u8,
+        const NB: usize,
+        const NT: usize,
+    >(
         pk: &PackedLinear,
         tile: usize,
         qa: &QuantAct,
@@ -655,93 +738,69 @@ pub(crate) mod avx2 {
         assert!(out.len() >= NT);
         let pcols = pk.pcols;
         let nseg = pk.segs.len();
+        let nblk = qa.nblk;
         debug_assert!(
             tile < pk.ntiles
                 && qa.xperm.len() >= (t0 + NT) * pcols
-                && qa.sx.len() >= (t0 + NT) * qa.nblk
+                && qa.sx.len() >= (t0 + NT) * nblk
+                && qa.xsum.len() >= (t0 + NT) * nseg
         );
-        let ones = _mm256_set1_epi16(1);
         // SAFETY: the table is 16 bytes.
         let lut = _mm256_broadcastsi128_si256(unsafe {
             _mm_loadu_si128(pk.a8.lut.as_ptr() as *const __m128i)
         });
+        let tbase = tile * pk.tile_bytes;
         // SAFETY: tile < ntiles, so the tile's tile_bytes bytes lie inside pk.data.
-        let base = unsafe { pk.data.as_ptr().add(tile * pk.tile_bytes) };
+        let base = unsafe { pk.data.as_ptr().add(tbase) };
+        // token t0's codes, block scales and segment sums
+        // SAFETY: t0 * pcols <= xperm.len(), t0 * nblk <= sx.len(), t0 * nseg <= xsum.len().
+        let (xq0, sx0, xs0) = unsafe {
+            (
+                qa.xperm.as_ptr().add(t0 * pcols),
+                qa.sx.as_ptr().add(t0 * nblk),
+                qa.xsum.as_ptr().add(t0 * nseg),
+            )
+        };
         let mut acc = [_mm256_setzero_ps(); NT];
         let mut xs = [0f32; NT];
-        for (k, seg) in pk.segs.iter().enumerate() {
-            // SAFETY: the segment's chunks follow its header inside the tile.
-            let w = unsafe { base.add(seg.byte_off + pk.hdr) };
+        let segs = &pk.segs;
+        // Fast loop: segment k of the leading 2 NB-chunk segments is header k at `k * stride`,
+        // blocks `NB k..`, columns `32 NB k..` (checked below).
+        let stride = pk.hdr + NB * 64;
+        let nfast = if NB == 0 {
+            0
+        } else {
+            segs.iter().take_while(|s| s.chunks == 2 * NB).count()
+        };
+        debug_assert!(segs.iter().take(nfast).enumerate().all(|(k, s)| {
+            s.col0 == k * NB * 2 * CHUNK && s.byte_off == k * stride && qa.blk0[k] == k * NB
+        }));
+        for k in 0..nfast {
             let mut g = [_mm256_setzero_ps(); NT];
-            let full = seg.chunks / 2;
-            let b0 = qa.blk0[k];
-            for bi in 0..full {
-                // SAFETY: chunks 2bi and 2bi+1 (32 bytes each: 4 rows x 8) are in the segment.
-                let (w0, w1) = unsafe {
-                    (
-                        _mm256_loadu_si256(w.add(bi * 64) as *const __m256i),
-                        _mm256_loadu_si256(w.add(bi * 64 + 32) as *const __m256i),
+            for b in 0..NB {
+                // SAFETY: segment k's block b (64 bytes after the header) is in the tile; its
+                // codes (32 per token) and scales are in xperm and sx for tokens t0..t0+NT.
+                unsafe {
+                    block_b4::<LUT, PAIRS, NT, true>(
+                        base.add(k * stride + pk.hdr + b * 64),
+                        lut,
+                        xq0.add((k * NB + b) * 2 * CHUNK),
+                        pcols,
+                        sx0.add(k * NB + b),
+                        nblk,
+                        &mut g,
                     )
                 };
-                // The stream is sequential, but the decode leaves few loads in flight: ask for
-                // the line PREFETCH bytes ahead (one 64-byte line per block). Prefetches never
-                // fault, and the address is only formed with wrapping arithmetic.
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(bi * 64 + PREFETCH) as *const i8);
-                let (lo0, hi0) = unpack4::<LUT>(w0, lut);
-                let (lo1, hi1) = unpack4::<LUT>(w1, lut);
-                for t in 0..NT {
-                    let o = (t0 + t) * pcols + seg.col0 + bi * 2 * CHUNK;
-                    // SAFETY: o + 32 <= (t0 + NT) * pcols <= xperm.len(); the block index is
-                    // below nblk, so the scale index is inside sx.
-                    let (i, s) = unsafe {
-                        let x = qa.xperm.as_ptr().add(o);
-                        let (p0, p1) = (
-                            chunk_dot::<PAIRS>(lo0, hi0, x),
-                            chunk_dot::<PAIRS>(lo1, hi1, x.add(CHUNK)),
-                        );
-                        let i = if PAIRS == 4 {
-                            _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)
-                        } else if PAIRS == 1 {
-                            _mm256_add_epi32(p0, p1)
-                        } else {
-                            _mm256_add_epi32(
-                                _mm256_madd_epi16(p0, ones),
-                                _mm256_madd_epi16(p1, ones),
-                            )
-                        };
-                        (i, *qa.sx.get_unchecked((t0 + t) * qa.nblk + b0 + bi))
-                    };
-                    g[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), g[t]);
-                }
-            }
-            if seg.chunks % 2 == 1 {
-                let bi = full;
-                // SAFETY: the last chunk (index 2*full) is in the segment.
-                let w0 = unsafe { _mm256_loadu_si256(w.add(bi * 64) as *const __m256i) };
-                let (lo0, hi0) = unpack4::<LUT>(w0, lut);
-                for t in 0..NT {
-                    let o = (t0 + t) * pcols + seg.col0 + bi * 2 * CHUNK;
-                    // SAFETY: o + 16 <= xperm.len(); block index below nblk.
-                    let (p, s) = unsafe {
-                        (
-                            chunk_dot::<PAIRS>(lo0, hi0, qa.xperm.as_ptr().add(o)),
-                            *qa.sx.get_unchecked((t0 + t) * qa.nblk + b0 + bi),
-                        )
-                    };
-                    let i = if PAIRS == 1 {
-                        p
-                    } else {
-                        _mm256_madd_epi16(p, ones)
-                    };
-                    g[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), g[t]);
-                }
             }
             for t in 0..NT {
-                xs[t] = qa.xsum[(t0 + t) * nseg + k];
+                // SAFETY: k < nseg, t < NT.
+                xs[t] = unsafe { *xs0.add(t * nseg + k) };
             }
-            // SAFETY: the segment header starts at this offset.
-            unsafe { fold::<NT, true>(pk, tile * pk.tile_bytes + seg.byte_off, &g, &xs, &mut acc) };
+            // SAFETY: segment k's header starts at this offset.
+            unsafe { fold::<NT, true>(pk, tbase + k * stride, &g, &xs, &mut acc) };
         }
+        // SAFETY: as for this function (same tile, tokens and activations).
+        unsafe { b4_tail::<LUT, PAIRS, NT>(pk, tile, qa, t0, nfast, &mut acc) };
         for t in 0..NT {
             let mut a = [0f32; 8];
             // SAFETY: a has 8 f32.
@@ -749,6 +808,191 @@ pub(crate) mod avx2 {
             for r in 0..TILE_ROWS {
                 out[t][r] = a[2 * r] + a[2 * r + 1];
             }
+        }
+    }
+
+    /// [`tile_b4`] for one token (`t0 = 0`) on INT4 codes (`LUT = false`, `PAIRS = 4`) and two
+    /// row tiles, `tile` and `tile + 1`, in one pass: the 4 activation broadcasts and the block
+    /// scale of each block serve both tiles. Per tile the same operations in the same order as
+    /// `tile_b4::<false, 4, NB, 1>` (integer sums are exact in any order), so the outputs are
+    /// bit-identical to it.
+    ///
+    /// # Safety
+    /// AVX2 + FMA available; `pk` is INT4 (`Store::B4`, integer codes, 4-pair integer path);
+    /// `NB > 0`; `tile + 1 < pk.ntiles`; `qa` was built by `pk.quantize_act(.., n, true)`
+    /// with `n >= 1`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn tile_b4_pair<const NB: usize>(
+        pk: &PackedLinear,
+        tile: usize,
+        qa: &QuantAct,
+        out: &mut [[f32; TILE_ROWS]; 2],
+    ) {
+        debug_assert!(
+            NB > 0
+                && tile + 1 < pk.ntiles
+                && qa.xperm.len() >= pk.pcols
+                && qa.sx.len() >= qa.nblk
+                && qa.xsum.len() >= pk.segs.len()
+        );
+        let ones = _mm256_set1_epi16(1);
+        let nolut = _mm256_setzero_si256(); // INT4: the codes are the values
+        let tb = pk.tile_bytes;
+        // SAFETY: tile + 1 < ntiles: both tiles' bytes lie inside pk.data.
+        let base = unsafe { pk.data.as_ptr().add(tile * tb) };
+        let (xq, sx, xsum) = (qa.xperm.as_ptr(), qa.sx.as_ptr(), qa.xsum.as_ptr());
+        let segs = &pk.segs;
+        let stride = pk.hdr + NB * 64;
+        let nfast = segs.iter().take_while(|s| s.chunks == 2 * NB).count();
+        debug_assert!(segs.iter().take(nfast).enumerate().all(|(k, s)| {
+            s.col0 == k * NB * 2 * CHUNK && s.byte_off == k * stride && qa.blk0[k] == k * NB
+        }));
+        let mut acc0 = [_mm256_setzero_ps(); 1];
+        let mut acc1 = [_mm256_setzero_ps(); 1];
+        for k in 0..nfast {
+            let mut g = [_mm256_setzero_ps(); 2];
+            for b in 0..NB {
+                let blk = k * NB + b;
+                // SAFETY: block blk's 32 codes and its scale are inside xperm and sx (token 0).
+                let (xa, xb, xc, xd, s) = unsafe {
+                    let x = xq.add(blk * 2 * CHUNK) as *const i64;
+                    (
+                        _mm256_set1_epi64x(x.read_unaligned()),
+                        _mm256_set1_epi64x(x.add(1).read_unaligned()),
+                        _mm256_set1_epi64x(x.add(2).read_unaligned()),
+                        _mm256_set1_epi64x(x.add(3).read_unaligned()),
+                        _mm256_set1_ps(*sx.add(blk)),
+                    )
+                };
+                for j in 0..2 {
+                    // SAFETY: segment k's block b of tile `tile + j` (64 bytes after the
+                    // header) is inside that tile.
+                    let w = unsafe { base.add(j * tb + k * stride + pk.hdr + b * 64) };
+                    // SAFETY: as above.
+                    let (w0, w1) = unsafe {
+                        (
+                            _mm256_loadu_si256(w as *const __m256i),
+                            _mm256_loadu_si256(w.add(32) as *const __m256i),
+                        )
+                    };
+                    // prefetch as in block_b4 (wrapping address, never faults)
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH) as *const i8);
+                    let (lo0, hi0) = unpack4::<false>(w0, nolut);
+                    let (lo1, hi1) = unpack4::<false>(w1, nolut);
+                    let p = _mm256_add_epi16(
+                        _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo0, xa),
+                            _mm256_maddubs_epi16(hi0, xb),
+                        ),
+                        _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo1, xc),
+                            _mm256_maddubs_epi16(hi1, xd),
+                        ),
+                    );
+                    let i = _mm256_madd_epi16(p, ones);
+                    g[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, g[j]);
+                }
+            }
+            // SAFETY: k < nseg.
+            let xs = [unsafe { *xsum.add(k) }];
+            // SAFETY: segment k's headers of both tiles start at these offsets.
+            unsafe {
+                fold::<1, true>(pk, tile * tb + k * stride, &[g[0]], &xs, &mut acc0);
+                fold::<1, true>(pk, (tile + 1) * tb + k * stride, &[g[1]], &xs, &mut acc1);
+            }
+        }
+        // SAFETY: as for this function; each tile's remaining segments.
+        unsafe {
+            b4_tail::<false, 4, 1>(pk, tile, qa, 0, nfast, &mut acc0);
+            b4_tail::<false, 4, 1>(pk, tile + 1, qa, 0, nfast, &mut acc1);
+        }
+        for (o, acc) in out.iter_mut().zip([acc0[0], acc1[0]]) {
+            let mut a = [0f32; 8];
+            // SAFETY: a has 8 f32.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc) };
+            for r in 0..TILE_ROWS {
+                o[r] = a[2 * r] + a[2 * r + 1];
+            }
+        }
+    }
+
+    /// The generic loop of [`tile_b4`] over segments `from..` of `tile` (any chunk count),
+    /// folded into `acc`.
+    ///
+    /// # Safety
+    /// As [`tile_b4`].
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn b4_tail<const LUT: bool, const PAIRS: u8, const NT: usize>(
+        pk: &PackedLinear,
+        tile: usize,
+        qa: &QuantAct,
+        t0: usize,
+        from: usize,
+        acc: &mut [__m256; NT],
+    ) {
+        let pcols = pk.pcols;
+        let nseg = pk.segs.len();
+        let nblk = qa.nblk;
+        // SAFETY: the table is 16 bytes.
+        let lut = _mm256_broadcastsi128_si256(unsafe {
+            _mm_loadu_si128(pk.a8.lut.as_ptr() as *const __m128i)
+        });
+        let tbase = tile * pk.tile_bytes;
+        // SAFETY: tile < ntiles (caller), so the tile's bytes lie inside pk.data; token t0's
+        // codes and block scales start inside xperm and sx.
+        let (base, xq0, sx0) = unsafe {
+            (
+                pk.data.as_ptr().add(tbase),
+                qa.xperm.as_ptr().add(t0 * pcols),
+                qa.sx.as_ptr().add(t0 * nblk),
+            )
+        };
+        let mut xs = [0f32; NT];
+        let segs = &pk.segs;
+        for (k, seg) in segs.iter().enumerate().skip(from) {
+            // SAFETY: the segment's chunks follow its header inside the tile.
+            let w = unsafe { base.add(seg.byte_off + pk.hdr) };
+            let mut g = [_mm256_setzero_ps(); NT];
+            let full = seg.chunks / 2;
+            let b0 = qa.blk0[k];
+            for bi in 0..full {
+                // SAFETY: chunks 2bi and 2bi+1 (32 bytes each: 4 rows x 8) are in the segment;
+                // their codes (o + 32 <= (t0 + NT) * pcols) and the block scales (block index
+                // below nblk) exist for tokens t0..t0+NT.
+                unsafe {
+                    block_b4::<LUT, PAIRS, NT, true>(
+                        w.add(bi * 64),
+                        lut,
+                        xq0.add(seg.col0 + bi * 2 * CHUNK),
+                        pcols,
+                        sx0.add(b0 + bi),
+                        nblk,
+                        &mut g,
+                    )
+                };
+            }
+            if seg.chunks % 2 == 1 {
+                let bi = full;
+                // SAFETY: the last chunk (index 2 full) is in the segment, its 16 codes and
+                // block scale exist for tokens t0..t0+NT.
+                unsafe {
+                    block_b4::<LUT, PAIRS, NT, false>(
+                        w.add(bi * 64),
+                        lut,
+                        xq0.add(seg.col0 + bi * 2 * CHUNK),
+                        pcols,
+                        sx0.add(b0 + bi),
+                        nblk,
+                        &mut g,
+                    )
+                };
+            }
+            for t in 0..NT {
+                xs[t] = qa.xsum[(t0 + t) * nseg + k];
+            }
+            // SAFETY: the segment header starts at this offset.
+            unsafe { fold::<NT, true>(pk, tbase + seg.byte_off, &g, &xs, acc) };
         }
     }
 
@@ -839,9 +1083,13 @@ pub(crate) mod avx2 {
         debug_assert!(segs.iter().take(nfast).enumerate().all(|(k, s)| {
             s.col0 == k * G * CHUNK && s.byte_off == k * (4 + G * 32) && qa.blk0[k] == k
         }));
-        {
-            let mut h = base;
-            for k in 0..nfast {
+        // Even segments go to `acc`, odd ones to `acc2` (two FMA chains: at one token the
+        // loop is otherwise bound by the FMA latency).
+        let mut acc2 = [_mm256_setzero_ps(); NT];
+        macro_rules! fast_seg {
+            ($k:expr, $acc:ident) => {{
+                let k = $k;
+                let h = base.wrapping_add(k * (4 + G * 32));
                 // SAFETY: segment k (header + G chunks, `4 + 32 G` bytes from h) is in the tile.
                 let (wsv, w0, w1) = unsafe {
                     (
@@ -878,10 +1126,21 @@ pub(crate) mod avx2 {
                     };
                     let i = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_set1_epi32(q));
                     let sc = _mm256_mul_ps(wsv, _mm256_set1_ps(s));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[t]);
+                    $acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, $acc[t]);
                 }
-                h = h.wrapping_add(4 + G * 32);
-            }
+            }};
+        }
+        let mut k = 0;
+        while k + 1 < nfast {
+            fast_seg!(k, acc);
+            fast_seg!(k + 1, acc2);
+            k += 2;
+        }
+        if k < nfast {
+            fast_seg!(k, acc);
+        }
+        for t in 0..NT {
+            acc[t] = _mm256_add_ps(acc[t], acc2[t]);
         }
         for (k, seg) in segs.iter().enumerate().skip(nfast) {
             // SAFETY: the segment header (4 code bytes) and its chunks lie inside the tile.

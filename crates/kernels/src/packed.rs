@@ -597,6 +597,8 @@ impl PackedLinear {
                 self.run_tiles_2d(n_tokens, y, |tile, tok, tb, buf| {
                     self.run_tile_act8_wide(isa, tile, &qa, tok, tb, buf)
                 });
+            } else if n_tokens == 1 && isa != Isa::Scalar && self.b4_pair_nb() > 0 {
+                self.run_row_pairs_b1(y, |tile, out| self.run_pair_act8(isa, tile, &qa, out));
             } else {
                 self.run_row_blocks(n_tokens, y, |tile, tok, tb, buf| {
                     self.run_tile_act8(isa, tile, &qa, tok, tb, buf)
@@ -709,6 +711,70 @@ impl PackedLinear {
         }
     }
 
+    /// One-token scheduler of INT4 layers on the INT8-activation path: row blocks as in
+    /// [`Self::run_row_blocks`] (an even number of tiles each), `pair_fn(tile, out)` filling the
+    /// rows of tiles `tile` and `tile + 1`, and the odd last tile of the layer through
+    /// [`Self::run_tile_act8`]'s kernel (via `pair_fn`'s caller, [`Self::run_pair_act8`]).
+    fn run_row_pairs_b1<F>(&self, y: &mut [f32], pair_fn: F)
+    where
+        F: Fn(usize, &mut [[f32; TILE_ROWS]; 2]) + Sync,
+    {
+        let threads = rayon::current_num_threads().max(1);
+        let tiles_per_task = self.ntiles.div_ceil(threads * 8).max(1).next_multiple_of(2);
+        y.par_chunks_mut(tiles_per_task * TILE_ROWS)
+            .enumerate()
+            .for_each(|(bi, ys)| {
+                let t0 = bi * tiles_per_task;
+                let t1 = (t0 + tiles_per_task).min(self.ntiles);
+                let mut buf = [[0f32; TILE_ROWS]; 2];
+                for tile in (t0..t1).step_by(2) {
+                    pair_fn(tile, &mut buf);
+                    let r = (tile - t0) * TILE_ROWS;
+                    let take = (ys.len() - r).min(2 * TILE_ROWS);
+                    ys[r..r + take].copy_from_slice(&buf.as_flattened()[..take]);
+                }
+            });
+    }
+
+    /// Rows of tiles `tile` and `tile + 1` (if it exists) for one token on the INT8-activation
+    /// path of an INT4 layer ([`Self::b4_pair_nb`] > 0).
+    fn run_pair_act8(
+        &self,
+        isa: Isa,
+        tile: usize,
+        qa: &crate::act8::QuantAct,
+        out: &mut [[f32; TILE_ROWS]; 2],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Scalar && tile + 1 < self.ntiles {
+            assert!(
+                isa.supported()
+                    && qa.xperm.len() >= self.pcols
+                    && qa.sx.len() >= qa.nblk
+                    && qa.xsum.len() >= self.segs.len()
+            );
+            use crate::act8::avx2::tile_b4_pair;
+            // SAFETY: isa is a supported SIMD path (AVX2+FMA at least, checked above); the
+            // layer is INT4 with the 4-pair integer path and NB > 0 (b4_pair_nb, checked by
+            // the caller); tile + 1 < ntiles; qa holds one token.
+            unsafe {
+                match self.b4_pair_nb() {
+                    1 => tile_b4_pair::<1>(self, tile, qa, out),
+                    2 => tile_b4_pair::<2>(self, tile, qa, out),
+                    _ => tile_b4_pair::<4>(self, tile, qa, out),
+                }
+            }
+            return;
+        }
+        let mut buf = [[0f32; TILE_ROWS]; TB];
+        for (j, o) in out.iter_mut().enumerate() {
+            if tile + j < self.ntiles {
+                self.run_tile_act8(isa, tile + j, qa, 0, 1, &mut buf);
+                *o = buf[0];
+            }
+        }
+    }
+
     /// Prefill scheduler: the `(row tiles) x (tokens)` output is cut into tasks of up to
     /// [`ROW_BLOCK_TILES`] row tiles x [`TOKEN_BLOCK`] tokens, split over the pool in both
     /// directions (so that short layers still give every thread work), each written straight
@@ -804,7 +870,15 @@ impl PackedLinear {
             // SAFETY: isa is a supported SIMD path (AVX2+FMA at least, checked above); the
             // layer is INT4 with the 4-pair integer path, as tile_b4::<false, 4, _> needs;
             // tile and token bounds asserted; out holds TB_WIDE rows.
-            unsafe { crate::act8::avx2::tile_b4::<false, 4, TB_WIDE>(self, tile, qa, t0, out) };
+            unsafe {
+                use crate::act8::avx2::tile_b4;
+                match self.b4_nb() {
+                    1 => tile_b4::<false, 4, 1, TB_WIDE>(self, tile, qa, t0, out),
+                    2 => tile_b4::<false, 4, 2, TB_WIDE>(self, tile, qa, t0, out),
+                    4 => tile_b4::<false, 4, 4, TB_WIDE>(self, tile, qa, t0, out),
+                    _ => tile_b4::<false, 4, 0, TB_WIDE>(self, tile, qa, t0, out),
+                }
+            };
             return;
         }
         let mut buf = [[0f32; TILE_ROWS]; TB];
@@ -875,11 +949,16 @@ impl PackedLinear {
                             (false, false, _) => by_tb!(tile_b4s, false, SC_E4M3, 0),
                         }
                     }
-                    (Store::B4, A8Kind::B4 { pairs: 1 }) => by_tb!(tile_b4, true, 1),
+                    (Store::B4, A8Kind::B4 { pairs: 1 }) => by_tb!(tile_b4, true, 1, 0),
                     (Store::B4, A8Kind::B4 { .. }) if self.vals == Vals::Int => {
-                        by_tb!(tile_b4, false, 4)
+                        match self.b4_nb() {
+                            1 => by_tb!(tile_b4, false, 4, 1),
+                            2 => by_tb!(tile_b4, false, 4, 2),
+                            4 => by_tb!(tile_b4, false, 4, 4),
+                            _ => by_tb!(tile_b4, false, 4, 0),
+                        }
                     }
-                    (Store::B4, A8Kind::B4 { .. }) => by_tb!(tile_b4, true, 4),
+                    (Store::B4, A8Kind::B4 { .. }) => by_tb!(tile_b4, true, 4, 0),
                     (Store::B8, A8Kind::B8) => by_tb!(tile_b8),
                     _ => unreachable!("set_act_mode admits only layers with an integer path"),
                 }
@@ -888,6 +967,31 @@ impl PackedLinear {
         }
         let _ = isa;
         self.tile_act8_scalar(tile, qa, t0, tb, out)
+    }
+
+    /// Blocks per group of the fixed-stride loop of [`crate::act8::avx2::tile_b4`]: 1, 2 or
+    /// 4 when the first segment has 2, 4 or 8 chunks (32/64/128-column groups), else 0.
+    fn b4_nb(&self) -> usize {
+        match self.segs.first().map_or(0, |s| s.chunks) {
+            2 => 1,
+            4 => 2,
+            8 => 4,
+            _ => 0,
+        }
+    }
+
+    /// [`Self::b4_nb`] for INT4 layers with the 4-pair integer path and no code-scaled
+    /// headers (those [`crate::act8::avx2::tile_b4_pair`] runs), else 0.
+    fn b4_pair_nb(&self) -> usize {
+        if self.store == Store::B4
+            && self.vals == Vals::Int
+            && self.a8.kind == (A8Kind::B4 { pairs: 4 })
+            && self.a8_half_off().is_none()
+        {
+            self.b4_nb()
+        } else {
+            0
+        }
     }
 
     /// Activations in packed column order (zero in padding), `n_tokens x pcols`.

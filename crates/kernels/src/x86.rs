@@ -39,8 +39,9 @@ macro_rules! unroll4 {
 }
 const _: () = assert!(TILE_ROWS == 4 && TB == 4);
 
-/// Software prefetch distance in bytes of the AVX2 FP8 kernel's weight stream.
-const PREFETCH: usize = 1024;
+/// Software prefetch distance in bytes of the AVX2 FP8 kernel's weight stream (4 KiB, as the
+/// integer-activation kernels' `act8::avx2::PREFETCH`).
+const PREFETCH: usize = 4096;
 
 /// Decoder kinds (const-generic selector).
 const K_B4_INT: u8 = 0;
