@@ -999,10 +999,16 @@ pub(crate) mod avx2 {
     /// [`tile_b4s`]'s scale decoders.
     pub(crate) const SC_E8M0: u8 = 0;
     pub(crate) const SC_E4M3: u8 = 1;
+    /// E4M3 codes that are all normal (exponent field >= 1; see
+    /// `PackedLinear::e4m3_normal`).
+    pub(crate) const SC_E4M3N: u8 = 2;
 
     /// The 4 row scales of a code-scaled header (4 code bytes at `p`) as
     /// `[s0, s0, s1, s1, s2, s2, s3, s3]`: E8M0 `2^(code - 127)` as the f32 `code << 23`,
-    /// E4M3 `e4m3(code) / 256` as the f16 `code << 7` (both exact).
+    /// E4M3 `e4m3(code) / 256` as the f16 `code << 7`, or (`SC_E4M3N`, normal codes only) as
+    /// the f32 `(code << 20) + (112 << 23)`: exponent field `e + 112`, mantissa `m << 20`, i.e.
+    /// `2^(e - 15) (1 + m / 8)`, the same value as the f16 (all exact). The f32 route needs no
+    /// `vcvtph2ps` (2 uops on Zen 3).
     ///
     /// # Safety
     /// AVX2 + F16C available; 4 readable bytes at `p`.
@@ -1012,16 +1018,21 @@ pub(crate) mod avx2 {
         // SAFETY: 4 readable bytes at p (caller).
         let c = unsafe { (p as *const i32).read_unaligned() };
         const Z: i8 = -128; // pshufb: zero byte
-        if SC == SC_E8M0 {
+        if SC == SC_E8M0 || SC == SC_E4M3N {
             // code k into byte 2 of dwords 2k, 2k+1 (lane 0: rows 0, 1; lane 1: rows 2, 3)
             let m = _mm256_setr_epi8(
                 Z, Z, 0, Z, Z, Z, 0, Z, Z, Z, 1, Z, Z, Z, 1, Z, Z, Z, 2, Z, Z, Z, 2, Z, Z, Z, 3, Z,
                 Z, Z, 3, Z,
             );
-            _mm256_castsi256_ps(_mm256_slli_epi32::<7>(_mm256_shuffle_epi8(
-                _mm256_set1_epi32(c),
-                m,
-            )))
+            let v = _mm256_shuffle_epi8(_mm256_set1_epi32(c), m);
+            if SC == SC_E8M0 {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<7>(v))
+            } else {
+                _mm256_castsi256_ps(_mm256_add_epi32(
+                    _mm256_slli_epi32::<4>(v),
+                    _mm256_set1_epi32(112 << 23),
+                ))
+            }
         } else {
             // code k into the high byte of words 2k, 2k+1, then >> 1 (codes are <= 0x7E)
             let m = _mm_setr_epi8(Z, 0, Z, 0, Z, 1, Z, 1, Z, 2, Z, 2, Z, 3, Z, 3);
@@ -1338,12 +1349,16 @@ mod tests {
             asymmetric: false,
             global_scale: false,
         };
+        // (scheme, header code, E4M3 scales drawn from the normal codes only: the f32-pattern
+        // decoder `SC_E4M3N`; otherwise subnormal codes occur and the f16 route runs)
         let cases = [
-            (Scheme::from_name("mxfp4").unwrap(), ScaleCode::E8M0),
-            (Scheme::from_name("nvfp4").unwrap(), ScaleCode::E4M3),
-            (e2m1(64, ScaleDtype::E8M0, false), ScaleCode::E8M0),
-            (e2m1(16, ScaleDtype::E4M3, false), ScaleCode::E4M3),
-            (int4_e8, ScaleCode::E8M0),
+            (Scheme::from_name("mxfp4").unwrap(), ScaleCode::E8M0, false),
+            (Scheme::from_name("nvfp4").unwrap(), ScaleCode::E4M3, false),
+            (Scheme::from_name("nvfp4").unwrap(), ScaleCode::E4M3, true),
+            (e2m1(64, ScaleDtype::E8M0, false), ScaleCode::E8M0, false),
+            (e2m1(16, ScaleDtype::E4M3, false), ScaleCode::E4M3, false),
+            (e2m1(48, ScaleDtype::E4M3, false), ScaleCode::E4M3, true),
+            (int4_e8, ScaleCode::E8M0, false),
         ];
         let shapes = [
             (1, 16),
@@ -1354,7 +1369,7 @@ mod tests {
             (13, 300),
             (4, 33),
         ];
-        for (scheme, want) in cases {
+        for (scheme, want, normal) in cases {
             for &(rows, cols) in &shapes {
                 let bits = scheme.elem.bits();
                 let rb = lowbit_numerics::tensor::packed_row_bytes(cols, bits);
@@ -1368,9 +1383,15 @@ mod tests {
                 let scales: Vec<f32> = (0..gr * gc)
                     .map(|_| match want {
                         ScaleCode::E8M0 => 2f32.powi(3 - (next() % 12) as i32),
+                        _ if normal => codes::e4m3(8 + (next() % 0x77) as u8),
                         _ => codes::e4m3((next() % 0x7F) as u8),
                     })
                     .collect();
+                let mut scales = scales;
+                if want == ScaleCode::E4M3 {
+                    // not a power of two: the scales cannot all pass as E8M0
+                    scales[0] = codes::e4m3(0x09);
+                }
                 let mut q = QuantizedTensor {
                     scheme,
                     rows,
@@ -1385,6 +1406,15 @@ mod tests {
                 let what = format!("{scheme:?} {rows}x{cols}");
                 let mut pk = PackedLinear::new(&q).unwrap();
                 assert_eq!(pk.scode, want, "{what}");
+                // the random draws include a subnormal code at these sizes unless `normal`
+                assert_eq!(
+                    pk.e4m3_normal,
+                    want == ScaleCode::E4M3 && q.scales.iter().all(|&s| s >= codes::e4m3(8)),
+                    "{what}"
+                );
+                if normal {
+                    assert!(pk.e4m3_normal, "{what}");
+                }
                 assert!(pk.a8_half_off().is_some(), "{what}");
                 let gs = q.global_scale.unwrap_or(1.0);
                 let (_, bc) = scheme.granularity.block_shape(rows, cols);

@@ -231,6 +231,9 @@ pub struct PackedLinear {
     /// `E8M0`/`E4M3` header codes: the factor from the kernels' decoded code to `stab[code]`
     /// (`1 / global_scale`, resp. `256 / global_scale`, rounded once to f32).
     pub(crate) sfin: f32,
+    /// `E4M3` header codes that are all normal (>= 8: exponent field >= 1), so the SIMD
+    /// kernel may decode them as f32 bit patterns (`act8::avx2::SC_E4M3N`).
+    pub(crate) e4m3_normal: bool,
     pub(crate) data: Vec<u8>,
     /// `v(code)` for all 256 codes (scalar path).
     pub(crate) vtab: Box<[f32; 256]>,
@@ -497,6 +500,7 @@ impl PackedLinear {
                 ScaleCode::E4M3 => (256.0 / gs as f64) as f32,
                 _ => (1.0 / gs as f64) as f32,
             },
+            e4m3_normal: matches!(&coded, Some((ScaleCode::E4M3, c)) if c.iter().all(|&v| v >= 8)),
             data,
             vtab,
             act: ActMode::F32,
@@ -914,7 +918,7 @@ impl PackedLinear {
                     && qa.sx.len() >= (t0 + tb) * qa.nblk
                     && isa.supported()
             );
-            use crate::act8::avx2::{tile_b4, tile_b4s, tile_b8, SC_E4M3, SC_E8M0};
+            use crate::act8::avx2::{tile_b4, tile_b4s, tile_b8, SC_E4M3, SC_E4M3N, SC_E8M0};
             macro_rules! by_tb {
                 ($f:ident $(, $g:expr)*) => {
                     match tb {
@@ -938,15 +942,26 @@ impl PackedLinear {
                             2 => 2,
                             _ => 0,
                         };
-                        match (lut, self.scode == ScaleCode::E8M0, g) {
-                            (true, true, 1) => by_tb!(tile_b4s, true, SC_E8M0, 1),
-                            (true, true, 2) => by_tb!(tile_b4s, true, SC_E8M0, 2),
-                            (true, true, _) => by_tb!(tile_b4s, true, SC_E8M0, 0),
-                            (true, false, 1) => by_tb!(tile_b4s, true, SC_E4M3, 1),
-                            (true, false, 2) => by_tb!(tile_b4s, true, SC_E4M3, 2),
-                            (true, false, _) => by_tb!(tile_b4s, true, SC_E4M3, 0),
-                            (false, true, _) => by_tb!(tile_b4s, false, SC_E8M0, 0),
-                            (false, false, _) => by_tb!(tile_b4s, false, SC_E4M3, 0),
+                        let sc = if self.scode == ScaleCode::E8M0 {
+                            SC_E8M0
+                        } else if self.e4m3_normal {
+                            SC_E4M3N
+                        } else {
+                            SC_E4M3
+                        };
+                        match (lut, sc, g) {
+                            (true, SC_E8M0, 1) => by_tb!(tile_b4s, true, SC_E8M0, 1),
+                            (true, SC_E8M0, 2) => by_tb!(tile_b4s, true, SC_E8M0, 2),
+                            (true, SC_E8M0, _) => by_tb!(tile_b4s, true, SC_E8M0, 0),
+                            (true, SC_E4M3N, 1) => by_tb!(tile_b4s, true, SC_E4M3N, 1),
+                            (true, SC_E4M3N, 2) => by_tb!(tile_b4s, true, SC_E4M3N, 2),
+                            (true, SC_E4M3N, _) => by_tb!(tile_b4s, true, SC_E4M3N, 0),
+                            (true, _, 1) => by_tb!(tile_b4s, true, SC_E4M3, 1),
+                            (true, _, 2) => by_tb!(tile_b4s, true, SC_E4M3, 2),
+                            (true, _, _) => by_tb!(tile_b4s, true, SC_E4M3, 0),
+                            (false, SC_E8M0, _) => by_tb!(tile_b4s, false, SC_E8M0, 0),
+                            (false, SC_E4M3N, _) => by_tb!(tile_b4s, false, SC_E4M3N, 0),
+                            (false, _, _) => by_tb!(tile_b4s, false, SC_E4M3, 0),
                         }
                     }
                     (Store::B4, A8Kind::B4 { pairs: 1 }) => by_tb!(tile_b4, true, 1, 0),
