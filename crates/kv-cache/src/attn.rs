@@ -205,22 +205,21 @@ fn max_lanes(x: &[f32]) -> f32 {
     ((m[0].max(m[4])).max(m[1].max(m[5]))).max((m[2].max(m[6])).max(m[3].max(m[7])))
 }
 
-/// `w[t] = exp(s[t] - mx)` and their sum (8 lane sums, then a fixed tree).
+/// `w[t] = exp(s[t] - mx)` and their sum (8 lane sums, then a fixed tree). Two loops: each
+/// vectorizes on its own.
 #[inline(always)]
 fn exp_sum(sr: &[f32], mx: f32, w: &mut [f32]) -> f32 {
+    for (x, &y) in w.iter_mut().zip(sr) {
+        *x = exp_neg(y - mx);
+    }
     let mut a = [0f32; 8];
-    let mut si = sr.chunks_exact(8);
-    let mut wi = w.chunks_exact_mut(8);
-    for (sc, wc) in (&mut si).zip(&mut wi) {
+    let mut it = w.chunks_exact(8);
+    for c in &mut it {
         for i in 0..8 {
-            let e = exp_neg(sc[i] - mx);
-            wc[i] = e;
-            a[i] += e;
+            a[i] += c[i];
         }
     }
-    for (i, (&y, x)) in si.remainder().iter().zip(wi.into_remainder()).enumerate() {
-        let e = exp_neg(y - mx);
-        *x = e;
+    for (i, &e) in it.remainder().iter().enumerate() {
         a[i] += e;
     }
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
@@ -297,8 +296,8 @@ fn scores_rm<const FMA: bool>(
 }
 
 /// Scores of `RB` query rows against keys stored channel-major (`kt[c * ld + t]`, KIVI),
-/// for key columns covering `t0..t1` (computed in blocks of 32 or 16 columns; `ld` is a
-/// multiple of 16).
+/// for key columns covering `t0..t1` (computed in blocks of 16 columns, 6 accumulators;
+/// `ld` is a multiple of 16).
 #[inline(always)]
 fn scores_cm<const FMA: bool>(
     q: &[f32],
@@ -311,13 +310,8 @@ fn scores_cm<const FMA: bool>(
 ) {
     let mut tb = t0 / 16 * 16;
     while tb < t1 {
-        if t1 - tb > 16 && tb + 32 <= ld {
-            scores_cm_block::<FMA, 32>(q, d, kt, tb, s, ld);
-            tb += 32;
-        } else {
-            scores_cm_block::<FMA, 16>(q, d, kt, tb, s, ld);
-            tb += 16;
-        }
+        scores_cm_block::<FMA, 16>(q, d, kt, tb, s, ld);
+        tb += 16;
     }
 }
 
