@@ -134,13 +134,31 @@ pub fn grid_c(m: u8, mu: f32, sigma: f32) -> (f32, f32) {
     (step, mu + ((m & 15) as i32 - 8) as f32 * step)
 }
 
+/// How [`encode_group_c`] chooses a channel's metadata byte (always the least squared error
+/// over the channel's `g` values among the candidates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactSearch {
+    /// Every step with the two origins around the channel minimum (values past the grid are
+    /// clipped); the default.
+    Near,
+    /// All 256 bytes (`kfit=mse`).
+    Full,
+    /// Only grids that cover the channel's `[min, max]`, nothing clipped (`kfit=cover`);
+    /// [`CompactSearch::Near`] when no byte covers it.
+    Cover,
+}
+
 /// Encode `g` key vectors of one head (`rows`: `[g][d]`) into a compact record: per channel,
-/// the metadata byte minimizing the squared error of the channel's `g` values over all 16
-/// steps and the two origins around the channel minimum (values past the grid are clipped),
-/// then the codes. With `cover` (policy item `kfit=cover`) only grids that cover the channel's
-/// `[min, max]` compete (nothing is clipped), and the unrestricted search is the fallback
-/// when no byte covers it.
-pub fn encode_group_c(rows: &[f32], d: usize, bits: u8, refs: &[f32], cover: bool, out: &mut [u8]) {
+/// the metadata byte with the least squared error of the channel's `g` values among the
+/// candidates of `search`, then the codes.
+pub fn encode_group_c(
+    rows: &[f32],
+    d: usize,
+    bits: u8,
+    refs: &[f32],
+    search: CompactSearch,
+    out: &mut [u8],
+) {
     let g = rows.len() / d;
     let levels = ((1u32 << bits) - 1) as f32;
     let cb = 1 + g * bits as usize / 8;
@@ -169,14 +187,18 @@ pub fn encode_group_c(rows: &[f32], d: usize, bits: u8, refs: &[f32], cover: boo
         for e in 0u8..16 {
             let (step, _) = grid_c(e << 4 | 8, mu, sigma);
             let z0 = (((mn - mu) / step).floor() + 8.0).clamp(0.0, 15.0) as u8;
-            for z in [z0, (z0 + 1).min(15)] {
+            let (za, zb) = match search {
+                CompactSearch::Full => (0, 15),
+                _ => (z0, (z0 + 1).min(15)),
+            };
+            for z in za..=zb {
                 let m = e << 4 | z;
                 let err = sse(m);
                 if err < best.0 {
                     best = (err, m);
                 }
             }
-            if cover {
+            if search == CompactSearch::Cover {
                 // Every origin between `max - levels * step` and `min` covers; try them all.
                 let zlo = (((mx - mu) / step - levels).ceil() + 8.0).clamp(0.0, 15.0) as u8;
                 for z in zlo.min(z0)..=z0 {
@@ -318,10 +340,10 @@ pub fn rope_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize, tab: &
 mod tests {
     use super::*;
 
-    /// `kfit=cover` on compact keys: the chosen byte is the covering byte with the least
-    /// squared error among all 256 (brute force in f64), nothing is clipped (every value
-    /// within half a step), while the unrestricted MSE search clips the outlier of this
-    /// fixture.
+    /// Compact key searches against an f64 brute force over all 256 bytes: `kfit=mse` (Full)
+    /// picks the least squared error of all, `kfit=cover` the least among covering bytes with
+    /// nothing clipped (every value within half a step), while the MSE searches clip the
+    /// outlier of this fixture.
     #[test]
     fn compact_cover_search_is_optimal_and_never_clips() {
         let (d, g, bits) = (4usize, 32usize, 2u8);
@@ -343,9 +365,14 @@ mod tests {
         let rows: Vec<f32> = (0..g).flat_map(|t| row(t, 0.3)).collect();
         let cb = 1 + g * bits as usize / 8;
         let mut clipped_mse = false;
-        for cover in [false, true] {
+        for search in [
+            CompactSearch::Near,
+            CompactSearch::Full,
+            CompactSearch::Cover,
+        ] {
+            let cover = search == CompactSearch::Cover;
             let mut rec = vec![0u8; group_bytes_c(d, g, bits)];
-            encode_group_c(&rows, d, bits, &refs, cover, &mut rec);
+            encode_group_c(&rows, d, bits, &refs, search, &mut rec);
             let mut out = vec![0f32; g * d];
             decode_group_c(&rec, d, g, bits, &refs, &mut out, &mut vec![0f32; g]);
             for c in 0..d {
@@ -382,8 +409,17 @@ mod tests {
                         worst <= 0.5 * step * (1.0 + 1e-5),
                         "c{c}: {worst} > {step}/2"
                     );
-                } else if worst > 0.5 * step * (1.0 + 1e-5) {
-                    clipped_mse = true;
+                } else {
+                    // Full: the least squared error of all 256 bytes; Near: never better.
+                    let best = (0..=255u8).map(|m| sse(m).0).fold(f64::MAX, f64::min);
+                    let got = sse(rec[c * cb]).0;
+                    if search == CompactSearch::Full {
+                        assert!(got <= best * (1.0 + 1e-5) + 1e-12, "c{c}: {got} vs {best}");
+                    }
+                    assert!(got >= best * (1.0 - 1e-5) - 1e-12);
+                    if worst > 0.5 * step * (1.0 + 1e-5) {
+                        clipped_mse = true;
+                    }
                 }
             }
         }

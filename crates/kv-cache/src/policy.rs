@@ -424,6 +424,19 @@ impl Policy {
         }
     }
 
+    /// Metadata search of compact KIVI keys: `kfit=cover`, `kfit=mse` (all 256 bytes) or the
+    /// default near-minimum search.
+    pub fn compact_search(&self) -> crate::kivi::CompactSearch {
+        use crate::kivi::CompactSearch;
+        if self.kcover {
+            CompactSearch::Cover
+        } else if self.kfit_mse {
+            CompactSearch::Full
+        } else {
+            CompactSearch::Near
+        }
+    }
+
     /// True when nothing is ever rounded (f32 on both sides).
     pub fn lossless(&self) -> bool {
         self.k == Side::Token(TokenCodec::F32) && self.v == Side::Token(TokenCodec::F32)

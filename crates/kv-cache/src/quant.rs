@@ -210,7 +210,14 @@ impl QuantCache {
                                 }
                             }
                             let refs = &l.kref[h * 2 * d..][..2 * d];
-                            kivi::encode_group_c(&rows, d, bits, refs, p.kcover, &mut l.qk[base..]);
+                            kivi::encode_group_c(
+                                &rows,
+                                d,
+                                bits,
+                                refs,
+                                p.compact_search(),
+                                &mut l.qk[base..],
+                            );
                         } else {
                             kivi::encode_group(&rows, d, bits, p.kfit_mse, &mut l.qk[base..]);
                         }

@@ -118,7 +118,7 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                         kivi::calibrate_c(&rows, d, bits, rb);
                     }
                     let mut rec = vec![0u8; kivi::group_bytes_c(d, g, bits)];
-                    kivi::encode_group_c(&rows, d, bits, rb, p.kcover, &mut rec);
+                    kivi::encode_group_c(&rows, d, bits, rb, p.compact_search(), &mut rec);
                     kivi::decode_group_c(&rec, d, g, bits, rb, &mut out, &mut vec![0f32; g]);
                 } else {
                     let mut rec = vec![0u8; kivi::group_bytes(d, g, bits)];
@@ -198,6 +198,7 @@ const POLICIES: &[&str] = &[
     "k=kivi2,v=int2g4,vfit=mse,rot=v,r=8,g=8",
     "k=int2g4,v=int4g4,kfit=mse",
     "kivi2c,kfit=cover,rot=v,r=8,g=8,sink=1",
+    "kivi2c,kfit=mse,r=8,g=8,sink=1",
 ];
 
 /// f64 causal GQA attention: query `i` sits at position `len - n_q + i` and reads token `t`'s
