@@ -84,47 +84,9 @@ pub struct Args {
     /// INT / FP8 activation schemes only (not w4a4-nvfp4 / w4a4-mxfp4), without --act-clip.
     #[arg(long)]
     pub act_static: Option<String>,
-    /// SpinQuant Cayley SGD iterations (layer loss: R1, R2 gets half; default 40. e2e loss:
-    /// R1 and every R2 together; default 12).
-    #[arg(long)]
-    pub spin_iters: Option<usize>,
-    /// SpinQuant initial step (decays linearly to 0; default 0.2 with the layer loss, 1.0
-    /// with e2e).
-    #[arg(long)]
-    pub spin_lr: Option<f64>,
-    /// SpinQuant problems (layer sites) per iteration.
-    #[arg(long, default_value_t = 8)]
-    pub spin_problems: usize,
-    /// SpinQuant token rows per problem per iteration.
-    #[arg(long, default_value_t = 64)]
-    pub spin_tokens: usize,
-    /// Weights inside SpinQuant's loss while learning: `rtn` (the target scheme) or `f32`
-    /// (SpinQuant's W16 setting).
-    #[arg(long, default_value = "rtn")]
-    pub spin_weights: String,
-    /// SpinQuant: calibration windows drawn in addition to --calib-samples and held out of the
-    /// optimisation; on them the randomized-Hadamard starts and the learned rotations are
-    /// compared end to end (KL of the RTN-quantized model to f32) and the best one is kept.
-    /// 0 = learn from the seed's start and keep the learned rotations unconditionally.
-    #[arg(long, default_value_t = 6)]
-    pub spin_select: usize,
-    /// SpinQuant: randomized-Hadamard starts scored on the held-out windows (the seed's own =
-    /// QuaRot's, plus N-1 drawn from the seed); the best is refined by Cayley SGD.
-    #[arg(long, default_value_t = 3)]
-    pub spin_starts: usize,
-    /// SpinQuant loss: `e2e` (KL of the whole rotated, quantized network to f32, R1 and one R2
-    /// per layer by Cayley SGD through a hand-written backward; --spin-iters steps of
-    /// --spin-lr, the seed's start only, then start vs learned on the held-out windows; the
-    /// default, measured in docs/benchmarks.md Session 7) or `layer` (per-layer output error
-    /// of the quantized linears, the multi-start search above).
-    #[arg(long, default_value = "e2e")]
-    pub spin_loss: String,
-    /// SpinQuant e2e: tokens per training sequence (calibration windows are cut into these).
-    #[arg(long, default_value_t = 128)]
-    pub spin_seqlen: usize,
-    /// SpinQuant e2e: sequences per Cayley step.
-    #[arg(long, default_value_t = 2)]
-    pub spin_batch: usize,
+    /// SpinQuant options (`--spin-loss`, `--spin-iters`, ...).
+    #[command(flatten)]
+    pub spin: crate::spin_args::SpinArgs,
     /// Seed of the rotations (QuaRot signs, SpinQuant sampling) and calibration windows.
     #[arg(long, default_value_t = 0)]
     pub rotate_seed: u64,
@@ -246,8 +208,8 @@ pub fn run(args: Args) -> Result<()> {
                     "spin_e2e".into(),
                     json!({"losses": e.losses, "sequences": e.sequences,
                            "seconds": e.seconds, "teacher_seconds": e.teacher_seconds,
-                           "seqlen": args.spin_seqlen, "batch": args.spin_batch,
-                           "iters": e.losses.len(), "lr": args.spin_lr.unwrap_or(1.0)}),
+                           "seqlen": args.spin.spin_seqlen, "batch": args.spin.spin_batch,
+                           "iters": e.losses.len(), "lr": args.spin.options()?.lr}),
                 );
             }
             if let Some(s) = &r.spin_selection {
@@ -299,8 +261,7 @@ fn rotate_in_memory(
     tok: &lowbit_model::tokenizer::Tokenizer,
 ) -> Result<Option<(lowbit_model::rotate::RotateReport, usize)>> {
     use lowbit_model::rotate::{
-        parse_wa_scheme, parse_weight_clip, prepare, PrepareOptions, RotateMethod, SpinOptions,
-        WeightMethod,
+        parse_wa_scheme, parse_weight_clip, prepare, PrepareOptions, RotateMethod, WeightMethod,
     };
     let rotate = RotateMethod::parse(&args.rotate)?;
     let scheme = parse_wa_scheme(&args.wa_scheme, args.act_clip)?;
@@ -332,7 +293,7 @@ fn rotate_in_memory(
             );
         }
         let held_out = if rotate == RotateMethod::Spinquant {
-            args.spin_select
+            args.spin.spin_select
         } else {
             0
         };
@@ -345,32 +306,12 @@ fn rotate_in_memory(
     } else {
         Vec::new()
     };
-    let spin_loss = lowbit_model::rotate::SpinLoss::parse(&args.spin_loss)?;
-    let e2e = spin_loss == lowbit_model::rotate::SpinLoss::E2e;
-    let spin_iters = args.spin_iters.unwrap_or(if e2e { 12 } else { 40 });
-    let spin_lr = args.spin_lr.unwrap_or(if e2e { 1.0 } else { 0.2 });
     let opts = PrepareOptions {
         rotate,
         scheme,
         weight_method,
         weight_clipping: parse_weight_clip(&args.weight_clip)?,
-        spin: SpinOptions {
-            iters: spin_iters,
-            lr: spin_lr,
-            problems_per_iter: args.spin_problems,
-            tokens_per_iter: args.spin_tokens,
-            weights_in_loop: match args.spin_weights.as_str() {
-                "rtn" => true,
-                "f32" => false,
-                w => bail!("unknown --spin-weights `{w}` (rtn or f32)"),
-            },
-            select_windows: args.spin_select,
-            starts: args.spin_starts,
-            loss: spin_loss,
-            seqlen: args.spin_seqlen,
-            batch: args.spin_batch,
-            ..SpinOptions::default()
-        },
+        spin: args.spin.options()?,
         seed: args.rotate_seed,
         act_static,
     };

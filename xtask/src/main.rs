@@ -13,6 +13,7 @@ mod model_opts;
 mod needle;
 mod quantize;
 mod shared;
+mod spin_args;
 
 use clap::{Parser, Subcommand};
 

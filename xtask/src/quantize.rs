@@ -31,7 +31,7 @@ SCHEMES (--scheme):
   w4a4-nvfp4      NVFP4 weights + NVFP4 activations;  w4a4-mxfp4: MXFP4 weights + activations
   (w8a8-int8 with --rotate quarot|spinquant also goes through the rotation path)
 
-ROTATION (--rotate none|quarot|spinquant, --act-clip, --spin-iters; --method rtn|gptq, --clip
+ROTATION (--rotate none|quarot|spinquant, --act-clip, --spin-loss e2e|layer, --spin-iters; --method rtn|gptq, --clip
   absmax|mse): norms folded, R1/R2 folded into the weights, the head untied, an online Hadamard
   before down_proj; lowbit-rotation.json in the folder makes `cargo xtask eval --model OUT` run
   the same online Hadamard and activation quantizers.
@@ -129,12 +129,6 @@ pub struct RotateArgs {
     /// (QuaRot uses 0.9).
     #[arg(long, default_value_t = 1.0)]
     pub act_clip: f32,
-    /// SpinQuant Cayley SGD iterations for R1 (R2 gets half).
-    #[arg(long, default_value_t = 40)]
-    pub spin_iters: usize,
-    /// SpinQuant initial step (decays linearly to 0).
-    #[arg(long, default_value_t = 0.2)]
-    pub spin_lr: f64,
     /// Static per-tensor activation scales instead of per-token dynamic ones: one scale per
     /// decoder linear, calibrated on --calib through the rotated, weight-quantized model and
     /// saved in lowbit-rotation.json: `absmax`, `percentile:P` (e.g. `percentile:99.9`) or
@@ -142,16 +136,10 @@ pub struct RotateArgs {
     /// --act-clip.
     #[arg(long)]
     pub act_static: Option<String>,
-    /// SpinQuant: calibration windows drawn in addition to --samples and held out of the
-    /// optimisation; on them the randomized-Hadamard starts and the learned rotations are
-    /// compared end to end (KL of the RTN-quantized model to f32) and the best one is kept
-    /// (0 = off).
-    #[arg(long, default_value_t = 6)]
-    pub spin_select: usize,
-    /// SpinQuant: randomized-Hadamard starts scored on the held-out windows (the seed's own =
-    /// QuaRot's, plus N-1 drawn from the seed); the best is refined by Cayley SGD.
-    #[arg(long, default_value_t = 3)]
-    pub spin_starts: usize,
+    /// SpinQuant options (`--spin-loss`, `--spin-iters`, ...; the held-out windows of
+    /// `--spin-select` are drawn in addition to --samples).
+    #[command(flatten)]
+    pub spin: crate::spin_args::SpinArgs,
 }
 
 impl Default for RotateArgs {
@@ -159,11 +147,8 @@ impl Default for RotateArgs {
         RotateArgs {
             rotate: "none".into(),
             act_clip: 1.0,
-            spin_iters: 40,
-            spin_lr: 0.2,
             act_static: None,
-            spin_select: 6,
-            spin_starts: 3,
+            spin: crate::spin_args::SpinArgs::default(),
         }
     }
 }
@@ -209,7 +194,7 @@ fn wants_rotation_path(args: &Args) -> bool {
 fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
     use lowbit_model::rotate::{
         parse_wa_scheme, parse_weight_clip, prepare, rotated_checkpoint, PrepareOptions,
-        RotateMethod, SpinOptions, WeightMethod,
+        RotateMethod, WeightMethod,
     };
     let t_all = Instant::now();
     let rotate = RotateMethod::parse(&args.rot.rotate)?;
@@ -246,24 +231,19 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
     let (windows, sources) = if needs {
         let mut a = args.clone();
         if rotate == RotateMethod::Spinquant {
-            a.samples += args.rot.spin_select;
+            a.samples += args.rot.spin.spin_select;
         }
         calibration_windows(&a, &src.tokenizer)?
     } else {
         (Vec::new(), Vec::new())
     };
+    let spin_opts = args.rot.spin.options()?;
     let opts = PrepareOptions {
         rotate,
         scheme,
         weight_method,
         weight_clipping: parse_weight_clip(&args.clip)?,
-        spin: SpinOptions {
-            iters: args.rot.spin_iters,
-            lr: args.rot.spin_lr,
-            select_windows: args.rot.spin_select,
-            starts: args.rot.spin_starts,
-            ..SpinOptions::default()
-        },
+        spin: spin_opts.clone(),
         seed: args.seed,
         act_static,
     };
@@ -292,7 +272,7 @@ fn quantize_rotated(args: &Args, quiet: bool) -> Result<RunOutput> {
         "calibration": {
             "files": sources, "samples": windows.len(), "seqlen": args.seqlen, "seed": args.seed,
         },
-        "options": { "clip": args.clip, "spin_iters": args.rot.spin_iters, "spin_lr": args.rot.spin_lr },
+        "options": { "clip": args.clip, "spin_loss": args.rot.spin.spin_loss, "spin_iters": spin_opts.iters, "spin_lr": spin_opts.lr },
         "spin_r1": spin(&rep.spin_r1),
         "spin_r2": spin(&rep.spin_r2),
         "spin_selection": rep.spin_selection.as_ref().map(|s| json!({
