@@ -85,6 +85,11 @@ pub fn run(args: Args) -> Result<()> {
     for p in &pols {
         pb.set_message(format!("fill {p}"));
         let mut cache = build(p, shape).with_context(|| format!("--kv {p}"))?;
+        // SmolLM2-135M's RoPE (theta 100000), for policies that quantize keys before RoPE.
+        let inv: Vec<f64> = (0..shape.head_dim / 2)
+            .map(|i| 1.0 / 100_000f64.powf((2 * i) as f64 / shape.head_dim as f64))
+            .collect();
+        cache.set_rope(&inv)?;
         let mut filled = 0;
         while filled < args.ctx {
             let n = chunk.min(args.ctx - filled);

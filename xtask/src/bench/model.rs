@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lowbit_model::llama::Logits;
+use lowbit_model::sampling::argmax;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,6 +45,11 @@ pub struct Args {
     /// depend on the weight values; for machines without the shared folder).
     #[arg(long, conflicts_with = "model")]
     pub random: bool,
+    /// Decode after the prompt: the --gen timed tokens continue from the prompt's KV cache
+    /// (decode at a context of --prompt tokens, where the KV cache's bytes show), instead of
+    /// from an empty cache as llama-bench's tg does.
+    #[arg(long)]
+    pub decode_after_prompt: bool,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -156,21 +162,18 @@ pub fn run(args: Args) -> Result<()> {
             let (p, g) = pool.install(|| -> Result<(f64, f64)> {
                 let mut cache = model.new_cache(&args.kv)?;
                 let t0 = Instant::now();
-                model.forward(&tokens, cache.as_mut(), Logits::Last)?;
+                let last = model.forward(&tokens, cache.as_mut(), Logits::Last)?;
                 let pp = tokens.len() as f64 / t0.elapsed().as_secs_f64();
-                let mut cache = model.new_cache(&args.kv)?;
                 let mut tok = tokens[0];
+                if args.decode_after_prompt {
+                    tok = argmax(&last) as u32;
+                } else {
+                    cache = model.new_cache(&args.kv)?;
+                }
                 let t0 = Instant::now();
                 for _ in 0..args.gen {
                     let l = model.forward(&[tok], cache.as_mut(), Logits::Last)?;
-                    tok = l
-                        .iter()
-                        .enumerate()
-                        .fold(
-                            (0, f32::NEG_INFINITY),
-                            |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
-                        )
-                        .0 as u32;
+                    tok = argmax(&l) as u32;
                 }
                 Ok((pp, args.gen as f64 / t0.elapsed().as_secs_f64()))
             })?;
@@ -214,7 +217,8 @@ pub fn run(args: Args) -> Result<()> {
                            "read_bw_gbps": read_gbs, "ratio_to_read_bw": dec_gbs / read_gbs,
                            "prefill_gflops": pp_gflops, "gemm_gflops": gemm_gflops,
                            "prefill_vs_gemm": pp_gflops / gemm_gflops,
-                           "head": args.head, "act8": args.act8, "kv": args.kv, "reps": reps})
+                           "head": args.head, "act8": args.act8, "kv": args.kv, "reps": reps,
+                           "decode_after_prompt": args.decode_after_prompt})
                 );
             } else {
                 println!(
