@@ -15,6 +15,7 @@ pub mod dense;
 mod error;
 pub mod gemv_f32;
 pub mod isa;
+pub mod math;
 pub mod membw;
 pub mod packed;
 pub mod w8a8;

@@ -21,6 +21,7 @@
 use crate::codec::{Simd, TokenCodec};
 use crate::kivi;
 use crate::policy::{Policy, Side};
+use lowbit_kernels::math::exp_f32;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -153,31 +154,6 @@ impl Job<'_> {
     }
 }
 
-/// `exp(x)` for `x <= 0` (larger inputs are not used): range reduction to `r` in
-/// `[-ln2/2, ln2/2]`, degree-7 Taylor polynomial (relative error < 1e-8 before rounding),
-/// scaling by `2^n` through the exponent bits. Branch-free so loops over it vectorize.
-#[inline(always)]
-pub(crate) fn exp_neg(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
-    let x = x.max(-87.0);
-    let z = x * LOG2E + MAGIC;
-    let n = z - MAGIC;
-    let ni = (z.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    p * f32::from_bits(((ni + 127) as u32) << 23)
-}
-
 /// `a * b + c`: one fused multiply-add in the AVX2+FMA build (`FMA`), a multiply and an add in
 /// the portable one (so the two builds agree up to f32 rounding, not to the last bit).
 #[inline(always)]
@@ -210,7 +186,7 @@ fn max_lanes(x: &[f32]) -> f32 {
 #[inline(always)]
 fn exp_sum(sr: &[f32], mx: f32, w: &mut [f32]) -> f32 {
     for (x, &y) in w.iter_mut().zip(sr) {
-        *x = exp_neg(y - mx);
+        *x = exp_f32(y - mx);
     }
     let mut a = [0f32; 8];
     let mut it = w.chunks_exact(8);
@@ -673,7 +649,7 @@ fn task<const FMA: bool>(
                     let corr = if m[r] == f32::NEG_INFINITY {
                         0.0
                     } else {
-                        exp_neg(m[r] - mn)
+                        exp_f32(m[r] - mn)
                     };
                     m[r] = mn;
                     let wr = &mut w[..hi - lo];
@@ -818,7 +794,7 @@ pub(crate) fn attend_window(j: &Job<'_>, window: usize, out: &mut [f32], scalar:
                     if p.m[r] == f32::NEG_INFINITY {
                         continue;
                     }
-                    let c = exp_neg(p.m[r] - mx);
+                    let c = exp_f32(p.m[r] - mx);
                     lsum += p.l[r] * c;
                     for (a, b) in o.iter_mut().zip(&p.acc[r * d..][..d]) {
                         *a += b * c;
@@ -836,20 +812,6 @@ pub(crate) fn attend_window(j: &Job<'_>, window: usize, out: &mut [f32], scalar:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_neg_is_accurate() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -(i as f32) * 87.0 / 200_000.0;
-            let want = (x as f64).exp();
-            let got = exp_neg(x) as f64;
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 4e-7, "relative error {worst}");
-        assert_eq!(exp_neg(0.0), 1.0);
-        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
-    }
 
     /// Naive causal (windowed) attention in f64 over f32 rows `[token][kv_head][d]`.
     #[allow(clippy::too_many_arguments)]
