@@ -815,7 +815,7 @@ pub fn apply_rotations_per_layer(
     r2: &[Vec<f32>],
 ) -> Result<Option<std::sync::Arc<Hadamard>>> {
     let c = model.config.clone();
-    let (h, hd) = (c.hidden_size, c.head_dim);
+    let hd = c.head_dim;
     if r2.len() != c.n_layers || r2.iter().any(|r| r.len() != hd * hd) {
         return Err(Error::Shape(format!(
             "one {hd} x {hd} R2 per layer ({}) expected",
@@ -824,17 +824,7 @@ pub fn apply_rotations_per_layer(
     }
     let had = super::apply_rotations(model, r1, None, true)?;
     for (layer, r2) in model.layers.iter_mut().zip(r2) {
-        let mut w = layer.v_proj.weight_f32().to_vec();
-        for blk in w.chunks_exact_mut(hd * h) {
-            rotate_output_side(blk, h, r2, hd)?;
-        }
-        layer.v_proj.set_dense(w)?;
-        if let Some(b) = &mut layer.v_proj.bias {
-            rotate_rows_blockwise(b, c.kv_dim(), r2, hd)?;
-        }
-        let mut w = layer.o_proj.weight_f32().to_vec();
-        rotate_rows_blockwise(&mut w, c.q_dim(), r2, hd)?;
-        layer.o_proj.set_dense(w)?;
+        super::apply_r2(layer, &c, r2)?;
     }
     Ok(had)
 }

@@ -17,7 +17,7 @@
 //! The rotated, unquantized model computes the same function as the original up to f32 rounding.
 //! R3 (Q/K Hadamard after RoPE, for KV-cache quantization) is not implemented here.
 
-use crate::config::Arch;
+use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::linear::{ActQuant, Linear};
 use crate::llama::{Layer, Model, LAYER_LINEARS};
@@ -193,6 +193,24 @@ pub fn fold_norms(model: &mut Model) -> Result<()> {
     Ok(())
 }
 
+/// Fold a per-head rotation `R2` (`head_dim²`) between a layer's V and O projections:
+/// v_proj rows of each KV head `W_head ← R2ᵀ W_head` (bias per head `b ← b R2`), o_proj columns
+/// of each query head `W[:, head] ← W[:, head] R2`; the layer computes the same function.
+pub(crate) fn apply_r2(layer: &mut Layer, c: &ModelConfig, r2: &[f32]) -> Result<()> {
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let mut w = layer.v_proj.weight_f32().to_vec();
+    for blk in w.chunks_exact_mut(hd * h) {
+        rotate_output_side(blk, h, r2, hd)?;
+    }
+    layer.v_proj.set_dense(w)?;
+    if let Some(b) = &mut layer.v_proj.bias {
+        rotate_rows_blockwise(b, c.kv_dim(), r2, hd)?;
+    }
+    let mut w = layer.o_proj.weight_f32().to_vec();
+    rotate_rows_blockwise(&mut w, c.q_dim(), r2, hd)?;
+    layer.o_proj.set_dense(w)
+}
+
 /// Fold R1 (`hidden × hidden`), optionally R2 (`head_dim × head_dim`), and optionally the R4
 /// Hadamard (returned; install it online with [`install_hooks`]) into a model whose norms are
 /// folded ([`fold_norms`]). Errors on unfolded norms, quantized weights, wrong sizes and
@@ -261,19 +279,7 @@ pub fn apply_rotations(
             }
         }
         if let Some(r2) = r2 {
-            // v_proj rows of each KV head: W_head ← R2ᵀ W_head; bias per head b ← b R2.
-            let mut w = layer.v_proj.weight_f32().to_vec();
-            for blk in w.chunks_exact_mut(hd * h) {
-                rotate_output_side(blk, h, r2, hd)?;
-            }
-            layer.v_proj.set_dense(w)?;
-            if let Some(b) = &mut layer.v_proj.bias {
-                rotate_rows_blockwise(b, c.kv_dim(), r2, hd)?;
-            }
-            // o_proj columns of each query head: W[:, head] ← W[:, head] R2.
-            let mut w = layer.o_proj.weight_f32().to_vec();
-            rotate_rows_blockwise(&mut w, c.q_dim(), r2, hd)?;
-            layer.o_proj.set_dense(w)?;
+            apply_r2(layer, &c, r2)?;
         }
         if let Some(hm) = &had {
             let mut w = layer.down_proj.weight_f32().to_vec();
