@@ -858,13 +858,7 @@ impl PackedLinear {
         out: &mut [[f32; TILE_ROWS]; TB_WIDE],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if tb == TB_WIDE
-            && isa != Isa::Scalar
-            && self.store == Store::B4
-            && self.vals == Vals::Int
-            && self.a8.kind == (A8Kind::B4 { pairs: 4 })
-            && self.a8_half_off().is_none()
-        {
+        if tb == TB_WIDE && isa != Isa::Scalar && self.is_int4_pairs4() {
             assert!(
                 tile < self.ntiles
                     && qa.xperm.len() >= (t0 + tb) * self.pcols
@@ -995,14 +989,19 @@ impl PackedLinear {
         }
     }
 
-    /// [`Self::b4_nb`] for INT4 layers with the 4-pair integer path and no code-scaled
-    /// headers (those [`crate::act8::avx2::tile_b4_pair`] runs), else 0.
-    fn b4_pair_nb(&self) -> usize {
-        if self.store == Store::B4
+    /// An INT4 layer with the 4-pair integer path and no code-scaled headers: what
+    /// [`crate::act8::avx2::tile_b4`]`::<false, 4, ..>` and `tile_b4_pair` run.
+    fn is_int4_pairs4(&self) -> bool {
+        self.store == Store::B4
             && self.vals == Vals::Int
             && self.a8.kind == (A8Kind::B4 { pairs: 4 })
             && self.a8_half_off().is_none()
-        {
+    }
+
+    /// [`Self::b4_nb`] for the layers of [`Self::is_int4_pairs4`] (those
+    /// [`crate::act8::avx2::tile_b4_pair`] runs), else 0.
+    fn b4_pair_nb(&self) -> usize {
+        if self.is_int4_pairs4() {
             self.b4_nb()
         } else {
             0
