@@ -649,28 +649,6 @@ impl LayerJob<'_> {
             c, layer, rope, li, &self.deq, acts, steps, stats, what, on_event,
         )
     }
-
-    /// [`quantize_stage`] of the planned modules `todo`.
-    fn stage(
-        &mut self,
-        layer: &mut Layer,
-        todo: &[&'static str],
-        stats: &mut BTreeMap<&'static str, Stats>,
-        on_event: &mut dyn FnMut(&Event),
-    ) -> Result<()> {
-        let (li, opts, plan) = (self.li, self.opts, &self.plan);
-        quantize_stage(
-            layer,
-            li,
-            opts,
-            plan,
-            todo,
-            stats,
-            &mut self.deq,
-            on_event,
-            &mut self.modules,
-        )
-    }
 }
 
 /// Quantize decoder layer `li` (`layer`) with the calibration activations `acts` (its input
@@ -821,133 +799,133 @@ fn attn_cache(c: &ModelConfig) -> Result<Box<dyn lowbit_kv_cache::KvCache>> {
     Ok(cache)
 }
 
-/// Quantize the modules `todo` of layer `li` (in that order) from the input statistics
-/// `stats` (empty without calibration). Linears sharing an input share GPTQ's factorization.
-/// Their dequantized weights go into `deq` for the calibration passes that follow.
-#[allow(clippy::too_many_arguments)]
-fn quantize_stage(
-    layer: &mut Layer,
-    li: usize,
-    opts: &PipelineOptions,
-    plan: &Plan,
-    todo: &[&'static str],
-    stats: &mut BTreeMap<&'static str, Stats>,
-    deq_out: &mut Deq,
-    on_event: &mut dyn FnMut(&Event),
-    modules: &mut Vec<ModuleReport>,
-) -> Result<()> {
-    if todo.is_empty() {
-        return Ok(());
-    }
-    let mut keys: Vec<&'static str> = todo.iter().map(|m| input_key(m)).collect();
-    keys.dedup();
-    // SmoothQuant: migrate activation outliers into the weights before quantizing.
-    if opts.method == Method::SmoothQuant {
+impl LayerJob<'_> {
+    /// Quantize the planned modules `todo` of this layer (in that order) from the input
+    /// statistics `stats` (empty without calibration). Linears sharing an input share GPTQ's
+    /// factorization. Their dequantized weights go into `deq` for the calibration passes that
+    /// follow, their reports into `modules`.
+    fn stage(
+        &mut self,
+        layer: &mut Layer,
+        todo: &[&'static str],
+        stats: &mut BTreeMap<&'static str, Stats>,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<()> {
+        let (li, opts, plan) = (self.li, self.opts, &self.plan);
+        let (deq_out, modules) = (&mut self.deq, &mut self.modules);
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut keys: Vec<&'static str> = todo.iter().map(|m| input_key(m)).collect();
+        keys.dedup();
+        // SmoothQuant: migrate activation outliers into the weights before quantizing.
+        if opts.method == Method::SmoothQuant {
+            for &k in &keys {
+                if k == "attn_in" || k == "mlp_in" {
+                    if let Some(st) = stats.get_mut(k) {
+                        smooth_group(layer, li, k, st, opts.smooth_alpha)?;
+                    }
+                }
+            }
+        }
         for &k in &keys {
-            if k == "attn_in" || k == "mlp_in" {
-                if let Some(st) = stats.get_mut(k) {
-                    smooth_group(layer, li, k, st, opts.smooth_alpha)?;
+            if opts.method == Method::Awq && k != "o_in" {
+                if let Some(st) = stats.get(k) {
+                    for rep in awq_group(layer, li, k, st, plan, todo, deq_out)? {
+                        on_event(&Event::Module(rep.clone()));
+                        modules.push(rep);
+                    }
+                    continue;
                 }
             }
-        }
-    }
-    for &k in &keys {
-        if opts.method == Method::Awq && k != "o_in" {
-            if let Some(st) = stats.get(k) {
-                for rep in awq_group(layer, li, k, st, plan, todo, deq_out)? {
-                    on_event(&Event::Module(rep.clone()));
-                    modules.push(rep);
-                }
-                continue;
-            }
-        }
-        let hmat = match stats.get(k) {
-            Some(s) => Some(s.hessian.hessian()?),
-            None => None,
-        };
-        let cols = stats.get(k).map_or(0, |s| s.cols());
-        let prep = match (&hmat, opts.method) {
-            (Some(hm), Method::Gptq | Method::SmoothQuant) => {
-                Some(prepare_hessian(hm, cols, &gptq_cfg(opts, plan, todo))?)
-            }
-            _ => None,
-        };
-        for &m in todo.iter().filter(|m| input_key(m) == k) {
-            let mt = Instant::now();
-            let (sname, scheme, act) = plan[m].clone();
-            let full = format!("model.layers.{li}.{m}");
-            let lin = layer.linear_mut(m).expect("layer linear");
-            let (rows, cols) = (lin.out, lin.inp);
-            let w = lin.weight_f32().to_vec();
-            let (q, deq, loss, damp, dead): (
-                QuantizedTensor,
-                Vec<f32>,
-                Option<f64>,
-                Option<f64>,
-                usize,
-            ) = match &prep {
-                Some(p) => {
-                    let mut cfg = gptq_cfg(opts, plan, todo);
-                    cfg.act_order = p.act_order;
-                    let r = gptq_prepared(&w, rows, cols, &scheme, p, &cfg)
-                        .map_err(|e| Error::Quantize(format!("{full}: GPTQ failed: {e}")))?;
-                    (
-                        r.tensor,
-                        r.dequantized,
-                        Some(r.loss),
-                        Some(p.rel_damp),
-                        p.dead.len(),
-                    )
-                }
-                None if opts.method == Method::Hqq => {
-                    let r = hqq(&w, rows, cols, &scheme, &HqqConfig::default())
-                        .map_err(|e| Error::Quantize(format!("{full}: HQQ: {e}")))?;
-                    (r.tensor, r.dequantized, None, None, 0)
-                }
-                None => {
-                    // AWQ cannot fold o_proj's scales into v_proj under GQA (AutoAWQ skips it
-                    // too): plain rounding with an MSE clipping search.
-                    let clipping = if opts.method == Method::Awq {
-                        Clipping::Mse {
-                            grid: 20,
-                            min_ratio: 0.5,
-                        }
-                    } else {
-                        opts.rtn_clipping
-                    };
-                    let q = rtn(&w, rows, cols, &scheme, &RtnConfig { clipping })
-                        .map_err(|e| Error::Quantize(format!("{full}: {e}")))?;
-                    let d = q.dequantize()?;
-                    (q, d, None, None, 0)
-                }
-            };
-            let rel_error = match &hmat {
-                Some(hm) => Some(relative_output_error_h(&w, &deq, rows, cols, hm)?),
+            let hmat = match stats.get(k) {
+                Some(s) => Some(s.hessian.hessian()?),
                 None => None,
             };
-            let bpw = q.bits_per_weight();
-            let keep = deq.clone();
-            lin.set_quantized(q, move |_| Ok(deq))?;
-            if let Some(a) = act {
-                lin.act_quant = Some(act_quant_fn(a));
-            }
-            deq_out.insert(m, keep);
-            let rep = ModuleReport {
-                name: full,
-                scheme: sname,
-                method: opts.method.name().into(),
-                rel_error,
-                gptq_loss: loss,
-                damp,
-                dead_channels: dead,
-                bits_per_weight: bpw,
-                secs: mt.elapsed().as_secs_f64(),
+            let cols = stats.get(k).map_or(0, |s| s.cols());
+            let prep = match (&hmat, opts.method) {
+                (Some(hm), Method::Gptq | Method::SmoothQuant) => {
+                    Some(prepare_hessian(hm, cols, &gptq_cfg(opts, plan, todo))?)
+                }
+                _ => None,
             };
-            on_event(&Event::Module(rep.clone()));
-            modules.push(rep);
+            for &m in todo.iter().filter(|m| input_key(m) == k) {
+                let mt = Instant::now();
+                let (sname, scheme, act) = plan[m].clone();
+                let full = format!("model.layers.{li}.{m}");
+                let lin = layer.linear_mut(m).expect("layer linear");
+                let (rows, cols) = (lin.out, lin.inp);
+                let w = lin.weight_f32().to_vec();
+                let (q, deq, loss, damp, dead): (
+                    QuantizedTensor,
+                    Vec<f32>,
+                    Option<f64>,
+                    Option<f64>,
+                    usize,
+                ) = match &prep {
+                    Some(p) => {
+                        let mut cfg = gptq_cfg(opts, plan, todo);
+                        cfg.act_order = p.act_order;
+                        let r = gptq_prepared(&w, rows, cols, &scheme, p, &cfg)
+                            .map_err(|e| Error::Quantize(format!("{full}: GPTQ failed: {e}")))?;
+                        (
+                            r.tensor,
+                            r.dequantized,
+                            Some(r.loss),
+                            Some(p.rel_damp),
+                            p.dead.len(),
+                        )
+                    }
+                    None if opts.method == Method::Hqq => {
+                        let r = hqq(&w, rows, cols, &scheme, &HqqConfig::default())
+                            .map_err(|e| Error::Quantize(format!("{full}: HQQ: {e}")))?;
+                        (r.tensor, r.dequantized, None, None, 0)
+                    }
+                    None => {
+                        // AWQ cannot fold o_proj's scales into v_proj under GQA (AutoAWQ skips it
+                        // too): plain rounding with an MSE clipping search.
+                        let clipping = if opts.method == Method::Awq {
+                            Clipping::Mse {
+                                grid: 20,
+                                min_ratio: 0.5,
+                            }
+                        } else {
+                            opts.rtn_clipping
+                        };
+                        let q = rtn(&w, rows, cols, &scheme, &RtnConfig { clipping })
+                            .map_err(|e| Error::Quantize(format!("{full}: {e}")))?;
+                        let d = q.dequantize()?;
+                        (q, d, None, None, 0)
+                    }
+                };
+                let rel_error = match &hmat {
+                    Some(hm) => Some(relative_output_error_h(&w, &deq, rows, cols, hm)?),
+                    None => None,
+                };
+                let bpw = q.bits_per_weight();
+                let keep = deq.clone();
+                lin.set_quantized(q, move |_| Ok(deq))?;
+                if let Some(a) = act {
+                    lin.act_quant = Some(act_quant_fn(a));
+                }
+                deq_out.insert(m, keep);
+                let rep = ModuleReport {
+                    name: full,
+                    scheme: sname,
+                    method: opts.method.name().into(),
+                    rel_error,
+                    gptq_loss: loss,
+                    damp,
+                    dead_channels: dead,
+                    bits_per_weight: bpw,
+                    secs: mt.elapsed().as_secs_f64(),
+                };
+                on_event(&Event::Module(rep.clone()));
+                modules.push(rep);
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// GPTQ settings for a stage: group act-order needs row-local blocks; fall back to static.
