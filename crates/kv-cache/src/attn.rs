@@ -562,34 +562,24 @@ fn task<const FMA: bool>(
                             );
                             (&kb[..], d, false, &vb[..], d)
                         }
-                        Side::KiviChannel { bits, compact } => {
-                            let gb = kivi::record_bytes(d, p.group, bits, compact);
+                        Side::KiviChannel { bits, meta } => {
+                            let gb = kivi::record_bytes(d, p.group, bits, meta);
                             kt.resize(d * ld, 0.0);
+                            let refs = kref.get(kvh * 2 * d..).unwrap_or(&[]);
                             for gi in 0..cnt / p.group {
                                 let grp = b0 / p.group + gi;
                                 let rec = &qk[(grp * j.nh_kv + kvh) * gb..][..gb];
-                                if compact {
-                                    kivi::decode_group_cm_c(
-                                        rec,
-                                        d,
-                                        p.group,
-                                        bits,
-                                        &kref[kvh * 2 * d..][..2 * d],
-                                        &mut kt,
-                                        ld,
-                                        gi * p.group,
-                                    );
-                                } else {
-                                    kivi::decode_group_cm(
-                                        rec,
-                                        d,
-                                        p.group,
-                                        bits,
-                                        &mut kt,
-                                        ld,
-                                        gi * p.group,
-                                    );
-                                }
+                                kivi::decode_cm(
+                                    meta,
+                                    rec,
+                                    d,
+                                    p.group,
+                                    bits,
+                                    refs,
+                                    &mut kt,
+                                    ld,
+                                    gi * p.group,
+                                );
                                 if let Some(tab) = rope {
                                     if p.rotate {
                                         kivi::hadamard_cm(&mut kt, d, p.group, ld, gi * p.group);

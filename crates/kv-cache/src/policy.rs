@@ -7,6 +7,7 @@
 //! over G tokens; on V: per-token INT over `head_dim`). `int4` alone means `int4g32`.
 
 use crate::codec::{Fp8Kind, TokenCodec};
+use crate::kivi::{FineSpec, KeyMeta};
 use crate::{Error, KvShape, Result};
 
 /// Scale exponent of `fp8s` keys: SmolLM2-135M's per-token key absmax is 1.75-28 (E8M0
@@ -26,9 +27,10 @@ pub enum Side {
     KiviChannel {
         /// 2 or 4.
         bits: u8,
-        /// Compact metadata (`kivi2c`): one byte per (group, channel) against per-channel
-        /// references calibrated on the first group, instead of an f16 scale and min.
-        compact: bool,
+        /// Per-(group, channel) metadata: f16 scale and min (`kivi2`), one byte (`kivi2c`) or
+        /// `e + z` bits (`kivi2f`) against per-channel references calibrated on the layer's
+        /// first body group.
+        meta: KeyMeta,
     },
 }
 
@@ -128,7 +130,7 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
             Ok((
                 Side::KiviChannel {
                     bits,
-                    compact: false,
+                    meta: KeyMeta::F16,
                 },
                 Side::Token(TokenCodec::Int { bits, group: d }),
                 true,
@@ -139,7 +141,18 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
             Ok((
                 Side::KiviChannel {
                     bits,
-                    compact: true,
+                    meta: KeyMeta::Byte,
+                },
+                Side::Token(TokenCodec::IntC { bits }),
+                true,
+            ))
+        }
+        "kivi2f" | "kivi4f" => {
+            let bits = if s == "kivi2f" { 2 } else { 4 };
+            Ok((
+                Side::KiviChannel {
+                    bits,
+                    meta: KeyMeta::Fine(FineSpec::default()),
                 },
                 Side::Token(TokenCodec::IntC { bits }),
                 true,
@@ -188,7 +201,7 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
             policy,
             format!(
                 "unknown codec `{s}`; known: f32, f16, bf16, fp8, fp8e5m2, fp8s, fp8sE, int8, int4, int2, \
-                 intBgG (e.g. int4g32), kivi2, kivi4, kivi2c, kivi4c"
+                 intBgG (e.g. int4g32), kivi2, kivi4, kivi2c, kivi4c, kivi2f, kivi4f"
             ),
         )),
     }
@@ -247,6 +260,7 @@ impl Policy {
         let mut rotate_v = false;
         let (mut kfit_mse, mut vfit_mse, mut kcover) = (false, false, false);
         let mut hi_layers = Vec::new();
+        let mut kmeta = None;
         for item in p.split(',').map(str::trim) {
             if item.is_empty() {
                 return Err(bad(policy, "empty item (two commas in a row?)"));
@@ -335,6 +349,26 @@ impl Policy {
                         }
                     },
                     "hi" => hi_layers = parse_layers(policy, val.trim(), shape.n_layers)?,
+                    "kmeta" => {
+                        let o = val.trim();
+                        let spec = o
+                            .split_once('.')
+                            .and_then(|(e, z)| Some((e.parse().ok()?, z.parse().ok()?)))
+                            .filter(|&(e, z): &(u8, u8)| (4..=8).contains(&e) && (4..=8).contains(&z))
+                            .ok_or_else(|| {
+                                bad(
+                                    policy,
+                                    format!(
+                                        "`kmeta={o}`: expected E.Z, the step and origin bits of \
+                                         kivi2f keys, each 4..=8 (e.g. kmeta=5.5)"
+                                    ),
+                                )
+                            })?;
+                        kmeta = Some(FineSpec {
+                            e: spec.0,
+                            z: spec.1,
+                        });
+                    }
                     "r" | "residual" => residual = Some(parse_num(policy, key, val.trim())?),
                     "g" | "group" => {
                         let g = parse_num(policy, key, val.trim())?;
@@ -348,7 +382,7 @@ impl Policy {
                             policy,
                             format!(
                                 "unknown key `{other}`; known: k, v, sink, r, g, rot, rope, fit, kfit, \
-                                 vfit, hi"
+                                 vfit, hi, kmeta"
                             ),
                         ))
                     }
@@ -364,6 +398,21 @@ impl Policy {
                 ))
             }
         };
+        let mut k = k;
+        if let Some(spec) = kmeta {
+            match &mut k {
+                Side::KiviChannel {
+                    meta: KeyMeta::Fine(s),
+                    ..
+                } => *s = spec,
+                _ => {
+                    return Err(bad(
+                        policy,
+                        "`kmeta=` sets the metadata bits of kivi2f/kivi4f keys only",
+                    ))
+                }
+            }
+        }
         let group = group.unwrap_or(32);
         if let Side::KiviChannel { bits, .. } = k {
             if group * bits as usize % 8 != 0 {
@@ -424,6 +473,14 @@ impl Policy {
         }
     }
 
+    /// How KIVI key grids are fitted ([`crate::kivi::encode`]).
+    pub fn key_fit(&self) -> crate::kivi::Fit {
+        crate::kivi::Fit {
+            mse: self.kfit_mse,
+            search: self.compact_search(),
+        }
+    }
+
     /// Metadata search of compact KIVI keys: `kfit=cover`, `kfit=mse` (all 256 bytes) or the
     /// default near-minimum search.
     pub fn compact_search(&self) -> crate::kivi::CompactSearch {
@@ -450,9 +507,9 @@ impl Policy {
         if self.hi_layers.binary_search(&layer).is_ok() {
             let up = |b: u8| if b == 2 { 4 } else { b };
             let side = |s: Side| match s {
-                Side::KiviChannel { bits, compact } => Side::KiviChannel {
+                Side::KiviChannel { bits, meta } => Side::KiviChannel {
                     bits: up(bits),
-                    compact,
+                    meta,
                 },
                 Side::Token(TokenCodec::Int { bits, group }) => Side::Token(TokenCodec::Int {
                     bits: up(bits),
@@ -477,8 +534,8 @@ impl Policy {
         let d = shape.head_dim;
         let side = |s: Side| match s {
             Side::Token(c) => c.record_bytes(d) as f64,
-            Side::KiviChannel { bits, compact } => {
-                crate::kivi::record_bytes(d, self.group, bits, compact) as f64 / self.group as f64
+            Side::KiviChannel { bits, meta } => {
+                crate::kivi::record_bytes(d, self.group, bits, meta) as f64 / self.group as f64
             }
         };
         (0..shape.n_layers)
@@ -509,7 +566,7 @@ mod tests {
             p.k,
             Side::KiviChannel {
                 bits: 2,
-                compact: false
+                meta: KeyMeta::F16
             }
         );
         assert_eq!(p.v, Side::Token(TokenCodec::Int { bits: 2, group: 64 }));
@@ -605,7 +662,7 @@ mod tests {
             (
                 Side::KiviChannel {
                     bits: 4,
-                    compact: false
+                    meta: KeyMeta::F16
                 },
                 Side::Token(TokenCodec::Int { bits: 4, group: 64 }),
                 128,
@@ -620,7 +677,7 @@ mod tests {
             (
                 Side::KiviChannel {
                     bits: 4,
-                    compact: true
+                    meta: KeyMeta::Byte
                 },
                 Side::Token(TokenCodec::Fp8(Fp8Kind::E4M3))
             )

@@ -78,7 +78,7 @@ pub struct QuantCache {
 fn k_unit(p: &Policy, d: usize) -> usize {
     match p.k {
         Side::Token(c) => c.record_bytes(d),
-        Side::KiviChannel { bits, compact } => kivi::record_bytes(d, p.group, bits, compact),
+        Side::KiviChannel { bits, meta } => kivi::record_bytes(d, p.group, bits, meta),
     }
 }
 
@@ -162,7 +162,7 @@ impl QuantCache {
                     c.encode_fit(x, o, p.kfit_mse);
                 }
             }
-            Side::KiviChannel { bits, compact } => {
+            Side::KiviChannel { bits, meta } => {
                 let g = p.group;
                 let mut rows = vec![0f32; g * d];
                 for grp in 0..n / g {
@@ -178,49 +178,16 @@ impl QuantCache {
                                 rows.chunks_exact_mut(d).for_each(hadamard);
                             }
                         }
+                        // References of reference-based formats: from this head's rows of the
+                        // layer's first body group.
+                        if meta.needs_refs() && l.kref.len() < (h + 1) * 2 * d {
+                            l.kref.resize((h + 1) * 2 * d, 0.0);
+                            kivi::calibrate_c(&rows, d, bits, &mut l.kref[h * 2 * d..]);
+                        }
+                        let refs = l.kref.get(h * 2 * d..).unwrap_or(&[]);
                         let base = l.qk.len();
                         l.qk.resize(base + ku, 0);
-                        if compact {
-                            if l.kref.len() < nh * 2 * d {
-                                l.kref.resize(nh * 2 * d, 0.0);
-                                for hh in 0..nh {
-                                    let mut r0 = vec![0f32; g * d];
-                                    for t in 0..g {
-                                        r0[t * d..][..d].copy_from_slice(
-                                            &l.rk[(grp * g + t) * row + hh * d..][..d],
-                                        );
-                                    }
-                                    if p.pre_rope {
-                                        kivi::unrope_rows(
-                                            &mut r0,
-                                            d,
-                                            g,
-                                            &tab[gabs * d * g..][..d * g],
-                                        );
-                                        if p.rotate {
-                                            r0.chunks_exact_mut(d).for_each(hadamard);
-                                        }
-                                    }
-                                    kivi::calibrate_c(
-                                        &r0,
-                                        d,
-                                        bits,
-                                        &mut l.kref[hh * 2 * d..][..2 * d],
-                                    );
-                                }
-                            }
-                            let refs = &l.kref[h * 2 * d..][..2 * d];
-                            kivi::encode_group_c(
-                                &rows,
-                                d,
-                                bits,
-                                refs,
-                                p.compact_search(),
-                                &mut l.qk[base..],
-                            );
-                        } else {
-                            kivi::encode_group(&rows, d, bits, p.kfit_mse, &mut l.qk[base..]);
-                        }
+                        kivi::encode(meta, &rows, d, bits, refs, p.key_fit(), &mut l.qk[base..]);
                     }
                 }
             }

@@ -93,7 +93,7 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
             }
         }
     }
-    if let Side::KiviChannel { bits, compact } = p.k {
+    if let Side::KiviChannel { bits, meta } = p.k {
         let g = p.group;
         let freqs = test_freqs(d);
         let mut refs = vec![0f32; nh * 2 * d];
@@ -113,18 +113,12 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                 }
                 let mut out = vec![0f32; g * d];
                 let rb = &mut refs[h * 2 * d..][..2 * d];
-                if compact {
-                    if grp == 0 {
-                        kivi::calibrate_c(&rows, d, bits, rb);
-                    }
-                    let mut rec = vec![0u8; kivi::group_bytes_c(d, g, bits)];
-                    kivi::encode_group_c(&rows, d, bits, rb, p.compact_search(), &mut rec);
-                    kivi::decode_group_c(&rec, d, g, bits, rb, &mut out, &mut vec![0f32; g]);
-                } else {
-                    let mut rec = vec![0u8; kivi::group_bytes(d, g, bits)];
-                    kivi::encode_group(&rows, d, bits, p.kfit_mse, &mut rec);
-                    kivi::decode_group(&rec, d, g, bits, &mut out, &mut vec![0f32; g]);
+                if grp == 0 && meta.needs_refs() {
+                    kivi::calibrate_c(&rows, d, bits, rb);
                 }
+                let mut rec = vec![0u8; kivi::record_bytes(d, g, bits, meta)];
+                kivi::encode(meta, &rows, d, bits, rb, p.key_fit(), &mut rec);
+                kivi::decode(meta, &rec, d, g, bits, rb, &mut out, &mut vec![0f32; g]);
                 if p.pre_rope {
                     for t in 0..g {
                         if p.rotate {

@@ -1,92 +1,8 @@
-//! KIVI keys: quantized per channel over groups of `G` tokens (KIVI, Liu et al. 2024: key
-//! outliers live in fixed channels, so a per-channel grid fits keys far better than a per-token
-//! one). One group record of one KV head holds, for each of the `head_dim` channels, an f16
-//! scale, an f16 minimum and `G` packed `bits`-bit codes (`G * bits / 8` bytes).
-//! Values use the per-token INT codec of [`crate::codec`]; the residual window of recent
-//! full-precision tokens is managed by [`crate::QuantCache`].
+//! Byte-metadata KIVI keys (`kivi2c`, `kivi4c`): per (group, channel) one metadata byte, a
+//! half-octave step and a whole-step origin against per-channel references calibrated on the
+//! layer's first body group.
 
-use crate::codec::{int_params, int_params_mse, pack_codes, unpack_codes};
-use half::f16;
-
-/// Bytes of one (group, head) record of keys: `d` channels of scale + min + `g` codes.
-pub fn group_bytes(d: usize, g: usize, bits: u8) -> usize {
-    d * (4 + g * bits as usize / 8)
-}
-
-/// Bytes of one (group, head) key record, plain ([`group_bytes`]) or compact
-/// ([`group_bytes_c`]).
-pub fn record_bytes(d: usize, g: usize, bits: u8, compact: bool) -> usize {
-    if compact {
-        group_bytes_c(d, g, bits)
-    } else {
-        group_bytes(d, g, bits)
-    }
-}
-
-/// Encode `g` key vectors of one head (`rows`: `[g][d]`) channel by channel into `out`; with
-/// `mse`, each channel's grid is the least-squares one ([`crate::codec`]'s `int_params_mse`,
-/// policy item `fit=mse`) instead of its min/max.
-pub fn encode_group(rows: &[f32], d: usize, bits: u8, mse: bool, out: &mut [u8]) {
-    let g = rows.len() / d;
-    let levels = ((1u32 << bits) - 1) as f32;
-    let cb = 4 + g * bits as usize / 8;
-    let mut col = vec![0f32; g];
-    for (c, o) in out.chunks_exact_mut(cb).enumerate().take(d) {
-        for (t, v) in col.iter_mut().enumerate() {
-            *v = rows[t * d + c];
-        }
-        let (scale, min) = if mse {
-            int_params_mse(&col, levels)
-        } else {
-            int_params(&col, levels)
-        };
-        o[0..2].copy_from_slice(&scale.to_le_bytes());
-        o[2..4].copy_from_slice(&min.to_le_bytes());
-        pack_codes(
-            &col,
-            scale.to_f32(),
-            min.to_f32(),
-            bits,
-            levels,
-            &mut o[4..],
-        );
-    }
-}
-
-/// Decode one (group, head) record into `out` (`[g][d]`, token-major). `col` is scratch of
-/// `g` floats.
-#[inline(always)]
-pub fn decode_group(rec: &[u8], d: usize, g: usize, bits: u8, out: &mut [f32], col: &mut [f32]) {
-    let cb = 4 + g * bits as usize / 8;
-    for (c, r) in rec.chunks_exact(cb).enumerate().take(d) {
-        let scale = f16::from_le_bytes([r[0], r[1]]).to_f32();
-        let min = f16::from_le_bytes([r[2], r[3]]).to_f32();
-        unpack_codes(&r[4..], bits, scale, min, &mut col[..g]);
-        for (t, v) in col[..g].iter().enumerate() {
-            out[t * d + c] = *v;
-        }
-    }
-}
-
-/// Decode one (group, head) record channel-major: channel `c`'s `g` tokens go to
-/// `kt[c * ld + off..][..g]` (the layout the attention kernel's KIVI score block reads).
-#[inline(always)]
-pub fn decode_group_cm(
-    rec: &[u8],
-    d: usize,
-    g: usize,
-    bits: u8,
-    kt: &mut [f32],
-    ld: usize,
-    off: usize,
-) {
-    let cb = 4 + g * bits as usize / 8;
-    for (c, r) in rec.chunks_exact(cb).enumerate().take(d) {
-        let scale = f16::from_le_bytes([r[0], r[1]]).to_f32();
-        let min = f16::from_le_bytes([r[2], r[3]]).to_f32();
-        unpack_codes(&r[4..], bits, scale, min, &mut kt[c * ld + off..][..g]);
-    }
-}
+use crate::codec::{pack_codes, unpack_codes};
 
 /// Bytes of one compact (`kivi2c`) (group, head) record: `d` channels of one metadata byte
 /// and `g` codes.
@@ -260,82 +176,6 @@ pub fn decode_group_cm_c(
     }
 }
 
-/// RoPE table of one body group of `g` tokens at absolute positions `pos0..pos0 + g`, for
-/// the "rotate half" layout (channel `i < d/2` paired with `i + d/2`, rotated by
-/// `pos * inv_freq[i]`): `out[i * g + t] = cos`, `out[(half + i) * g + t] = sin` (angles in f64).
-pub fn rope_block(inv_freq: &[f64], g: usize, pos0: usize, out: &mut [f32]) {
-    let half = inv_freq.len();
-    for (i, &f) in inv_freq.iter().enumerate() {
-        for t in 0..g {
-            let a = (pos0 + t) as f64 * f;
-            out[i * g + t] = a.cos() as f32;
-            out[(half + i) * g + t] = a.sin() as f32;
-        }
-    }
-}
-
-/// Undo RoPE on `g` token-major key rows (`rows`: `[g][d]`) with a [`rope_block`] table:
-/// `(a, b) -> (a cos + b sin, b cos - a sin)`.
-pub fn unrope_rows(rows: &mut [f32], d: usize, g: usize, tab: &[f32]) {
-    let half = d / 2;
-    for t in 0..g {
-        let r = &mut rows[t * d..][..d];
-        for i in 0..half {
-            let (c, s) = (tab[i * g + t], tab[(half + i) * g + t]);
-            let (a, b) = (r[i], r[half + i]);
-            r[i] = a * c + b * s;
-            r[half + i] = b * c - a * s;
-        }
-    }
-}
-
-/// Normalized Walsh-Hadamard transform (its own inverse) of one decoded group stored
-/// channel-major (`kt[c * ld + off..][..g]`): the butterflies run across channels on whole
-/// token rows.
-#[inline(always)]
-pub fn hadamard_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize) {
-    let mut h = 1;
-    while h < d {
-        for i in (0..d).step_by(2 * h) {
-            for j in i..i + h {
-                let (lo, hi) = kt.split_at_mut((j + h) * ld);
-                let a = &mut lo[j * ld + off..][..g];
-                let b = &mut hi[off..][..g];
-                for t in 0..g {
-                    let (x, y) = (a[t], b[t]);
-                    a[t] = x + y;
-                    b[t] = x - y;
-                }
-            }
-        }
-        h *= 2;
-    }
-    let s = 1.0 / (d as f32).sqrt();
-    for c in 0..d {
-        kt[c * ld + off..][..g].iter_mut().for_each(|v| *v *= s);
-    }
-}
-
-/// Apply RoPE to one decoded group stored channel-major (`kt[c * ld + off..][..g]`, as
-/// [`decode_group_cm`] writes it) with a [`rope_block`] table: `(a, b) -> (a cos - b sin,
-/// b cos + a sin)`.
-#[inline(always)]
-pub fn rope_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize, tab: &[f32]) {
-    let half = d / 2;
-    for i in 0..half {
-        let (lo, hi) = kt.split_at_mut((half + i) * ld);
-        let a = &mut lo[i * ld + off..][..g];
-        let b = &mut hi[off..][..g];
-        let c = &tab[i * g..][..g];
-        let s = &tab[(half + i) * g..][..g];
-        for t in 0..g {
-            let (x, y) = (a[t], b[t]);
-            a[t] = x * c[t] - y * s[t];
-            b[t] = y * c[t] + x * s[t];
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,34 +264,5 @@ mod tests {
             }
         }
         assert!(clipped_mse, "the fixture should make the MSE search clip");
-    }
-
-    #[test]
-    fn per_channel_grid_follows_each_channel() {
-        // Channel 0 lives around 100, channel 1 around -0.01: a per-channel grid keeps both.
-        let (d, g) = (2, 8);
-        let rows: Vec<f32> = (0..g)
-            .flat_map(|t| [100.0 + t as f32 * 0.1, -0.01 + t as f32 * 1e-3])
-            .collect();
-        for bits in [2u8, 4] {
-            let mut rec = vec![0u8; group_bytes(d, g, bits)];
-            encode_group(&rows, d, bits, false, &mut rec);
-            let mut out = vec![0f32; g * d];
-            let mut col = vec![0f32; g];
-            decode_group(&rec, d, g, bits, &mut out, &mut col);
-            let levels = ((1u32 << bits) - 1) as f32;
-            for c in 0..d {
-                let range = rows[(g - 1) * d + c] - rows[c];
-                // Half a step plus f16 rounding of min (|x| 2^-11) and scale.
-                let tol = 0.5 * range / levels + rows[c].abs() * 2f32.powi(-10) + range * 0.01;
-                for t in 0..g {
-                    let (a, b) = (rows[t * d + c], out[t * d + c]);
-                    assert!(
-                        (a - b).abs() <= tol,
-                        "bits {bits} c{c} t{t}: {a} vs {b} tol {tol}"
-                    );
-                }
-            }
-        }
     }
 }

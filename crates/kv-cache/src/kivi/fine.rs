@@ -1,0 +1,276 @@
+//! Fine-metadata KIVI keys (`kivi2f`, `kivi4f`): per (group, channel) an `e`-bit step code and
+//! a `z`-bit origin code against the per-channel references of [`super::calibrate_c`] (the
+//! first body group's median `mu` and min/max step `sigma`), packed as a bit stream in front
+//! of the codes. With the default 5 + 5 bits the step moves in quarter octaves and the origin
+//! in half steps, where the one-byte `kivi2c` record has half octaves and whole steps: a
+//! covering grid then needs a step only a few percent above the group's own min/max step.
+//!
+//! Record of one (group, head): `ceil(d · (e + z) / 8)` metadata bytes (channel `c`'s step code
+//! in bits `c · (e + z) ..`, then its origin code, little-end first), then `d` channels of
+//! `g · bits / 8` code bytes.
+
+use crate::codec::{pack_codes, pow2, unpack_codes};
+
+/// Bit widths of the fine metadata: `e` step bits (`2^e / 8` codes per octave over 8
+/// octaves, `2^-5 .. 2^3` times the reference step) and `z` origin bits (`2^z / 16` codes per
+/// step over `-8 .. +8` steps from the anchor). Both in `4..=8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FineSpec {
+    /// Step code bits.
+    pub e: u8,
+    /// Origin code bits.
+    pub z: u8,
+}
+
+impl Default for FineSpec {
+    fn default() -> Self {
+        FineSpec { e: 5, z: 5 }
+    }
+}
+
+impl FineSpec {
+    /// Metadata bits per (group, channel).
+    pub fn bits(self) -> usize {
+        (self.e + self.z) as usize
+    }
+
+    /// Step codes per octave.
+    fn per_octave(self) -> i32 {
+        (1i32 << self.e) / 8
+    }
+
+    /// Origin codes per step.
+    fn per_step(self) -> f32 {
+        ((1u32 << self.z) / 16) as f32
+    }
+
+    /// Step and origin of codes `(ec, zc)` against references `mu`, `sigma`.
+    #[inline(always)]
+    pub fn grid(self, ec: u32, zc: u32, mu: f32, sigma: f32) -> (f32, f32) {
+        let r = self.per_octave();
+        let k = ec as i32 - 5 * r;
+        let step = sigma * pow2(k.div_euclid(r)) * frac_pow2(k.rem_euclid(r), r);
+        let origin = mu + (zc as i32 - (1i32 << (self.z - 1))) as f32 * (step / self.per_step());
+        (step, origin)
+    }
+}
+
+/// `2^(i / r)` for `0 <= i < r`.
+#[inline(always)]
+fn frac_pow2(i: i32, r: i32) -> f32 {
+    (i as f32 / r as f32).exp2()
+}
+
+/// Bytes of one (group, head) record.
+pub fn group_bytes_f(d: usize, g: usize, bits: u8, spec: FineSpec) -> usize {
+    (d * spec.bits()).div_ceil(8) + d * g * bits as usize / 8
+}
+
+/// Write `n` bits of `v` at bit offset `at` of `buf` (little-end first).
+fn put_bits(buf: &mut [u8], at: usize, n: usize, v: u32) {
+    for i in 0..n {
+        let b = at + i;
+        if v >> i & 1 == 1 {
+            buf[b / 8] |= 1 << (b % 8);
+        } else {
+            buf[b / 8] &= !(1 << (b % 8));
+        }
+    }
+}
+
+/// Read `n` bits at bit offset `at` of `buf`.
+#[inline(always)]
+fn get_bits(buf: &[u8], at: usize, n: usize) -> u32 {
+    // Three bytes hold any field of at most 16 bits starting at `at % 8 < 8`.
+    let (i, sh) = (at / 8, at % 8);
+    let mut w = 0u32;
+    for (k, &b) in buf[i..].iter().take((sh + n).div_ceil(8)).enumerate() {
+        w |= (b as u32) << (8 * k);
+    }
+    (w >> sh) & ((1u32 << n) - 1)
+}
+
+/// Metadata codes of one channel's values `col` (`[lo, hi]` its range): the smallest step
+/// whose grid, with the highest origin at or below `lo`, still reaches `hi` (nothing
+/// clipped); the largest step with the origin clamped when no code covers the range.
+fn choose(spec: FineSpec, lo: f32, hi: f32, levels: f32, mu: f32, sigma: f32) -> (u32, u32) {
+    let (emax, zmax) = ((1u32 << spec.e) - 1, (1u32 << spec.z) - 1);
+    let half = 1i64 << (spec.z - 1);
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0, half as u32);
+    }
+    let r = spec.per_octave() as f32;
+    let need = ((hi - lo) / levels).max(f32::MIN_POSITIVE);
+    // First step code at or above the needed step (one below, against rounding).
+    let e0 = ((need / sigma).log2() * r + 5.0 * r).floor() as i64 - 1;
+    let zcode = |step: f32| -> i64 {
+        (((lo - mu) / step * spec.per_step()).floor() as i64 + half).clamp(0, zmax as i64)
+    };
+    for ec in e0.clamp(0, emax as i64) as u32..=emax {
+        let (step, _) = spec.grid(ec, 0, mu, sigma);
+        let zc = zcode(step) as u32;
+        let (_, origin) = spec.grid(ec, zc, mu, sigma);
+        if origin <= lo && origin + levels * step >= hi {
+            return (ec, zc);
+        }
+    }
+    let (step, _) = spec.grid(emax, 0, mu, sigma);
+    (emax, zcode(step) as u32)
+}
+
+/// Encode `g` key vectors of one head (`rows`: `[g][d]`) into a fine record (see the module
+/// docs) against `refs` (`mu` of channel `c` at `refs[c]`, `sigma` at `refs[d + c]`).
+pub fn encode_group_f(
+    rows: &[f32],
+    d: usize,
+    bits: u8,
+    refs: &[f32],
+    spec: FineSpec,
+    out: &mut [u8],
+) {
+    let g = rows.len() / d;
+    let levels = ((1u32 << bits) - 1) as f32;
+    let mb = (d * spec.bits()).div_ceil(8);
+    let cb = g * bits as usize / 8;
+    let (meta, codes) = out.split_at_mut(mb);
+    let mut col = vec![0f32; g];
+    for (c, o) in codes.chunks_exact_mut(cb).enumerate().take(d) {
+        for (t, v) in col.iter_mut().enumerate() {
+            *v = rows[t * d + c];
+        }
+        let lo = col.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        let hi = col.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let (mu, sigma) = (refs[c], refs[d + c]);
+        let (ec, zc) = choose(spec, lo, hi, levels, mu, sigma);
+        put_bits(meta, c * spec.bits(), spec.e as usize, ec);
+        put_bits(meta, c * spec.bits() + spec.e as usize, spec.z as usize, zc);
+        let (step, origin) = spec.grid(ec, zc, mu, sigma);
+        pack_codes(&col, step, origin, bits, levels, o);
+    }
+}
+
+/// Step and origin of channel `c` of a fine record's metadata.
+#[inline(always)]
+fn channel_grid(meta: &[u8], c: usize, d: usize, refs: &[f32], spec: FineSpec) -> (f32, f32) {
+    let at = c * spec.bits();
+    let ec = get_bits(meta, at, spec.e as usize);
+    let zc = get_bits(meta, at + spec.e as usize, spec.z as usize);
+    spec.grid(ec, zc, refs[c], refs[d + c])
+}
+
+/// Decode one fine record into `out` (`[g][d]`, token-major). `col` is scratch of `g` floats.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_group_f(
+    rec: &[u8],
+    d: usize,
+    g: usize,
+    bits: u8,
+    refs: &[f32],
+    spec: FineSpec,
+    out: &mut [f32],
+    col: &mut [f32],
+) {
+    let mb = (d * spec.bits()).div_ceil(8);
+    let cb = g * bits as usize / 8;
+    let (meta, codes) = rec.split_at(mb);
+    for (c, r) in codes.chunks_exact(cb).enumerate().take(d) {
+        let (step, origin) = channel_grid(meta, c, d, refs, spec);
+        unpack_codes(r, bits, step, origin, &mut col[..g]);
+        for (t, v) in col[..g].iter().enumerate() {
+            out[t * d + c] = *v;
+        }
+    }
+}
+
+/// Decode one fine record channel-major into `kt[c * ld + off..][..g]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_group_cm_f(
+    rec: &[u8],
+    d: usize,
+    g: usize,
+    bits: u8,
+    refs: &[f32],
+    spec: FineSpec,
+    kt: &mut [f32],
+    ld: usize,
+    off: usize,
+) {
+    let mb = (d * spec.bits()).div_ceil(8);
+    let cb = g * bits as usize / 8;
+    let (meta, codes) = rec.split_at(mb);
+    for (c, r) in codes.chunks_exact(cb).enumerate().take(d) {
+        let (step, origin) = channel_grid(meta, c, d, refs, spec);
+        unpack_codes(r, bits, step, origin, &mut kt[c * ld + off..][..g]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_fields_round_trip() {
+        let mut buf = vec![0xA5u8; 9];
+        let fields: Vec<(usize, u32)> = (0..7).map(|i| (i * 10, (i as u32 * 137) & 1023)).collect();
+        for &(at, v) in &fields {
+            put_bits(&mut buf, at, 10, v);
+        }
+        for &(at, v) in &fields {
+            assert_eq!(get_bits(&buf, at, 10), v, "field at {at}");
+        }
+    }
+
+    /// Every channel's grid covers its values (nothing clipped: each value within half a step
+    /// of its decoded value) and its step is within one step code (plus the origin's
+    /// resolution) of the channel's own min/max step, for channels near and far from the
+    /// references.
+    #[test]
+    fn covering_grid_is_tight() {
+        let (d, g, bits) = (8usize, 32usize, 2u8);
+        let levels = 3.0f32;
+        let row = |t: usize, shift: f32| -> Vec<f32> {
+            let x = t as f32;
+            (0..d)
+                .map(|c| {
+                    let amp = 0.05 * (c as f32 + 1.0).powi(2);
+                    amp * (x * (0.3 + 0.1 * c as f32)).sin() + shift * c as f32 - 1.0
+                })
+                .collect()
+        };
+        let calib: Vec<f32> = (0..g).flat_map(|t| row(t, 0.0)).collect();
+        let mut refs = vec![0f32; 2 * d];
+        super::super::calibrate_c(&calib, d, bits, &mut refs);
+        for spec in [
+            FineSpec { e: 5, z: 5 },
+            FineSpec { e: 6, z: 6 },
+            FineSpec { e: 4, z: 4 },
+        ] {
+            for shift in [0.0f32, 0.02, -0.05] {
+                let rows: Vec<f32> = (0..g).flat_map(|t| row(t, shift)).collect();
+                let mut rec = vec![0u8; group_bytes_f(d, g, bits, spec)];
+                encode_group_f(&rows, d, bits, &refs, spec, &mut rec);
+                let mut out = vec![0f32; g * d];
+                decode_group_f(&rec, d, g, bits, &refs, spec, &mut out, &mut vec![0f32; g]);
+                let mb = (d * spec.bits()).div_ceil(8);
+                for c in 0..d {
+                    let (step, _) = channel_grid(&rec[..mb], c, d, &refs, spec);
+                    let col: Vec<f32> = (0..g).map(|t| rows[t * d + c]).collect();
+                    let lo = col.iter().cloned().fold(f32::INFINITY, f32::min);
+                    let hi = col.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let own = (hi - lo) / levels;
+                    let slack = 2f32.powf(1.0 / spec.per_octave() as f32)
+                        / (1.0 - 1.0 / (levels * spec.per_step()));
+                    assert!(
+                        step <= own * slack * 1.0001,
+                        "{spec:?} shift {shift} c{c}: step {step} vs own {own}"
+                    );
+                    for t in 0..g {
+                        let err = (rows[t * d + c] - out[t * d + c]).abs();
+                        assert!(err <= 0.5 * step * 1.0001, "c{c} t{t}: {err} > {step}/2");
+                    }
+                }
+            }
+        }
+    }
+}
