@@ -147,6 +147,8 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
                 true,
             ))
         }
+        // Keys with fine metadata; values symmetric per 32 with one step byte (the pair
+        // measured best at 7x, docs/kv-cache.md).
         "kivi2f" | "kivi4f" => {
             let bits = if s == "kivi2f" { 2 } else { 4 };
             Ok((
@@ -154,9 +156,32 @@ fn parse_codec(policy: &str, s: &str, d: usize) -> Result<(Side, Side, bool)> {
                     bits,
                     meta: KeyMeta::Fine(FineSpec::default()),
                 },
-                Side::Token(TokenCodec::IntC { bits }),
+                Side::Token(TokenCodec::IntS {
+                    bits,
+                    group: 32.min(d),
+                }),
                 true,
             ))
+        }
+        _ if s.starts_with("int") && s[3..].contains('s') => {
+            let (b, g) = s[3..].split_once('s').unwrap_or(("", ""));
+            let bits: u8 = b.parse().ok().filter(|b| [2u8, 4].contains(b)).ok_or_else(|| {
+                bad(policy, format!("`{s}`: expected intBs or intBsgG with B 2 or 4, e.g. int2sg32"))
+            })?;
+            let group = match g.strip_prefix('g') {
+                Some(g) => g
+                    .parse::<usize>()
+                    .map_err(|_| bad(policy, format!("`{s}`: group `{g}` is not a number")))?,
+                None if g.is_empty() => d,
+                None => return Err(bad(policy, format!("`{s}`: expected intBs or intBsgG"))),
+            };
+            if group == 0 || d % group != 0 || group * bits as usize % 8 != 0 {
+                return Err(bad(
+                    policy,
+                    format!("`{s}`: group {group} must divide head_dim {d} in whole bytes"),
+                ));
+            }
+            tok(TokenCodec::IntS { bits, group })
         }
         _ if s.starts_with("int") => {
             let rest = &s[3..];
@@ -518,6 +543,10 @@ impl Policy {
                 Side::Token(TokenCodec::IntC { bits }) => {
                     Side::Token(TokenCodec::IntC { bits: up(bits) })
                 }
+                Side::Token(TokenCodec::IntS { bits, group }) => Side::Token(TokenCodec::IntS {
+                    bits: up(bits),
+                    group,
+                }),
                 other => other,
             };
             p.k = side(self.k);
@@ -603,6 +632,36 @@ mod tests {
             (p.residual, p.group, p.sink, p.flush_tokens()),
             (64, 16, 4, 16)
         );
+        // Fine-metadata keys, symmetric values, the value mean.
+        let p = Policy::parse("k=kivi2f,v=int2sg32,kmeta=6.5", S, None).unwrap();
+        assert_eq!(
+            (p.k, p.v, p.residual),
+            (
+                Side::KiviChannel {
+                    bits: 2,
+                    meta: KeyMeta::Fine(FineSpec { e: 6, z: 5 })
+                },
+                Side::Token(TokenCodec::IntS { bits: 2, group: 32 }),
+                128
+            )
+        );
+        let p = Policy::parse("kivi2f", S, None).unwrap();
+        assert_eq!(
+            (p.k, p.v),
+            (
+                Side::KiviChannel {
+                    bits: 2,
+                    meta: KeyMeta::Fine(FineSpec { e: 5, z: 5 })
+                },
+                Side::Token(TokenCodec::IntS { bits: 2, group: 32 })
+            )
+        );
+        // 7x: per token and head K 64 · (8 + 10/8) / 32 = 18.5 bytes, V 16 + 2 = 18.
+        let b = p.bytes_per_token(S);
+        assert_eq!(b, 90.0 * 36.5);
+        assert!(23040.0 / b > 7.0);
+        let p = Policy::parse("k=fp8,v=int4s", S, None).unwrap();
+        assert_eq!(p.v, Side::Token(TokenCodec::IntS { bits: 4, group: 64 }));
     }
 
     #[test]
@@ -613,6 +672,12 @@ mod tests {
         };
         assert!(err("nonsense", None).contains("unknown codec `nonsense`"));
         assert!(err("int4g48", None).contains("does not divide head_dim 64"));
+        assert!(err("int2sg48", None).contains("must divide head_dim 64"));
+        assert!(err("int8s", None).contains("expected intBs or intBsgG"));
+        assert!(err("int2sx", None).contains("expected intBs or intBsgG"));
+        assert!(err("kivi2f,kmeta=9.5", None).contains("`kmeta=9.5`: expected E.Z"));
+        assert!(err("kivi2f,kmeta=5", None).contains("`kmeta=5`"));
+        assert!(err("kivi2,kmeta=5.5", None).contains("kivi2f/kivi4f keys only"));
         assert!(err("int3", None).contains("2, 4 or 8 bits"));
         assert!(err("k=fp8", None).contains("both K and V"));
         assert!(err("fp8,sink=x", None).contains("not a non-negative integer"));

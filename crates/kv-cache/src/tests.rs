@@ -80,15 +80,15 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                 tok(c, &k[o..o + d], &mut k2[o..o + d], &mut tmp, p.kfit_mse);
             }
             if let Side::Token(c) = p.v {
+                // `rot=v`: values are stored rotated and the output rotated back, i.e. each
+                // body value is read as H·dequant(quant(H·v)).
+                let mut x = v[o..o + d].to_vec();
                 if p.rotate_v {
-                    // `rot=v`: values are stored rotated and the output rotated back, i.e.
-                    // each body value is read as H·dequant(quant(H·v)).
-                    let mut x = v[o..o + d].to_vec();
                     crate::quant::hadamard(&mut x);
-                    tok(c, &x, &mut v2[o..o + d], &mut tmp, p.vfit_mse);
+                }
+                tok(c, &x, &mut v2[o..o + d], &mut tmp, p.vfit_mse);
+                if p.rotate_v {
                     crate::quant::hadamard(&mut v2[o..o + d]);
-                } else {
-                    tok(c, &v[o..o + d], &mut v2[o..o + d], &mut tmp, p.vfit_mse);
                 }
             }
         }
@@ -193,6 +193,12 @@ const POLICIES: &[&str] = &[
     "k=int2g4,v=int4g4,kfit=mse",
     "kivi2c,kfit=cover,rot=v,r=8,g=8,sink=1",
     "kivi2c,kfit=mse,r=8,g=8,sink=1",
+    // Fine key metadata, symmetric values.
+    "kivi2f,rope=pre,rot=hv,r=8,g=8,sink=1",
+    "k=kivi2f,v=int2sg4,rot=v,r=8,g=8,sink=2",
+    "k=fp8,v=int2s,sink=1",
+    "kivi4f,kmeta=7.7,kfit=cover,r=5,g=4,sink=3",
+    "k=int2sg16,v=int4sg4",
 ];
 
 /// f64 causal GQA attention: query `i` sits at position `len - n_q + i` and reads token `t`'s
@@ -675,6 +681,16 @@ fn byte_accounting_is_exact() {
             nh * 2 * d * 4,
         ),
         ("kivi2c", 0, 27 * nh * 64 * 9, 864 * nh * 18, 136, nh * 512),
+        // Fine KIVI-2: K 80 metadata bytes (64 x 10 bits) + 512 code bytes per (group, head), V
+        // 16 code bytes + 2 step bytes per (token, head); the same references as kivi2c.
+        (
+            "kivi2f,rope=pre,sink=4",
+            4,
+            27 * nh * (80 + 512),
+            864 * nh * (16 + 2),
+            132,
+            nh * 2 * d * 4,
+        ),
     ] {
         let mut c = build_r(pol, shape);
         for l in 0..2 {
@@ -810,6 +826,8 @@ fn pre_rope_keys_undo_and_redo_the_rotation() {
     let pre = err("k=kivi2,v=f32,rope=pre");
     let post = err("k=kivi2,v=f32");
     let pre_c = err("k=kivi2c,v=f32,rope=pre");
+    let pre_f = err("k=kivi2f,v=f32,rope=pre");
+    assert!(pre_f < 0.04, "pre-RoPE fine 2-bit keys: {pre_f}");
     assert!(pre < 0.04, "pre-RoPE 2-bit keys: {pre}");
     assert!(pre_c < 0.04, "pre-RoPE compact 2-bit keys: {pre_c}");
     // Hadamard-rotated pre-RoPE keys: still (nearly) constant channels, noise spread evenly.

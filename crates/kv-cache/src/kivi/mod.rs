@@ -77,7 +77,7 @@ pub fn encode(
     match meta {
         KeyMeta::F16 => encode_group(rows, d, bits, fit.mse, out),
         KeyMeta::Byte => encode_group_c(rows, d, bits, refs, fit.search, out),
-        KeyMeta::Fine(s) => encode_group_f(rows, d, bits, refs, s, out),
+        KeyMeta::Fine(s) => encode_group_f(rows, d, bits, refs, s, fit.search, out),
     }
 }
 
