@@ -64,10 +64,20 @@ impl FineSpec {
     }
 }
 
-/// `2^(i / r)` for `0 <= i < r`.
+/// `2^(k/32)` for `k` in `0..32` (f32).
+#[allow(clippy::excessive_precision)]
+const POW2_32NDS: [f32; 32] = [
+    1.0, 1.0218972, 1.04427373, 1.06714046, 1.09050775, 1.1143868, 1.13878858, 1.1637249,
+    1.18920708, 1.21524739, 1.24185777, 1.26905096, 1.29683959, 1.32523668, 1.35425556, 1.38390994,
+    1.41421354, 1.44518077, 1.47682619, 1.50916445, 1.54221082, 1.5759809, 1.61049032, 1.64575553,
+    1.68179286, 1.71861935, 1.75625217, 1.79470909, 1.8340081, 1.87416768, 1.91520655, 1.95714414,
+];
+
+/// `2^(i / r)` for `0 <= i < r`, `r` a power of two up to 32 (a table lookup: the decoder runs
+/// this for every channel of every key group at every step).
 #[inline(always)]
 fn frac_pow2(i: i32, r: i32) -> f32 {
-    (i as f32 / r as f32).exp2()
+    POW2_32NDS[(i * (32 / r)) as usize]
 }
 
 /// Bytes of one (group, head) record.
@@ -303,6 +313,15 @@ pub fn decode_group_cm_f(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pow2_table_matches_exp2() {
+        for (k, &v) in POW2_32NDS.iter().enumerate() {
+            let want = (k as f64 / 32.0).exp2();
+            assert!((v as f64 - want).abs() <= want * 2f64.powi(-24), "k {k}");
+        }
+        assert_eq!(frac_pow2(3, 4), POW2_32NDS[24]);
+    }
 
     #[test]
     fn bit_fields_round_trip() {
