@@ -51,9 +51,9 @@ pub(crate) enum Store<'a> {
         qv: &'a [u8],
         /// Compact KIVI keys: per KV head, `2 * d` channel references.
         kref: &'a [f32],
-        /// `rope=pre`: RoPE tables of the body groups ([`kivi::rope_block`], `d * g` floats
-        /// per group); decoded key groups are rotated with them.
-        rope: Option<&'a [f32]>,
+        /// `rope=pre`: RoPE tables of the body groups; decoded key groups are rotated with
+        /// them ([`kivi::rope::rope_group_cm`]).
+        rope: Option<&'a kivi::rope::RopeTables>,
     },
 }
 
@@ -581,17 +581,15 @@ fn task<const FMA: bool>(
                                     gi * p.group,
                                 );
                                 if let Some(tab) = rope {
-                                    if p.rotate {
-                                        kivi::hadamard_cm(&mut kt, d, p.group, ld, gi * p.group);
-                                    }
-                                    let gt = d * p.group;
-                                    kivi::rope_cm(
+                                    kivi::rope::rope_group_cm::<FMA>(
                                         &mut kt,
                                         d,
                                         p.group,
                                         ld,
                                         gi * p.group,
-                                        &tab[grp * gt..][..gt],
+                                        tab.group(grp),
+                                        p.rotate,
+                                        simd,
                                     );
                                 }
                             }

@@ -71,6 +71,9 @@ pub struct QuantCache {
     /// each; positions `sink + i * g ..`), shared by all layers, grown as the body grows. A
     /// position table, not stored tokens: not part of [`KvCache::bytes`].
     rope_tab: Vec<f32>,
+    /// `rope=pre`: the same rotations in the compact form the attention kernel reads (per
+    /// group `head_dim` floats, see [`kivi::rope::RopeTables`]).
+    rope_cm: kivi::rope::RopeTables,
 }
 
 /// Bytes of the K records of `n` body tokens of one head group layout; K uses
@@ -101,6 +104,7 @@ impl QuantCache {
             force_scalar: false,
             inv_freq: None,
             rope_tab: Vec::new(),
+            rope_cm: kivi::rope::RopeTables::default(),
         }
     }
 
@@ -135,6 +139,9 @@ impl QuantCache {
             let base = self.rope_tab.len();
             self.rope_tab.resize(base + d * g, 0.0);
             kivi::rope_block(f, g, self.policy.sink + grp * g, &mut self.rope_tab[base..]);
+        }
+        for grp in self.rope_cm.groups()..n_groups {
+            self.rope_cm.push_group(f, self.policy.sink + grp * g);
         }
     }
 
@@ -351,7 +358,7 @@ impl KvCache for QuantCache {
                         qv: &l.qv,
                         kref: &l.kref,
                         rope: if self.policy.pre_rope {
-                            Some(&self.rope_tab)
+                            Some(&self.rope_cm)
                         } else {
                             None
                         },
@@ -435,6 +442,7 @@ impl KvCache for QuantCache {
             }
             self.inv_freq = Some(inv_freq.to_vec());
             self.rope_tab.clear();
+            self.rope_cm = kivi::rope::RopeTables::new(inv_freq, self.policy.group);
         }
         Ok(())
     }
