@@ -1,6 +1,7 @@
 //! RoPE and Hadamard helpers of pre-RoPE KIVI keys (`rope=pre`): the per-group position
 //! tables, undoing RoPE before quantization, and re-applying it (and un-rotating) to decoded
-//! channel-major groups in the attention kernel.
+//! channel-major groups in the attention kernel (`rope_group_cm`: one fused pass per group,
+//! AVX2 columns, [`RopeTables`] of `d` floats per group).
 
 /// RoPE table of one body group of `g` tokens at absolute positions `pos0..pos0 + g`, for
 /// the "rotate half" layout (channel `i < d/2` paired with `i + d/2`, rotated by
@@ -33,7 +34,7 @@ pub fn unrope_rows(rows: &mut [f32], d: usize, g: usize, tab: &[f32]) {
 
 /// Normalized Walsh-Hadamard transform (its own inverse) of one decoded group stored
 /// channel-major (`kt[c * ld + off..][..g]`): the butterflies run across channels on whole
-/// token rows.
+/// token rows. The straightforward reference of `rope_group_cm` (with [`rope_cm`]).
 #[inline(always)]
 pub fn hadamard_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize) {
     let mut h = 1;
@@ -60,7 +61,8 @@ pub fn hadamard_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize) {
 
 /// Apply RoPE to one decoded group stored channel-major (`kt[c * ld + off..][..g]`, as
 /// [`decode_group_cm`] writes it) with a [`rope_block`] table: `(a, b) -> (a cos - b sin,
-/// b cos + a sin)`.
+/// b cos + a sin)`. The straightforward reference of `rope_group_cm` (with
+/// [`hadamard_cm`]).
 #[inline(always)]
 pub fn rope_cm(kt: &mut [f32], d: usize, g: usize, ld: usize, off: usize, tab: &[f32]) {
     let half = d / 2;
