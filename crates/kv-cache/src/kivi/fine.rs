@@ -49,17 +49,21 @@ impl FineSpec {
     }
 
     /// Origin codes per step.
+    #[cfg_attr(not(test), allow(dead_code))]
     fn per_step(self) -> f32 {
         ((1u32 << self.z) / 16) as f32
     }
 
-    /// Step and origin of codes `(ec, zc)` against references `mu`, `sigma`.
+    /// Step and origin of codes `(ec, zc)` against references `mu`, `sigma`: step `sigma ·
+    /// 2^((ec - 5r) / r)` (`r` = [`Self::per_octave`], a power of two, so the octave is a shift
+    /// and the fraction a table entry), origin `mu + (zc - 2^(z-1)) · step / 2^(z-4)`.
     #[inline(always)]
     pub fn grid(self, ec: u32, zc: u32, mu: f32, sigma: f32) -> (f32, f32) {
-        let r = self.per_octave();
-        let k = ec as i32 - 5 * r;
-        let step = sigma * pow2(k.div_euclid(r)) * frac_pow2(k.rem_euclid(r), r);
-        let origin = mu + (zc as i32 - (1i32 << (self.z - 1))) as f32 * (step / self.per_step());
+        let lr = self.e as i32 - 3; // log2 of the codes per octave
+        let k = ec as i32 - (5 << lr);
+        let step = sigma * pow2(k >> lr) * POW2_32NDS[((k & ((1 << lr) - 1)) << (5 - lr)) as usize];
+        let origin =
+            mu + (zc as i32 - (1i32 << (self.z - 1))) as f32 * (step * pow2(4 - self.z as i32));
         (step, origin)
     }
 }
@@ -73,9 +77,8 @@ const POW2_32NDS: [f32; 32] = [
     1.68179286, 1.71861935, 1.75625217, 1.79470909, 1.8340081, 1.87416768, 1.91520655, 1.95714414,
 ];
 
-/// `2^(i / r)` for `0 <= i < r`, `r` a power of two up to 32 (a table lookup: the decoder runs
-/// this for every channel of every key group at every step).
-#[inline(always)]
+/// `2^(i / r)` for `0 <= i < r`, `r` a power of two up to 32.
+#[cfg(test)]
 fn frac_pow2(i: i32, r: i32) -> f32 {
     POW2_32NDS[(i * (32 / r)) as usize]
 }
@@ -97,11 +100,15 @@ fn put_bits(buf: &mut [u8], at: usize, n: usize, v: u32) {
     }
 }
 
-/// Read `n` bits at bit offset `at` of `buf`.
+/// Read `n <= 24` bits at bit offset `at` of `buf` (one unaligned 4-byte load when the buffer
+/// extends that far, as it does inside a record: the codes follow the metadata).
 #[inline(always)]
 fn get_bits(buf: &[u8], at: usize, n: usize) -> u32 {
-    // Three bytes hold any field of at most 16 bits starting at `at % 8 < 8`.
     let (i, sh) = (at / 8, at % 8);
+    if let Some(b) = buf.get(i..i + 4) {
+        let w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        return (w >> sh) & ((1u32 << n) - 1);
+    }
     let mut w = 0u32;
     for (k, &b) in buf[i..].iter().take((sh + n).div_ceil(8)).enumerate() {
         w |= (b as u32) << (8 * k);
@@ -256,10 +263,10 @@ pub fn encode_group_f(
 
 /// Step and origin of channel `c` of a fine record's metadata.
 #[inline(always)]
-fn channel_grid(meta: &[u8], c: usize, d: usize, refs: &[f32], spec: FineSpec) -> (f32, f32) {
-    let at = c * spec.bits();
-    let ec = get_bits(meta, at, spec.e as usize);
-    let zc = get_bits(meta, at + spec.e as usize, spec.z as usize);
+fn channel_grid(rec: &[u8], c: usize, d: usize, refs: &[f32], spec: FineSpec) -> (f32, f32) {
+    let w = get_bits(rec, c * spec.bits(), spec.bits());
+    let ec = w & ((1u32 << spec.e) - 1);
+    let zc = w >> spec.e;
     spec.grid(ec, zc, refs[c], refs[d + c])
 }
 
@@ -277,9 +284,9 @@ pub fn decode_group_f(
 ) {
     let mb = (d * spec.bits()).div_ceil(8);
     let cb = g * bits as usize / 8;
-    let (meta, codes) = rec.split_at(mb);
+    let codes = &rec[mb..];
     for (c, r) in codes.chunks_exact(cb).enumerate().take(d) {
-        let (step, origin) = channel_grid(meta, c, d, refs, spec);
+        let (step, origin) = channel_grid(rec, c, d, refs, spec);
         unpack_codes(r, bits, step, origin, &mut col[..g]);
         for (t, v) in col[..g].iter().enumerate() {
             out[t * d + c] = *v;
@@ -303,9 +310,9 @@ pub fn decode_group_cm_f(
 ) {
     let mb = (d * spec.bits()).div_ceil(8);
     let cb = g * bits as usize / 8;
-    let (meta, codes) = rec.split_at(mb);
+    let codes = &rec[mb..];
     for (c, r) in codes.chunks_exact(cb).enumerate().take(d) {
-        let (step, origin) = channel_grid(meta, c, d, refs, spec);
+        let (step, origin) = channel_grid(rec, c, d, refs, spec);
         unpack_codes(r, bits, step, origin, &mut kt[c * ld + off..][..g]);
     }
 }
@@ -366,9 +373,8 @@ mod tests {
                 encode_group_f(&rows, d, bits, &refs, spec, CompactSearch::Cover, &mut rec);
                 let mut out = vec![0f32; g * d];
                 decode_group_f(&rec, d, g, bits, &refs, spec, &mut out, &mut vec![0f32; g]);
-                let mb = (d * spec.bits()).div_ceil(8);
                 for c in 0..d {
-                    let (step, _) = channel_grid(&rec[..mb], c, d, &refs, spec);
+                    let (step, _) = channel_grid(&rec, c, d, &refs, spec);
                     let col: Vec<f32> = (0..g).map(|t| rows[t * d + c]).collect();
                     let lo = col.iter().cloned().fold(f32::INFINITY, f32::min);
                     let hi = col.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
