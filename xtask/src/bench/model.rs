@@ -50,6 +50,12 @@ pub struct Args {
     /// from an empty cache as llama-bench's tg does.
     #[arg(long)]
     pub decode_after_prompt: bool,
+    /// With --decode-after-prompt: also prefill a second cache with this policy (e.g. `f32`)
+    /// and alternate decode steps between the two caches in the same process (the first cache
+    /// first on even steps, the baseline first on odd ones), so that load changes on a shared
+    /// machine hit both alike; reports both rates and their ratio.
+    #[arg(long, requires = "decode_after_prompt")]
+    pub baseline_kv: Option<String>,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -156,10 +162,10 @@ pub fn run(args: Args) -> Result<()> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
             .build()?;
-        let (mut pp, mut tg) = (Vec::new(), Vec::new());
+        let (mut pp, mut tg, mut tgb) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             pb.set_message(format!("{t} thread(s)"));
-            let (p, g) = pool.install(|| -> Result<(f64, f64)> {
+            let (p, g, gb) = pool.install(|| -> Result<(f64, f64, f64)> {
                 let mut cache = model.new_cache(&args.kv)?;
                 let t0 = Instant::now();
                 let last = model.forward(&tokens, cache.as_mut(), Logits::Last)?;
@@ -170,18 +176,46 @@ pub fn run(args: Args) -> Result<()> {
                 } else {
                     cache = model.new_cache(&args.kv)?;
                 }
+                if let Some(base) = &args.baseline_kv {
+                    // Interleaved: each cache continues its own greedy sequence.
+                    let mut cb = model.new_cache(base)?;
+                    let mut tb = argmax(&model.forward(&tokens, cb.as_mut(), Logits::Last)?) as u32;
+                    let (mut sm, mut sb) = (0f64, 0f64);
+                    for i in 0..args.gen {
+                        for first in [i % 2 == 0, i % 2 == 1] {
+                            let t0 = Instant::now();
+                            if first {
+                                tok =
+                                    argmax(&model.forward(&[tok], cache.as_mut(), Logits::Last)?)
+                                        as u32;
+                                sm += t0.elapsed().as_secs_f64();
+                            } else {
+                                tb = argmax(&model.forward(&[tb], cb.as_mut(), Logits::Last)?)
+                                    as u32;
+                                sb += t0.elapsed().as_secs_f64();
+                            }
+                        }
+                    }
+                    return Ok((pp, args.gen as f64 / sm, args.gen as f64 / sb));
+                }
                 let t0 = Instant::now();
                 for _ in 0..args.gen {
                     let l = model.forward(&[tok], cache.as_mut(), Logits::Last)?;
                     tok = argmax(&l) as u32;
                 }
-                Ok((pp, args.gen as f64 / t0.elapsed().as_secs_f64()))
+                Ok((pp, args.gen as f64 / t0.elapsed().as_secs_f64(), f64::NAN))
             })?;
             pp.push(p);
             tg.push(g);
+            tgb.push(gb);
             pb.inc(1);
         }
         let (pp, tg) = (median(pp), median(tg));
+        let tgb = if args.baseline_kv.is_some() {
+            Some(median(tgb))
+        } else {
+            None
+        };
         // Read bandwidth at this thread count over a buffer larger than the weights (DRAM).
         let read_gbs = pool.install(|| {
             let mut best = 0f64;
@@ -218,7 +252,9 @@ pub fn run(args: Args) -> Result<()> {
                            "prefill_gflops": pp_gflops, "gemm_gflops": gemm_gflops,
                            "prefill_vs_gemm": pp_gflops / gemm_gflops,
                            "head": args.head, "act8": args.act8, "kv": args.kv, "reps": reps,
-                           "decode_after_prompt": args.decode_after_prompt})
+                           "decode_after_prompt": args.decode_after_prompt,
+                           "baseline_kv": args.baseline_kv, "baseline_decode_tok_s": tgb,
+                           "decode_vs_baseline": tgb.map(|b| tg / b)})
                 );
             } else {
                 println!(
@@ -227,6 +263,12 @@ pub fn run(args: Args) -> Result<()> {
                     weight_bytes / 1e6,
                     dec_gbs / read_gbs
                 );
+                if let (Some(b), Some(base)) = (tgb, &args.baseline_kv) {
+                    println!(
+                        "decode interleaved with KV `{base}`: {tg:.2} vs {b:.2} tok/s ({:.2}x)",
+                        tg / b
+                    );
+                }
             }
         });
     }
