@@ -7,7 +7,7 @@
 //! Choosing the codes (measured on SmolLM2-135M at 4096 context, docs/benchmarks.md): the
 //! smallest *covering* grid (`kfit=cover`) inflates the step by ~19% on average at 5 + 5 bits,
 //! and 2-bit keys are very sensitive to that (+10.9% PPL vs +5.1% for f16 min/max metadata).
-//! The default instead searches the 5 x 5 codes around the ones nearest to the channel's own
+//! The default instead searches the 3 x 3 codes around the ones nearest to the channel's own
 //! min/max grid for the least squared error over the group plus the squared errors of the
 //! group's minimum and maximum weighted by `g` (an extreme token's key is often the one
 //! attention looks for, and min/max grids keep it exact); `kfit=mse` drops the extreme term.
@@ -187,7 +187,7 @@ fn objective(
 
 /// Step codes tried on each side of the nearest one (and origin codes around each step's
 /// nearest origin).
-const RADIUS: i64 = 2;
+const RADIUS: i64 = 1;
 
 /// The least [`objective`] among the codes within [`RADIUS`] of [`nearest`] (per step code, the
 /// origins around that step's nearest origin).
@@ -395,7 +395,7 @@ mod tests {
     }
 
     /// The default search against a brute force over every code pair: its pick is the best
-    /// of the 5 x 5 neighbourhood of the nearest codes, never worse than the nearest codes
+    /// of the 3 x 3 neighbourhood of the nearest codes, never worse than the nearest codes
     /// themselves, and on these smooth channels the best of all 1024 code pairs.
     #[test]
     fn search_is_best_of_its_neighbourhood() {
