@@ -91,7 +91,7 @@ pub fn encode_group_c(
             let inv = 1.0 / step;
             col.iter()
                 .map(|&x| {
-                    let q = ((x - origin) * inv).round().clamp(0.0, levels);
+                    let q = crate::codec::round_half_away((x - origin) * inv).clamp(0.0, levels);
                     let r = x - (origin + q * step);
                     r * r
                 })

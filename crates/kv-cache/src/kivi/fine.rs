@@ -7,7 +7,7 @@
 //! Choosing the codes (measured on SmolLM2-135M at 4096 context, docs/benchmarks.md): the
 //! smallest *covering* grid (`kfit=cover`) inflates the step by ~19% on average at 5 + 5 bits,
 //! and 2-bit keys are very sensitive to that (+10.9% PPL vs +5.1% for f16 min/max metadata).
-//! The default instead searches the 3 x 3 codes around the ones nearest to the channel's own
+//! The default instead searches the 5 x 5 codes around the ones nearest to the channel's own
 //! min/max grid for the least squared error over the group plus the squared errors of the
 //! group's minimum and maximum weighted by `g` (an extreme token's key is often the one
 //! attention looks for, and min/max grids keep it exact); `kfit=mse` drops the extreme term.
@@ -18,7 +18,7 @@
 //! `g · bits / 8` code bytes.
 
 use super::CompactSearch;
-use crate::codec::{pack_codes, pow2, unpack_codes};
+use crate::codec::{pack_codes, pow2, round_half_away, unpack_codes};
 
 /// Bit widths of the fine metadata: `e` step bits (`2^e / 8` codes per octave over 8
 /// octaves, `2^-5 .. 2^3` times the reference step) and `z` origin bits (`2^z / 16` codes per
@@ -174,7 +174,7 @@ fn objective(
 ) -> f32 {
     let inv = 1.0 / step;
     let q = |x: f32| {
-        let k = ((x - origin) * inv).round().clamp(0.0, levels);
+        let k = round_half_away((x - origin) * inv).clamp(0.0, levels);
         let e = x - (origin + k * step);
         e * e
     };
@@ -187,7 +187,7 @@ fn objective(
 
 /// Step codes tried on each side of the nearest one (and origin codes around each step's
 /// nearest origin).
-const RADIUS: i64 = 1;
+const RADIUS: i64 = 2;
 
 /// The least [`objective`] among the codes within [`RADIUS`] of [`nearest`] (per step code, the
 /// origins around that step's nearest origin).
@@ -395,7 +395,7 @@ mod tests {
     }
 
     /// The default search against a brute force over every code pair: its pick is the best
-    /// of the 3 x 3 neighbourhood of the nearest codes, never worse than the nearest codes
+    /// of the 5 x 5 neighbourhood of the nearest codes, never worse than the nearest codes
     /// themselves, and on these smooth channels the best of all 1024 code pairs.
     #[test]
     fn search_is_best_of_its_neighbourhood() {
