@@ -118,7 +118,7 @@ fn roundtrip(p: &Policy, shape: KvShape, k: &[f32], v: &[f32], len: usize) -> (V
                 }
                 let mut rec = vec![0u8; kivi::record_bytes(d, g, bits, meta)];
                 kivi::encode(meta, &rows, d, bits, rb, p.key_fit(), &mut rec);
-                kivi::decode(meta, &rec, d, g, bits, rb, &mut out, &mut vec![0f32; g]);
+                kivi::decode(meta, &rec, d, g, bits, rb, &mut out, &mut vec![0f32; g * d]);
                 if p.pre_rope {
                     for t in 0..g {
                         if p.rotate {

@@ -135,27 +135,6 @@ pub fn encode_group_c(
     }
 }
 
-/// Decode one compact record into `out` (`[g][d]`, token-major). `col` is scratch of `g` floats.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_group_c(
-    rec: &[u8],
-    d: usize,
-    g: usize,
-    bits: u8,
-    refs: &[f32],
-    out: &mut [f32],
-    col: &mut [f32],
-) {
-    let cb = 1 + g * bits as usize / 8;
-    for (c, r) in rec.chunks_exact(cb).enumerate().take(d) {
-        let (step, origin) = grid_c(r[0], refs[c], refs[d + c]);
-        unpack_codes(&r[1..], bits, step, origin, &mut col[..g]);
-        for (t, v) in col[..g].iter().enumerate() {
-            out[t * d + c] = *v;
-        }
-    }
-}
-
 /// Decode one compact record channel-major into `kt[c * ld + off..][..g]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -214,7 +193,17 @@ mod tests {
             let mut rec = vec![0u8; group_bytes_c(d, g, bits)];
             encode_group_c(&rows, d, bits, &refs, search, &mut rec);
             let mut out = vec![0f32; g * d];
-            decode_group_c(&rec, d, g, bits, &refs, &mut out, &mut vec![0f32; g]);
+            let mut cm = vec![0f32; d * g];
+            crate::kivi::decode(
+                crate::kivi::KeyMeta::Byte,
+                &rec,
+                d,
+                g,
+                bits,
+                &refs,
+                &mut out,
+                &mut cm,
+            );
             for c in 0..d {
                 let col: Vec<f64> = (0..g).map(|t| rows[t * d + c] as f64).collect();
                 let (mn, mx) = col

@@ -270,30 +270,6 @@ fn channel_grid(rec: &[u8], c: usize, d: usize, refs: &[f32], spec: FineSpec) ->
     spec.grid(ec, zc, refs[c], refs[d + c])
 }
 
-/// Decode one fine record into `out` (`[g][d]`, token-major). `col` is scratch of `g` floats.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_group_f(
-    rec: &[u8],
-    d: usize,
-    g: usize,
-    bits: u8,
-    refs: &[f32],
-    spec: FineSpec,
-    out: &mut [f32],
-    col: &mut [f32],
-) {
-    let mb = (d * spec.bits()).div_ceil(8);
-    let cb = g * bits as usize / 8;
-    let codes = &rec[mb..];
-    for (c, r) in codes.chunks_exact(cb).enumerate().take(d) {
-        let (step, origin) = channel_grid(rec, c, d, refs, spec);
-        unpack_codes(r, bits, step, origin, &mut col[..g]);
-        for (t, v) in col[..g].iter().enumerate() {
-            out[t * d + c] = *v;
-        }
-    }
-}
-
 /// Decode one fine record channel-major into `kt[c * ld + off..][..g]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -372,7 +348,9 @@ mod tests {
                 let mut rec = vec![0u8; group_bytes_f(d, g, bits, spec)];
                 encode_group_f(&rows, d, bits, &refs, spec, CompactSearch::Cover, &mut rec);
                 let mut out = vec![0f32; g * d];
-                decode_group_f(&rec, d, g, bits, &refs, spec, &mut out, &mut vec![0f32; g]);
+                let mut cm = vec![0f32; d * g];
+                let meta = crate::kivi::KeyMeta::Fine(spec);
+                crate::kivi::decode(meta, &rec, d, g, bits, &refs, &mut out, &mut cm);
                 for c in 0..d {
                     let (step, _) = channel_grid(&rec, c, d, &refs, spec);
                     let col: Vec<f32> = (0..g).map(|t| rows[t * d + c]).collect();

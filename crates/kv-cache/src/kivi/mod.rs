@@ -12,10 +12,9 @@ pub mod fine;
 pub mod rope;
 
 pub use byte::{
-    calibrate_c, decode_group_c, decode_group_cm_c, encode_group_c, grid_c, group_bytes_c,
-    CompactSearch,
+    calibrate_c, decode_group_cm_c, encode_group_c, grid_c, group_bytes_c, CompactSearch,
 };
-pub use fine::{decode_group_cm_f, decode_group_f, encode_group_f, group_bytes_f, FineSpec};
+pub use fine::{decode_group_cm_f, encode_group_f, group_bytes_f, FineSpec};
 pub use rope::{hadamard_cm, rope_block, rope_cm, unrope_rows};
 
 use crate::codec::{int_params, int_params_mse, pack_codes, unpack_codes};
@@ -81,8 +80,8 @@ pub fn encode(
     }
 }
 
-/// Decode one record of format `meta` into `out` (`[g][d]`, token-major); `col` is scratch of
-/// `g` floats.
+/// Decode one record of format `meta` into `out` (`[g][d]`, token-major) through
+/// [`decode_cm`]; `cm` is scratch of `d · g` floats.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     meta: KeyMeta,
@@ -92,12 +91,13 @@ pub fn decode(
     bits: u8,
     refs: &[f32],
     out: &mut [f32],
-    col: &mut [f32],
+    cm: &mut [f32],
 ) {
-    match meta {
-        KeyMeta::F16 => decode_group(rec, d, g, bits, out, col),
-        KeyMeta::Byte => decode_group_c(rec, d, g, bits, refs, out, col),
-        KeyMeta::Fine(s) => decode_group_f(rec, d, g, bits, refs, s, out, col),
+    decode_cm(meta, rec, d, g, bits, refs, cm, g, 0);
+    for (c, col) in cm.chunks_exact(g).take(d).enumerate() {
+        for (t, v) in col.iter().enumerate() {
+            out[t * d + c] = *v;
+        }
     }
 }
 
@@ -153,21 +153,6 @@ pub fn encode_group(rows: &[f32], d: usize, bits: u8, mse: bool, out: &mut [u8])
     }
 }
 
-/// Decode one (group, head) record into `out` (`[g][d]`, token-major). `col` is scratch of
-/// `g` floats.
-#[inline(always)]
-pub fn decode_group(rec: &[u8], d: usize, g: usize, bits: u8, out: &mut [f32], col: &mut [f32]) {
-    let cb = 4 + g * bits as usize / 8;
-    for (c, r) in rec.chunks_exact(cb).enumerate().take(d) {
-        let scale = f16::from_le_bytes([r[0], r[1]]).to_f32();
-        let min = f16::from_le_bytes([r[2], r[3]]).to_f32();
-        unpack_codes(&r[4..], bits, scale, min, &mut col[..g]);
-        for (t, v) in col[..g].iter().enumerate() {
-            out[t * d + c] = *v;
-        }
-    }
-}
-
 /// Decode one (group, head) record channel-major: channel `c`'s `g` tokens go to
 /// `kt[c * ld + off..][..g]` (the layout the attention kernel's KIVI score block reads).
 #[inline(always)]
@@ -203,8 +188,8 @@ mod tests {
             let mut rec = vec![0u8; group_bytes(d, g, bits)];
             encode_group(&rows, d, bits, false, &mut rec);
             let mut out = vec![0f32; g * d];
-            let mut col = vec![0f32; g];
-            decode_group(&rec, d, g, bits, &mut out, &mut col);
+            let mut col = vec![0f32; g * d];
+            decode(KeyMeta::F16, &rec, d, g, bits, &[], &mut out, &mut col);
             let levels = ((1u32 << bits) - 1) as f32;
             for c in 0..d {
                 let range = rows[(g - 1) * d + c] - rows[c];
