@@ -49,9 +49,20 @@ impl FineSpec {
     }
 
     /// Origin codes per step.
-    #[cfg_attr(not(test), allow(dead_code))]
     fn per_step(self) -> f32 {
         ((1u32 << self.z) / 16) as f32
+    }
+
+    /// The step code, before rounding, whose step is `step` against the reference `sigma`.
+    fn step_code(self, step: f32, sigma: f32) -> f32 {
+        let r = self.per_octave() as f32;
+        (step / sigma).log2() * r + 5.0 * r
+    }
+
+    /// The origin code, before rounding and re-centring (add `2^(z-1)`), whose origin is `lo`
+    /// for a grid of step `step` anchored at `mu`.
+    fn origin_code(self, lo: f32, mu: f32, step: f32) -> f32 {
+        (lo - mu) / step * self.per_step()
     }
 
     /// Step and origin of codes `(ec, zc)` against references `mu`, `sigma`: step `sigma ·
@@ -125,12 +136,11 @@ fn cover(spec: FineSpec, lo: f32, hi: f32, levels: f32, mu: f32, sigma: f32) -> 
     if !(lo.is_finite() && hi.is_finite()) {
         return (0, half as u32);
     }
-    let r = spec.per_octave() as f32;
     let need = ((hi - lo) / levels).max(f32::MIN_POSITIVE);
     // First step code at or above the needed step (one below, against rounding).
-    let e0 = ((need / sigma).log2() * r + 5.0 * r).floor() as i64 - 1;
+    let e0 = spec.step_code(need, sigma).floor() as i64 - 1;
     let zcode = |step: f32| -> i64 {
-        (((lo - mu) / step * spec.per_step()).floor() as i64 + half).clamp(0, zmax as i64)
+        (spec.origin_code(lo, mu, step).floor() as i64 + half).clamp(0, zmax as i64)
     };
     for ec in e0.clamp(0, emax as i64) as u32..=emax {
         let (step, _) = spec.grid(ec, 0, mu, sigma);
@@ -151,12 +161,10 @@ fn nearest(spec: FineSpec, lo: f32, hi: f32, levels: f32, mu: f32, sigma: f32) -
     if !(lo.is_finite() && hi.is_finite()) {
         return (0, half as u32);
     }
-    let r = spec.per_octave() as f32;
     let need = ((hi - lo) / levels).max(f32::MIN_POSITIVE);
-    let ec = ((need / sigma).log2() * r + 5.0 * r).round() as i64;
-    let ec = ec.clamp(0, emax) as u32;
+    let ec = (spec.step_code(need, sigma).round() as i64).clamp(0, emax) as u32;
     let (step, _) = spec.grid(ec, 0, mu, sigma);
-    let zc = (((lo - mu) / step * spec.per_step()).round() as i64 + half).clamp(0, zmax);
+    let zc = (spec.origin_code(lo, mu, step).round() as i64 + half).clamp(0, zmax);
     (ec, zc as u32)
 }
 
@@ -212,7 +220,7 @@ fn search(
     for de in -RADIUS..=RADIUS {
         let ec = (e0 as i64 + de).clamp(0, emax) as u32;
         let (step, _) = spec.grid(ec, 0, mu, sigma);
-        let zn = ((lo - mu) / step * spec.per_step()).round() as i64 + half;
+        let zn = spec.origin_code(lo, mu, step).round() as i64 + half;
         for dz in -RADIUS..=RADIUS {
             let zc = (zn + dz).clamp(0, zmax) as u32;
             let (step, origin) = spec.grid(ec, zc, mu, sigma);
