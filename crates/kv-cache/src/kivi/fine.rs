@@ -234,7 +234,9 @@ fn search(
 }
 
 /// Encode `g` key vectors of one head (`rows`: `[g][d]`) into a fine record (see the module
-/// docs) against `refs` (`mu` of channel `c` at `refs[c]`, `sigma` at `refs[d + c]`).
+/// docs) against `refs` (`mu` of channel `c` at `refs[c]`, `sigma` at `refs[d + c]`). The
+/// searches run 8 channels at a time on AVX2 where the CPU has it ([`search_x8`], the same
+/// records bit for bit as the scalar [`search`]).
 pub fn encode_group_f(
     rows: &[f32],
     d: usize,
@@ -244,19 +246,70 @@ pub fn encode_group_f(
     how: CompactSearch,
     out: &mut [u8],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    let simd = pulp::x86::V3::try_new();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = None;
+    encode_group_f_with(rows, d, bits, refs, spec, how, out, simd);
+}
+
+/// [`encode_group_f`] at SIMD level `simd` (`None`: the scalar reference).
+#[allow(clippy::too_many_arguments)]
+fn encode_group_f_with(
+    rows: &[f32],
+    d: usize,
+    bits: u8,
+    refs: &[f32],
+    spec: FineSpec,
+    how: CompactSearch,
+    out: &mut [u8],
+    simd: crate::codec::Simd,
+) {
     let g = rows.len() / d;
     let levels = ((1u32 << bits) - 1) as f32;
     let mb = (d * spec.bits()).div_ceil(8);
     let cb = g * bits as usize / 8;
     let (meta, codes) = out.split_at_mut(mb);
+    // Codes of the channels the 8-lane search did and packed (the first `d / 8 * 8`; none
+    // without it).
+    let picks: Vec<(u32, u32)> = match (simd, how) {
+        #[cfg(target_arch = "x86_64")]
+        (Some(v3), CompactSearch::Near | CompactSearch::Full) => {
+            let mut picks = vec![(0, 0); d / 8 * 8];
+            pulp::Simd::vectorize(
+                v3,
+                SearchX8 {
+                    v3,
+                    spec,
+                    rows: &rows[..g * d],
+                    d,
+                    g,
+                    levels,
+                    refs,
+                    extremes: how == CompactSearch::Near,
+                    bits,
+                    cb,
+                    codes: &mut codes[..d / 8 * 8 * cb],
+                    picks: &mut picks,
+                },
+            );
+            picks
+        }
+        _ => Vec::new(),
+    };
+    for (c, &(ec, zc)) in picks.iter().enumerate() {
+        put_bits(meta, c * spec.bits(), spec.e as usize, ec);
+        put_bits(meta, c * spec.bits() + spec.e as usize, spec.z as usize, zc);
+    }
     let mut col = vec![0f32; g];
-    for (c, o) in codes.chunks_exact_mut(cb).enumerate().take(d) {
+    let done = picks.len();
+    for (c, o) in codes.chunks_exact_mut(cb).enumerate().take(d).skip(done) {
         for (t, v) in col.iter_mut().enumerate() {
             *v = rows[t * d + c];
         }
+        let (mu, sigma) = (refs[c], refs[d + c]);
         let lo = col.iter().fold(f32::INFINITY, |a, &b| a.min(b));
         let hi = col.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let (mu, sigma) = (refs[c], refs[d + c]);
         let (ec, zc) = match how {
             CompactSearch::Cover => cover(spec, lo, hi, levels, mu, sigma),
             CompactSearch::Near => search(spec, &col, lo, hi, levels, mu, sigma, true),
@@ -266,6 +319,261 @@ pub fn encode_group_f(
         put_bits(meta, c * spec.bits() + spec.e as usize, spec.z as usize, zc);
         let (step, origin) = spec.grid(ec, zc, mu, sigma);
         pack_codes(&col, step, origin, bits, levels, o);
+    }
+}
+
+/// Candidate grids of one [`search`]: `(2 RADIUS + 1)^2`.
+const CANDS: usize = ((2 * RADIUS + 1) * (2 * RADIUS + 1)) as usize;
+
+/// [`search_x8`] over every block of 8 channels, inside pulp's V3 dispatch.
+#[cfg(target_arch = "x86_64")]
+struct SearchX8<'a> {
+    v3: pulp::x86::V3,
+    spec: FineSpec,
+    rows: &'a [f32],
+    d: usize,
+    g: usize,
+    levels: f32,
+    refs: &'a [f32],
+    extremes: bool,
+    bits: u8,
+    /// Code bytes per channel.
+    cb: usize,
+    /// The code bytes of the first `d / 8 * 8` channels.
+    codes: &'a mut [u8],
+    /// `d / 8 * 8` channels' metadata codes.
+    picks: &'a mut [(u32, u32)],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::WithSimd for SearchX8<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _s: S) {
+        let SearchX8 {
+            v3,
+            spec,
+            rows,
+            d,
+            g,
+            levels,
+            refs,
+            extremes,
+            bits,
+            cb,
+            codes,
+            picks,
+        } = self;
+        for (b, (p, o)) in picks
+            .chunks_exact_mut(8)
+            .zip(codes.chunks_exact_mut(8 * cb))
+            .enumerate()
+        {
+            search_x8(v3, spec, rows, d, g, 8 * b, levels, refs, extremes, p);
+            let (mut step, mut origin, mut inv) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+            for l in 0..8 {
+                let c = 8 * b + l;
+                (step[l], origin[l]) = spec.grid(p[l].0, p[l].1, refs[c], refs[d + c]);
+                inv[l] = if step[l] > 0.0 { 1.0 / step[l] } else { 0.0 };
+            }
+            pack_x8(v3, rows, d, 8 * b, origin, inv, bits, levels, cb, o);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::__m256;
+
+/// Lanes `c0..c0 + 8` of token `t` of `rows` (`[g][d]`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn load8(rows: &[f32], at: usize) -> __m256 {
+    let mut v = [0f32; 8];
+    v.copy_from_slice(&rows[at..at + 8]);
+    pulp::cast(v)
+}
+
+/// [`round_half_away`] in each lane, the same operations on the same values: the truncation
+/// (exact below `2^23`, where the scalar one converts through `i32`; it may differ from that in
+/// the sign of a zero, which the final `copysign` overwrites), the half-way test, the step away
+/// from zero, the sign of `v`, and `v` itself from `2^23` up and for NaN.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn round_half_away_x8(v3: pulp::x86::V3, v: __m256) -> __m256 {
+    use std::arch::x86_64::{_CMP_GE_OQ, _CMP_LT_OQ, _MM_FROUND_NO_EXC, _MM_FROUND_TO_ZERO};
+    let a = v3.avx;
+    let sign = a._mm256_set1_ps(-0.0);
+    let mag = a._mm256_andnot_ps(sign, v);
+    let small = a._mm256_cmp_ps::<_CMP_LT_OQ>(mag, a._mm256_set1_ps(8_388_608.0));
+    let t = a._mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    let frac = a._mm256_andnot_ps(sign, a._mm256_sub_ps(v, t));
+    let up = a._mm256_cmp_ps::<_CMP_GE_OQ>(frac, a._mm256_set1_ps(0.5));
+    let vs = a._mm256_and_ps(sign, v);
+    let away = a._mm256_or_ps(a._mm256_set1_ps(1.0), vs);
+    let r = a._mm256_add_ps(t, a._mm256_and_ps(up, away));
+    let r = a._mm256_or_ps(a._mm256_andnot_ps(sign, r), vs);
+    a._mm256_blendv_ps(v, r, small)
+}
+
+/// The squared error of one value per lane as [`objective`]'s `q`: code
+/// `round_half_away((x - origin) * inv)` clamped to `0..=levels` as `f32::clamp` does (NaN
+/// stays NaN: `max(0, k)` and `min(levels, k)` return their second operand when it is NaN,
+/// and keep a `-0.0`), then `(x - (origin + k * step))^2`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn sq_err_x8(
+    v3: pulp::x86::V3,
+    x: __m256,
+    origin: __m256,
+    step: __m256,
+    inv: __m256,
+    levels: __m256,
+) -> __m256 {
+    let a = v3.avx;
+    let k = round_half_away_x8(v3, a._mm256_mul_ps(a._mm256_sub_ps(x, origin), inv));
+    let k = a._mm256_min_ps(levels, a._mm256_max_ps(a._mm256_setzero_ps(), k));
+    let e = a._mm256_sub_ps(x, a._mm256_add_ps(origin, a._mm256_mul_ps(k, step)));
+    a._mm256_mul_ps(e, e)
+}
+
+/// [`pack_codes`] for the 8 channels `c0..c0 + 8` (channel `c0 + l` on the grid `origin[l]`,
+/// `1 / step` as `inv[l]`, into `out[l * cb..][..cb]`), one per lane: the same code per value
+/// (`round_half_away((x - origin) * inv)` clamped, then truncated: a NaN code converts to
+/// `0x8000_0000`, whose low byte is the 0 of the scalar `as u8`), ORed into the same bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_x8(
+    v3: pulp::x86::V3,
+    rows: &[f32],
+    d: usize,
+    c0: usize,
+    origin: [f32; 8],
+    inv: [f32; 8],
+    bits: u8,
+    levels: f32,
+    cb: usize,
+    out: &mut [u8],
+) {
+    let (a, a2) = (v3.avx, v3.avx2);
+    let (origin, inv): (__m256, __m256) = (pulp::cast(origin), pulp::cast(inv));
+    let lv = a._mm256_set1_ps(levels);
+    let per = 8 / bits as usize;
+    for byte in 0..cb {
+        let mut acc = a._mm256_setzero_si256();
+        for j in 0..per {
+            let x = load8(rows, (byte * per + j) * d + c0);
+            let k = round_half_away_x8(v3, a._mm256_mul_ps(a._mm256_sub_ps(x, origin), inv));
+            let k = a._mm256_min_ps(lv, a._mm256_max_ps(a._mm256_setzero_ps(), k));
+            let k = a2._mm256_sllv_epi32(
+                a._mm256_cvttps_epi32(k),
+                a._mm256_set1_epi32((j * bits as usize) as i32),
+            );
+            acc = a2._mm256_or_si256(acc, k);
+        }
+        let acc: [i32; 8] = pulp::cast(acc);
+        for (l, &w) in acc.iter().enumerate() {
+            out[l * cb + byte] = w as u8;
+        }
+    }
+}
+
+/// [`search`] for the 8 channels `c0..c0 + 8`, one per lane, each lane doing the scalar
+/// operations in the scalar order: the channel's minimum and maximum (min/max skip NaN as
+/// `f32::min`/`max` do), [`nearest`] and the 25 candidate grids per lane in scalar code, then
+/// per candidate the [`objective`] summed token by token, the extremes term, and the first
+/// strictly smaller error kept. Writes the 8 channels' codes to `out`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn search_x8(
+    v3: pulp::x86::V3,
+    spec: FineSpec,
+    rows: &[f32],
+    d: usize,
+    g: usize,
+    c0: usize,
+    levels: f32,
+    refs: &[f32],
+    extremes: bool,
+    out: &mut [(u32, u32)],
+) {
+    use std::arch::x86_64::_CMP_LT_OQ;
+    let a = v3.avx;
+    let (mut lo, mut hi) = (
+        a._mm256_set1_ps(f32::INFINITY),
+        a._mm256_set1_ps(f32::NEG_INFINITY),
+    );
+    for t in 0..g {
+        let x = load8(rows, t * d + c0);
+        // `minps(x, lo)` is `x < lo ? x : lo`: a NaN `x` leaves `lo`.
+        lo = a._mm256_min_ps(x, lo);
+        hi = a._mm256_max_ps(x, hi);
+    }
+    let (lo_a, hi_a): ([f32; 8], [f32; 8]) = (pulp::cast(lo), pulp::cast(hi));
+    let (emax, zmax) = ((1i64 << spec.e) - 1, (1i64 << spec.z) - 1);
+    let half = 1i64 << (spec.z - 1);
+    let mut steps = [[0f32; 8]; CANDS];
+    let mut origins = [[0f32; 8]; CANDS];
+    let mut codes = [[(0u32, 0u32); 8]; CANDS];
+    let mut near = [(0u32, 0u32); 8];
+    let mut searched = [false; 8];
+    for l in 0..8 {
+        let (lo, hi) = (lo_a[l], hi_a[l]);
+        let (mu, sigma) = (refs[c0 + l], refs[d + c0 + l]);
+        near[l] = nearest(spec, lo, hi, levels, mu, sigma);
+        searched[l] = lo.is_finite() && hi.is_finite();
+        let mut i = 0;
+        for de in -RADIUS..=RADIUS {
+            let ec = (near[l].0 as i64 + de).clamp(0, emax) as u32;
+            let (step, _) = spec.grid(ec, 0, mu, sigma);
+            // Unsearched lanes (their result is `near`) skip the origin arithmetic.
+            let zn = if searched[l] {
+                spec.origin_code(lo, mu, step).round() as i64 + half
+            } else {
+                near[l].1 as i64
+            };
+            for dz in -RADIUS..=RADIUS {
+                let zc = (zn + dz).clamp(0, zmax) as u32;
+                let (step, origin) = spec.grid(ec, zc, mu, sigma);
+                steps[i][l] = step;
+                origins[i][l] = origin;
+                codes[i][l] = (ec, zc);
+                i += 1;
+            }
+        }
+    }
+    let lv = a._mm256_set1_ps(levels);
+    let n = a._mm256_set1_ps(g as f32);
+    let one = a._mm256_set1_ps(1.0);
+    let mut best = a._mm256_set1_ps(f32::INFINITY);
+    // Index of the best candidate per lane; -1: none below infinity (the scalar keeps `near`).
+    let mut pick = a._mm256_set1_ps(-1.0);
+    for i in 0..CANDS {
+        let step: __m256 = pulp::cast(steps[i]);
+        let origin: __m256 = pulp::cast(origins[i]);
+        let inv = a._mm256_div_ps(one, step);
+        let mut err = a._mm256_setzero_ps();
+        for t in 0..g {
+            let x = load8(rows, t * d + c0);
+            err = a._mm256_add_ps(err, sq_err_x8(v3, x, origin, step, inv, lv));
+        }
+        if extremes {
+            let ql = sq_err_x8(v3, lo, origin, step, inv, lv);
+            let qh = sq_err_x8(v3, hi, origin, step, inv, lv);
+            err = a._mm256_add_ps(err, a._mm256_mul_ps(n, a._mm256_add_ps(ql, qh)));
+        }
+        let better = a._mm256_cmp_ps::<_CMP_LT_OQ>(err, best);
+        best = a._mm256_blendv_ps(best, err, better);
+        pick = a._mm256_blendv_ps(pick, a._mm256_set1_ps(i as f32), better);
+    }
+    let pick: [f32; 8] = pulp::cast(pick);
+    for l in 0..8 {
+        out[l] = if searched[l] && pick[l] >= 0.0 {
+            codes[pick[l] as usize][l]
+        } else {
+            near[l]
+        };
     }
 }
 
@@ -435,5 +743,194 @@ mod tests {
                 "c{c}: {got} vs best of all {all}"
             );
         }
+    }
+
+    /// A xorshift generator of floats in `[-1, 1)`.
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// The lane rounding gives the scalar [`round_half_away`]'s bits for ties, signs, zeros,
+    /// values around and past `2^23`, NaN and infinities.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn round_half_away_x8_matches_scalar() {
+        let Some(v3) = pulp::x86::V3::try_new() else {
+            eprintln!("no AVX2: lane rounding not tested");
+            return;
+        };
+        let mut r = rng(0x1234_5678_9abc_def1);
+        let mut xs: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            0.3,
+            -0.3,
+            8388607.5,
+            -8388607.5,
+            8388608.0,
+            -8388609.0,
+            16777217.0,
+            1e30,
+            -1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            1e-40,
+            -1e-40,
+            f32::MIN_POSITIVE,
+            2147483648.0,
+            -2147483904.0,
+            f32::MAX,
+            f32::MIN,
+        ];
+        for i in 0..40000 {
+            let m = 10f32.powi(i % 10 - 3);
+            xs.push(r() * m);
+            xs.push((r() * 64.0).round() + 0.5);
+        }
+        while xs.len() % 8 != 0 {
+            xs.push(0.25);
+        }
+        for c in xs.chunks_exact(8) {
+            let v: [f32; 8] = c.try_into().unwrap();
+            let got: [f32; 8] = pulp::cast(round_half_away_x8(v3, pulp::cast(v)));
+            for (x, y) in v.iter().zip(got) {
+                let want = round_half_away(*x);
+                assert_eq!(y.to_bits(), want.to_bits(), "{x}: {y} vs {want}");
+            }
+        }
+    }
+
+    /// The 8-lane search writes the scalar reference's records byte for byte: random groups
+    /// and groups built for ties (constant channels, values on grid points and half-way
+    /// between them), signed zeros, subnormals, large values, NaN and infinite entries; head
+    /// widths with and without a scalar tail; several metadata widths, code widths, both
+    /// searches (and the cover fit, which stays scalar).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_search_matches_scalar() {
+        let Some(v3) = pulp::x86::V3::try_new() else {
+            eprintln!("no AVX2: the 8-lane search not tested");
+            return;
+        };
+        let mut r = rng(0x0ddc_0ffe_e123_4567);
+        let mut groups = 0;
+        for &d in &[64usize, 24, 40, 20, 8, 5] {
+            for &g in &[32usize, 16] {
+                for kind in 0..8 {
+                    // References: mu around 0, sigma spread over two decades.
+                    let mut refs = vec![0f32; 2 * d];
+                    for c in 0..d {
+                        refs[c] = 0.5 * r();
+                        refs[d + c] = 0.1 * 10f32.powf(r());
+                    }
+                    let mut rows = vec![0f32; g * d];
+                    for (i, v) in rows.iter_mut().enumerate() {
+                        let c = i % d;
+                        let (mu, sigma) = (refs[c], refs[d + c]);
+                        *v = match kind {
+                            // Around the references.
+                            0 => mu + 1.5 * sigma * r(),
+                            // Shifted and scaled channels.
+                            1 => mu * 2.0 + sigma * (1.0 + c as f32 * 0.3) * 3.0 * r(),
+                            // Constant channels (every candidate with the clamped step code
+                            // ties) and channels of two alternating values.
+                            2 => match c % 3 {
+                                0 => mu,
+                                1 => (0.25 * (c % 5) as f32 - 0.5) * sigma,
+                                _ => mu + sigma * (i / d % 2) as f32,
+                            },
+                            // Values on quarter-step points of the reference grid: grid points
+                            // and half-way ties of the rounding.
+                            3 => mu + sigma * 0.25 * (r() * 8.0).round(),
+                            // Signed zeros and subnormals among ordinary values.
+                            4 => match i % 4 {
+                                0 => 0.0,
+                                1 => -0.0,
+                                2 => 1e-40 * r(),
+                                _ => sigma * r(),
+                            },
+                            // An outlier per channel.
+                            5 => {
+                                if i / d == c % g {
+                                    mu + 1e4 * sigma * r()
+                                } else {
+                                    mu + sigma * r()
+                                }
+                            }
+                            // NaN entries (skipped by min/max, poisoning the errors) and
+                            // infinite ones (no search).
+                            6 => match (c % 4, i / d) {
+                                (1, 3) => f32::NAN,
+                                (2, 0) => f32::INFINITY,
+                                (3, 5) => f32::NEG_INFINITY,
+                                _ => mu + sigma * r(),
+                            },
+                            // Tiny and large spreads against the references.
+                            _ => mu + sigma * 10f32.powf(3.0 * r()) * r(),
+                        };
+                    }
+                    for spec in [
+                        FineSpec { e: 5, z: 5 },
+                        FineSpec { e: 4, z: 4 },
+                        FineSpec { e: 6, z: 7 },
+                        FineSpec { e: 8, z: 8 },
+                    ] {
+                        for bits in [2u8, 4, 8] {
+                            if g * bits as usize % 8 != 0 {
+                                continue;
+                            }
+                            for how in [
+                                CompactSearch::Near,
+                                CompactSearch::Full,
+                                CompactSearch::Cover,
+                            ] {
+                                let n = group_bytes_f(d, g, bits, spec);
+                                // Two fills of the output: bytes neither path writes (the
+                                // metadata's padding bits) keep the fill.
+                                for fill in [0x00u8, 0xff] {
+                                    let mut want = vec![fill; n];
+                                    let mut got = vec![fill; n];
+                                    encode_group_f_with(
+                                        &rows, d, bits, &refs, spec, how, &mut want, None,
+                                    );
+                                    encode_group_f_with(
+                                        &rows,
+                                        d,
+                                        bits,
+                                        &refs,
+                                        spec,
+                                        how,
+                                        &mut got,
+                                        Some(v3),
+                                    );
+                                    assert_eq!(
+                                        got, want,
+                                        "d {d} g {g} kind {kind} {spec:?} bits {bits} {how:?}"
+                                    );
+                                }
+                                groups += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(groups > 1000);
     }
 }
