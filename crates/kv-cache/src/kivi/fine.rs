@@ -393,32 +393,29 @@ fn load8(rows: &[f32], at: usize) -> __m256 {
     pulp::cast(v)
 }
 
-/// [`round_half_away`] in each lane, the same operations on the same values: the truncation
-/// (exact below `2^23`, where the scalar one converts through `i32`; it may differ from that in
-/// the sign of a zero, which the final `copysign` overwrites), the half-way test, the step away
-/// from zero, the sign of `v`, and `v` itself from `2^23` up and for NaN.
+/// `round_half_away(v).clamp(0.0, levels)` in each lane (`levels` a whole number), up to the
+/// sign of a zero code: `v` clamped first (NaN stays NaN: `max(0, v)` and `min(levels, v)`
+/// return their second operand when it is NaN), then rounded half away from zero as the
+/// scalar one does below `2^23` (truncate; add 1 where the fraction is at least a half).
+/// Clamping first gives the same codes: the scalar rounding is monotone and fixes whole
+/// numbers, so values below 0 give codes of at most 0 and values past `levels` codes of at
+/// least `levels`. The scalar code is `-0.0` for values in `(-0.5, 0]` with the sign bit set
+/// where this one is `+0.0`; neither the error of a value (`x - (origin + 0 * step)` changes
+/// only in the sign of a zero, which squaring drops) nor a packed code (`as u8`) tells them
+/// apart.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn round_half_away_x8(v3: pulp::x86::V3, v: __m256) -> __m256 {
-    use std::arch::x86_64::{_CMP_GE_OQ, _CMP_LT_OQ, _MM_FROUND_NO_EXC, _MM_FROUND_TO_ZERO};
+fn code_x8(v3: pulp::x86::V3, v: __m256, levels: __m256) -> __m256 {
+    use std::arch::x86_64::{_CMP_GE_OQ, _MM_FROUND_NO_EXC, _MM_FROUND_TO_ZERO};
     let a = v3.avx;
-    let sign = a._mm256_set1_ps(-0.0);
-    let mag = a._mm256_andnot_ps(sign, v);
-    let small = a._mm256_cmp_ps::<_CMP_LT_OQ>(mag, a._mm256_set1_ps(8_388_608.0));
-    let t = a._mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    let frac = a._mm256_andnot_ps(sign, a._mm256_sub_ps(v, t));
-    let up = a._mm256_cmp_ps::<_CMP_GE_OQ>(frac, a._mm256_set1_ps(0.5));
-    let vs = a._mm256_and_ps(sign, v);
-    let away = a._mm256_or_ps(a._mm256_set1_ps(1.0), vs);
-    let r = a._mm256_add_ps(t, a._mm256_and_ps(up, away));
-    let r = a._mm256_or_ps(a._mm256_andnot_ps(sign, r), vs);
-    a._mm256_blendv_ps(v, r, small)
+    let w = a._mm256_min_ps(levels, a._mm256_max_ps(a._mm256_setzero_ps(), v));
+    let t = a._mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(w);
+    let up = a._mm256_cmp_ps::<_CMP_GE_OQ>(a._mm256_sub_ps(w, t), a._mm256_set1_ps(0.5));
+    a._mm256_add_ps(t, a._mm256_and_ps(up, a._mm256_set1_ps(1.0)))
 }
 
-/// The squared error of one value per lane as [`objective`]'s `q`: code
-/// `round_half_away((x - origin) * inv)` clamped to `0..=levels` as `f32::clamp` does (NaN
-/// stays NaN: `max(0, k)` and `min(levels, k)` return their second operand when it is NaN,
-/// and keep a `-0.0`), then `(x - (origin + k * step))^2`.
+/// The squared error of one value per lane as [`objective`]'s `q`: the code of
+/// `(x - origin) * inv` ([`code_x8`]), then `(x - (origin + k * step))^2`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn sq_err_x8(
@@ -430,15 +427,14 @@ fn sq_err_x8(
     levels: __m256,
 ) -> __m256 {
     let a = v3.avx;
-    let k = round_half_away_x8(v3, a._mm256_mul_ps(a._mm256_sub_ps(x, origin), inv));
-    let k = a._mm256_min_ps(levels, a._mm256_max_ps(a._mm256_setzero_ps(), k));
+    let k = code_x8(v3, a._mm256_mul_ps(a._mm256_sub_ps(x, origin), inv), levels);
     let e = a._mm256_sub_ps(x, a._mm256_add_ps(origin, a._mm256_mul_ps(k, step)));
     a._mm256_mul_ps(e, e)
 }
 
 /// [`pack_codes`] for the 8 channels `c0..c0 + 8` (channel `c0 + l` on the grid `origin[l]`,
 /// `1 / step` as `inv[l]`, into `out[l * cb..][..cb]`), one per lane: the same code per value
-/// (`round_half_away((x - origin) * inv)` clamped, then truncated: a NaN code converts to
+/// ([`code_x8`] of `(x - origin) * inv`, then truncated: a NaN code converts to
 /// `0x8000_0000`, whose low byte is the 0 of the scalar `as u8`), ORed into the same bytes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -463,8 +459,7 @@ fn pack_x8(
         let mut acc = a._mm256_setzero_si256();
         for j in 0..per {
             let x = load8(rows, (byte * per + j) * d + c0);
-            let k = round_half_away_x8(v3, a._mm256_mul_ps(a._mm256_sub_ps(x, origin), inv));
-            let k = a._mm256_min_ps(lv, a._mm256_max_ps(a._mm256_setzero_ps(), k));
+            let k = code_x8(v3, a._mm256_mul_ps(a._mm256_sub_ps(x, origin), inv), lv);
             let k = a2._mm256_sllv_epi32(
                 a._mm256_cvttps_epi32(k),
                 a._mm256_set1_epi32((j * bits as usize) as i32),
@@ -549,23 +544,30 @@ fn search_x8(
     let mut best = a._mm256_set1_ps(f32::INFINITY);
     // Index of the best candidate per lane; -1: none below infinity (the scalar keeps `near`).
     let mut pick = a._mm256_set1_ps(-1.0);
-    for i in 0..CANDS {
-        let step: __m256 = pulp::cast(steps[i]);
-        let origin: __m256 = pulp::cast(origins[i]);
-        let inv = a._mm256_div_ps(one, step);
-        let mut err = a._mm256_setzero_ps();
+    // Two candidates per pass over the tokens (two independent sums in flight); the picks
+    // are then updated in candidate order. The last pass of an odd count evaluates its
+    // candidate twice; the second copy never passes the strict `<` of the first.
+    for i in (0..CANDS).step_by(2) {
+        let j = (i + 1).min(CANDS - 1);
+        let (s0, s1): (__m256, __m256) = (pulp::cast(steps[i]), pulp::cast(steps[j]));
+        let (o0, o1): (__m256, __m256) = (pulp::cast(origins[i]), pulp::cast(origins[j]));
+        let (i0, i1) = (a._mm256_div_ps(one, s0), a._mm256_div_ps(one, s1));
+        let (mut e0, mut e1) = (a._mm256_setzero_ps(), a._mm256_setzero_ps());
         for t in 0..g {
             let x = load8(rows, t * d + c0);
-            err = a._mm256_add_ps(err, sq_err_x8(v3, x, origin, step, inv, lv));
+            e0 = a._mm256_add_ps(e0, sq_err_x8(v3, x, o0, s0, i0, lv));
+            e1 = a._mm256_add_ps(e1, sq_err_x8(v3, x, o1, s1, i1, lv));
         }
-        if extremes {
-            let ql = sq_err_x8(v3, lo, origin, step, inv, lv);
-            let qh = sq_err_x8(v3, hi, origin, step, inv, lv);
-            err = a._mm256_add_ps(err, a._mm256_mul_ps(n, a._mm256_add_ps(ql, qh)));
+        for (k, step, origin, inv, mut err) in [(i, s0, o0, i0, e0), (j, s1, o1, i1, e1)] {
+            if extremes {
+                let ql = sq_err_x8(v3, lo, origin, step, inv, lv);
+                let qh = sq_err_x8(v3, hi, origin, step, inv, lv);
+                err = a._mm256_add_ps(err, a._mm256_mul_ps(n, a._mm256_add_ps(ql, qh)));
+            }
+            let better = a._mm256_cmp_ps::<_CMP_LT_OQ>(err, best);
+            best = a._mm256_blendv_ps(best, err, better);
+            pick = a._mm256_blendv_ps(pick, a._mm256_set1_ps(k as f32), better);
         }
-        let better = a._mm256_cmp_ps::<_CMP_LT_OQ>(err, best);
-        best = a._mm256_blendv_ps(best, err, better);
-        pick = a._mm256_blendv_ps(pick, a._mm256_set1_ps(i as f32), better);
     }
     let pick: [f32; 8] = pulp::cast(pick);
     for l in 0..8 {
@@ -756,13 +758,14 @@ mod tests {
         }
     }
 
-    /// The lane rounding gives the scalar [`round_half_away`]'s bits for ties, signs, zeros,
-    /// values around and past `2^23`, NaN and infinities.
+    /// The lane codes are the scalar clamped [`round_half_away`]'s bits (up to the sign of a
+    /// zero code) for ties, signs, zeros, values around and past `2^23`, NaN and infinities,
+    /// for 2-, 4- and 8-bit codes.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn round_half_away_x8_matches_scalar() {
+    fn code_x8_matches_scalar() {
         let Some(v3) = pulp::x86::V3::try_new() else {
-            eprintln!("no AVX2: lane rounding not tested");
+            eprintln!("no AVX2: lane codes not tested");
             return;
         };
         let mut r = rng(0x1234_5678_9abc_def1);
@@ -797,6 +800,14 @@ mod tests {
             -2147483904.0,
             f32::MAX,
             f32::MIN,
+            2.5,
+            3.5,
+            14.5,
+            15.5,
+            254.5,
+            255.5,
+            256.0,
+            -0.50000006,
         ];
         for i in 0..40000 {
             let m = 10f32.powi(i % 10 - 3);
@@ -806,12 +817,18 @@ mod tests {
         while xs.len() % 8 != 0 {
             xs.push(0.25);
         }
-        for c in xs.chunks_exact(8) {
-            let v: [f32; 8] = c.try_into().unwrap();
-            let got: [f32; 8] = pulp::cast(round_half_away_x8(v3, pulp::cast(v)));
-            for (x, y) in v.iter().zip(got) {
-                let want = round_half_away(*x);
-                assert_eq!(y.to_bits(), want.to_bits(), "{x}: {y} vs {want}");
+        for levels in [3.0f32, 15.0, 255.0] {
+            for c in xs.chunks_exact(8) {
+                let v: [f32; 8] = c.try_into().unwrap();
+                let lv = pulp::cast([levels; 8]);
+                let got: [f32; 8] = pulp::cast(code_x8(v3, pulp::cast(v), lv));
+                for (x, y) in v.iter().zip(got) {
+                    let want = round_half_away(*x).clamp(0.0, levels);
+                    assert!(
+                        y.to_bits() == want.to_bits() || (y == 0.0 && want == 0.0),
+                        "{x} levels {levels}: {y} vs {want}"
+                    );
+                }
             }
         }
     }
