@@ -270,12 +270,13 @@ fn encode_group_f_with(
     let mb = (d * spec.bits()).div_ceil(8);
     let cb = g * bits as usize / 8;
     let (meta, codes) = out.split_at_mut(mb);
-    // Codes of the channels the 8-lane search did and packed (the first `d / 8 * 8`; none
-    // without it).
+    // Codes of the channels the 8-lane search did and packed (the first `d / 8 * 8`, as far
+    // as `out` holds their codes; none without it).
     let picks: Vec<(u32, u32)> = match (simd, how) {
         #[cfg(target_arch = "x86_64")]
-        (Some(v3), CompactSearch::Near | CompactSearch::Full) => {
-            let mut picks = vec![(0, 0); d / 8 * 8];
+        (Some(v3), CompactSearch::Near | CompactSearch::Full) if cb > 0 => {
+            let n8 = (d / 8).min(codes.len() / (8 * cb)) * 8;
+            let mut picks = vec![(0, 0); n8];
             pulp::Simd::vectorize(
                 v3,
                 SearchX8 {
@@ -289,7 +290,7 @@ fn encode_group_f_with(
                     extremes: how == CompactSearch::Near,
                     bits,
                     cb,
-                    codes: &mut codes[..d / 8 * 8 * cb],
+                    codes: &mut codes[..n8 * cb],
                     picks: &mut picks,
                 },
             );
@@ -339,9 +340,9 @@ struct SearchX8<'a> {
     bits: u8,
     /// Code bytes per channel.
     cb: usize,
-    /// The code bytes of the first `d / 8 * 8` channels.
+    /// The code bytes of the channels of `picks`.
     codes: &'a mut [u8],
-    /// `d / 8 * 8` channels' metadata codes.
+    /// The metadata codes of the first channels (a multiple of 8).
     picks: &'a mut [(u32, u32)],
 }
 
